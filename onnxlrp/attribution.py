@@ -1,0 +1,275 @@
+"""The Python API: ``Explainer(model, preset=...).explain(x)`` -> :class:`Explanation`.
+
+It strings the pipeline together: load -> canonicalise -> DAG, merges, rules ->
+relevance graph -> onnxruntime session.
+"""
+from __future__ import annotations
+
+import os
+import tempfile
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Mapping, Sequence
+
+import numpy as np
+import onnx
+
+from . import relevance_graph as rg
+from .canonizers import canonicalize
+from .composites import Preset, get_preset
+from .errors import OnnxLrpError
+from .graph import ModelGraph, build_graph
+from .merges import Merge
+from .model import DEFAULT_IMAGE_SIZE, MIN_OPSET, ImageInput, default_opset, image_input, load, with_image_size
+from .preprocessing import Preprocessing, get_preprocessing, image_files, load_image
+from .rules import Rule
+from .runtime import run_batched, session
+from .splitting import Split
+
+
+class OnnxLrpWarning(UserWarning):
+    """The explanation is computed, but not quite as asked (e.g. ``paper`` on a BN-folded graph)."""
+
+
+@dataclass
+class Analysis:
+    """A model read, canonicalised and given its rules: everything but the relevance graph."""
+
+    path: str
+    preset: Preset
+    split: Split
+    image: ImageInput
+    height: int
+    width: int
+    graph: ModelGraph
+    rules: dict[str, Rule]
+    opset: int
+    ir_version: int
+    notes: list[str] = field(default_factory=list)  # what canonicalisation changed
+    warnings: list[str] = field(default_factory=list)  # where the result differs from what was asked
+
+    @property
+    def merges(self) -> list[Merge]:
+        return self.graph.merges
+
+    @property
+    def num_classes(self) -> int:
+        return int(self.graph.canonical.logits.shape[1])
+
+    def rule_table(self) -> list[dict]:
+        """One row per op on the data path: node, op type, shape info and rule."""
+        rows = []
+        for name, op in self.graph.ops.items():
+            rule = self.rules[name]
+            merge = self.graph.merge_at(name)
+            describe = rule.describe(merge) if isinstance(rule, Split) else rule.describe()
+            info = op.describe() if hasattr(op, "describe") else ""
+            rows.append({"node": name, "op_type": op.node.op, "info": info, "rule": describe})
+        return rows
+
+
+def analyse(
+    model: str | Path,
+    preset: str | Preset = "epsilon-plus-flat",
+    split: str | None = None,
+    include_identity: bool | None = None,
+    image_size: tuple[int, int] | None = None,
+    rules: Mapping[str, Rule] | None = None,
+) -> Analysis:
+    path = str(model)
+    preset = get_preset(preset)
+    try:
+        split_rule = Split(split or preset.split, preset.include_identity if include_identity is None else include_identity)
+    except ValueError as exc:
+        raise OnnxLrpError(str(exc)) from None
+    proto = load(path)
+    image = image_input(proto, path)
+    height, width = image_size or (image.height or DEFAULT_IMAGE_SIZE, image.width or DEFAULT_IMAGE_SIZE)
+    proto = with_image_size(proto, image, height, width, path)
+    canonical = canonicalize(proto, image, fold_batchnorm=preset.fold_batchnorm, path=path)
+    graph = build_graph(canonical, path)
+    assigned = preset.assign(graph, split_rule, rules)
+    analysis = Analysis(
+        path, preset, split_rule, image, height, width, graph, assigned,
+        opset=max(default_opset(proto), MIN_OPSET), ir_version=max(proto.ir_version, 8), notes=list(canonical.notes),
+    )
+    if not preset.fold_batchnorm and canonical.batchnorms == 0 and preset.name == "paper":
+        analysis.warnings.append(
+            f"{path}: no BatchNormalization nodes (folded by the exporter): preset 'paper' runs z+ on "
+            "BN-scaled weights and only approximates the published implementation; export with "
+            "BatchNorm kept to reproduce it exactly"
+        )
+    return analysis
+
+
+@dataclass
+class Explanation:
+    """Input relevance for a batch, with the numbers needed to audit conservation."""
+
+    relevance: np.ndarray  # same shape and layout as the model input
+    logits: np.ndarray  # [N, K]
+    targets: np.ndarray  # [N] the classes explained
+    initial: np.ndarray  # [N] relevance the pass started from (target logit or probability)
+    merge_sums: np.ndarray  # [N, M, 3]: sums of R, R_skip, R_main at each merge
+    merges: list[Merge]
+    layout: str = "NCHW"
+
+    @property
+    def input_sum(self) -> np.ndarray:
+        """[N] total relevance at the input."""
+        return self.relevance.reshape(len(self.relevance), -1).sum(axis=1, dtype=np.float64)
+
+    @property
+    def absorbed(self) -> np.ndarray:
+        """[N] relevance that biases and stabilisers absorbed (negative: created) on the way down."""
+        return self.initial.astype(np.float64) - self.input_sum
+
+    @property
+    def conservation_error(self) -> np.ndarray:
+        """[N] |input sum - initial relevance| / |initial relevance|."""
+        return np.abs(self.absorbed) / np.maximum(np.abs(self.initial), 1e-30)
+
+    def heatmap(self) -> np.ndarray:
+        """[N, H, W] relevance summed over colour channels."""
+        return self.relevance.sum(axis=1 if self.layout == "NCHW" else 3)
+
+    def merge_report(self, index: int = 0) -> list[dict]:
+        """Per merge: node, skip kind, and R, R_skip, R_main summed over image `index`."""
+        return [
+            {"node": m.node, "kind": m.kind, "R": float(s[0]), "R_skip": float(s[1]), "R_main": float(s[2])}
+            for m, s in zip(self.merges, self.merge_sums[index])
+        ]
+
+
+class Explainer:
+    """LRP for an ONNX image classifier, computed in onnxruntime.
+
+    >>> explainer = Explainer("model.onnx", preset="epsilon-plus-flat", split="ratio")
+    >>> result = explainer.explain(x)          # x: preprocessed float32 batch
+    >>> result.relevance.shape == x.shape
+    """
+
+    def __init__(
+        self,
+        model: str | Path,
+        preset: str | Preset = "epsilon-plus-flat",
+        split: str | None = None,
+        include_identity: bool | None = None,
+        bias: bool = True,
+        low: float | Sequence[float] | None = None,
+        high: float | Sequence[float] | None = None,
+        device: str = "cpu",
+        preprocessing: str | Preprocessing = "imagenet",
+        image_size: tuple[int, int] | None = None,
+        rules: Mapping[str, Rule] | None = None,
+        threads: int | None = None,
+    ):
+        """
+        model: path to the .onnx file. preset: a name from onnxlrp.PRESETS. split: symmetric,
+        ratio or proportional (default: the preset's, ratio). include_identity: whether identity
+        skips take part in the split (False sends their relevance down the main branch).
+        bias: False drops biases from every rule (Zennit's zero_params=['bias']), which makes
+        conserving presets conserve. low/high: z^B box bounds, scalars or per channel (default:
+        pixel range mapped through `preprocessing`). device: cpu or cuda. rules: overrides,
+        keyed by node name or op type.
+        """
+        self.analysis = analyse(model, preset, split, include_identity, image_size, rules)
+        for message in self.analysis.warnings:
+            warnings.warn(message, OnnxLrpWarning, stacklevel=2)
+        self.preprocessing = get_preprocessing(preprocessing)
+        self.device = device
+        self.bias = bias
+        image = self.analysis.image
+        self.low, self.high = self._bounds(low, high)
+        self.onnx = rg.build(
+            self.analysis.graph, self.analysis.rules,
+            initial=self.analysis.preset.initial, bias=bias, low=self.low, high=self.high,
+            ir_version=self.analysis.ir_version, opset=self.analysis.opset,
+        )
+        self.session = session(self.onnx, device, threads)
+        self.input_shape = image.shape(image.batch or 1, self.analysis.height, self.analysis.width)
+
+    def _bounds(self, low, high) -> tuple[np.ndarray, np.ndarray]:
+        """Box bounds as arrays shaped like one input image (batch axis 1)."""
+        image = self.analysis.image
+        default_low, default_high = self.preprocessing.bounds(image.channels)
+        per_channel = []
+        for given, default, which in ((low, default_low, "low"), (high, default_high, "high")):
+            value = default if given is None else np.asarray(given, dtype=np.float32).reshape(-1)
+            if value.size not in (1, image.channels):
+                raise OnnxLrpError(f"{which} bound has {value.size} values; the model has {image.channels} channels")
+            per_channel.append(np.broadcast_to(value, (image.channels,)).astype(np.float32))
+        shape = [1, 1, 1, 1]
+        shape[image.channel_axis] = image.channels
+        full = image.shape(1, self.analysis.height, self.analysis.width)
+        low_arr, high_arr = (np.broadcast_to(v.reshape(shape), full).copy() for v in per_channel)
+        if np.any(low_arr > high_arr):
+            raise OnnxLrpError("box bounds: low is above high")
+        return low_arr, high_arr
+
+    @property
+    def merges(self) -> list[Merge]:
+        return self.analysis.merges
+
+    @property
+    def num_classes(self) -> int:
+        return self.analysis.num_classes
+
+    def _targets(self, target, n: int) -> np.ndarray:
+        if target is None:
+            return np.full(n, -1, dtype=np.int64)
+        targets = np.broadcast_to(np.asarray(target, dtype=np.int64).reshape(-1), (n,)) if np.ndim(target) == 0 else np.asarray(target, dtype=np.int64).reshape(-1)
+        if len(targets) != n:
+            raise OnnxLrpError(f"{len(targets)} targets for {n} images")
+        bad = targets[(targets < 0) | (targets >= self.num_classes)]
+        if bad.size:
+            raise OnnxLrpError(
+                f"target class {int(bad[0])} out of range: the model has {self.num_classes} classes "
+                f"(0..{self.num_classes - 1})"
+            )
+        return targets.copy()
+
+    def explain(self, x: np.ndarray, target=None, batch_size: int = 16) -> Explanation:
+        """Explain a preprocessed batch. target: None (top-1), a class for all, or one per image."""
+        x = np.asarray(x, dtype=np.float32)
+        expected = self.input_shape[1:]
+        if x.ndim != 4 or tuple(x.shape[1:]) != tuple(expected):
+            raise OnnxLrpError(f"input batch has shape {list(x.shape)}; the model expects [N, {', '.join(map(str, expected))}]")
+        feeds = {rg.INPUT: x, rg.TARGET: self._targets(target, len(x))}
+        out = run_batched(self.session, feeds, batch_size, self.analysis.image.batch)
+        merges = out.get(rg.MERGE_SUMS, np.zeros((len(x), 0, 3), np.float32))
+        return Explanation(
+            out[rg.RELEVANCE], out[rg.LOGITS], out[rg.TARGETS], out[rg.INITIAL], merges,
+            self.merges, self.analysis.image.layout,
+        )
+
+    def load_images(self, paths: Sequence[str | Path]) -> tuple[list[Path], np.ndarray]:
+        """Read image files (folders expand to their images): (files, uint8 [N, H, W, C])."""
+        files = image_files(list(paths))
+        image = self.analysis.image
+        pixels = np.stack([load_image(f, self.analysis.height, self.analysis.width, image.channels) for f in files])
+        return files, pixels
+
+    def explain_files(self, paths: Sequence[str | Path], target=None, batch_size: int = 16) -> tuple[Explanation, np.ndarray]:
+        """Explain image files: (explanation, the uint8 images as the model saw them)."""
+        _, pixels = self.load_images(paths)
+        x = self.preprocessing.normalize(pixels, self.analysis.image.layout)
+        return self.explain(x, target, batch_size), pixels
+
+    def save(self, path: str | Path) -> None:
+        """Write the explainer as an ONNX model that runs in plain onnxruntime."""
+        write_atomic(Path(path), lambda f: onnx.save(self.onnx, f))
+
+
+def write_atomic(path: Path, write) -> None:
+    """Write through a temporary file and rename: no half-written output, ever."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    os.close(fd)
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise

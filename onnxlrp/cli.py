@@ -1,0 +1,213 @@
+"""The ``onnxlrp`` command: a thin layer over the Python API.
+
+Every user error ends as one line ``error: ...`` on stderr and a non-zero exit, before
+any output file is written (outputs are written atomically, after all inputs were read).
+"""
+from __future__ import annotations
+
+import json
+import os
+import warnings
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Annotated, Iterator, Optional
+
+import click
+import numpy as np
+import typer
+from rich.console import Console
+from rich.progress import Progress
+from rich.table import Table
+
+from .attribution import Explainer, analyse
+from .composites import PRESETS
+from .errors import OnnxLrpError
+from .image import overlay, save_npy, save_png
+from .model import first_line
+from .preprocessing import PREPROCESSING, image_files
+from .runtime import DEVICES
+from .splitting import SPLITS
+
+app = typer.Typer(
+    add_completion=False,
+    no_args_is_help=True,
+    help="Layer-wise Relevance Propagation with Relevance Splitting for ResNet-family ONNX classifiers.",
+)
+console = Console()
+
+Model = Annotated[Path, typer.Argument(help="ONNX classifier (.onnx).", show_default=False)]
+Preset = Annotated[str, typer.Option("--preset", "-p", click_type=click.Choice(list(PRESETS)), help="Rule preset.")]
+SplitOpt = Annotated[
+    Optional[str],
+    typer.Option("--split", "-s", click_type=click.Choice(SPLITS), help="Relevance Splitting at residual merges [default: preset's, ratio]."),
+]
+IncludeIdentity = Annotated[
+    Optional[bool],
+    typer.Option("--include-identity/--exclude-identity", help="Whether identity skips take part in the split [default: include]."),
+]
+Size = Annotated[Optional[int], typer.Option("--size", help="Input height and width where the model leaves them open [default: 224].")]
+
+
+@contextmanager
+def _user_errors() -> Iterator[None]:
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            yield
+        for w in caught:
+            if "onnxlrp" in w.filename or w.category.__name__ == "OnnxLrpWarning":
+                typer.echo(f"warning: {w.message}", err=True)
+    except OnnxLrpError as exc:
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(1) from None
+    except (typer.Exit, click.exceptions.Exit, click.ClickException):
+        raise
+    except Exception as exc:
+        if os.environ.get("ONNXLRP_DEBUG"):
+            raise
+        typer.echo(f"error: internal error ({type(exc).__name__}: {first_line(exc)}); set ONNXLRP_DEBUG=1 for the traceback", err=True)
+        raise typer.Exit(2) from None
+
+
+def _image_size(size: int | None) -> tuple[int, int] | None:
+    return (size, size) if size else None
+
+
+def _unique_names(files: list[Path], suffix: str) -> list[str]:
+    names, seen = [], set()
+    for f in files:
+        name, k = f"{f.stem}{suffix}", 1
+        while name in seen:
+            name, k = f"{f.stem}_{k}{suffix}", k + 1
+        seen.add(name)
+        names.append(name)
+    return names
+
+
+@app.command()
+def explain(
+    model: Model,
+    images: Annotated[list[Path], typer.Argument(help="Image files or folders of images.", show_default=False)],
+    preset: Preset = "epsilon-plus-flat",
+    split: SplitOpt = None,
+    include_identity: IncludeIdentity = None,
+    bias: Annotated[bool, typer.Option("--bias/--no-bias", help="Keep biases in the rules (--no-bias: Zennit's zero_params=['bias']).")] = True,
+    target: Annotated[Optional[int], typer.Option("--target", "-t", help="Class to explain [default: top-1 per image].")] = None,
+    output: Annotated[Optional[Path], typer.Option("--output", "-o", help="Heatmap PNG (one image) or folder (several) [default: <image>_lrp.png, or lrp_out/].")] = None,
+    npy: Annotated[Optional[Path], typer.Option("--npy", help="Also save the raw channel-summed map (float32 H x W) as .npy: a file (one image) or folder (several).")] = None,
+    preprocess: Annotated[str, typer.Option("--preprocess", click_type=click.Choice(list(PREPROCESSING)), help="Input normalisation the model expects.")] = "imagenet",
+    device: Annotated[str, typer.Option("--device", click_type=click.Choice(DEVICES), help="onnxruntime execution provider.")] = "cpu",
+    batch_size: Annotated[int, typer.Option("--batch-size", min=1, help="Images per onnxruntime run.")] = 16,
+    size: Size = None,
+    low: Annotated[Optional[float], typer.Option(help="z^B lower box bound [default: pixel 0 after preprocessing].")] = None,
+    high: Annotated[Optional[float], typer.Option(help="z^B upper box bound [default: pixel 255 after preprocessing].")] = None,
+) -> None:
+    """Explain images: write a heatmap PNG per image (relevance over the image)."""
+    with _user_errors():
+        files = image_files(images)
+        several = len(files) > 1
+        out_dir = (output or Path("lrp_out")) if several else None
+        if several and output is not None and output.suffix.lower() == ".png":
+            raise OnnxLrpError(f"{output}: {len(files)} images need an output folder, not a .png file")
+        explainer = Explainer(
+            model, preset=preset, split=split, include_identity=include_identity, bias=bias, low=low,
+            high=high, device=device, preprocessing=preprocess, image_size=_image_size(size),
+        )
+        for note in explainer.analysis.notes:
+            typer.echo(f"note: {note}", err=True)
+        _, pixels = explainer.load_images(files)  # every image is read before anything is written
+        x = explainer.preprocessing.normalize(pixels, explainer.analysis.image.layout)
+        results = []
+        with Progress(console=console, transient=True, disable=len(files) <= batch_size) as progress:
+            task = progress.add_task("explaining", total=len(files))
+            for start in range(0, len(files), batch_size):
+                results.append(explainer.explain(x[start:start + batch_size], target, batch_size))
+                progress.advance(task, len(results[-1].targets))
+        heat = np.concatenate([r.heatmap() for r in results])
+        targets = np.concatenate([r.targets for r in results])
+        initial = np.concatenate([r.initial for r in results])
+        totals = np.concatenate([r.input_sum for r in results])
+        pngs = [out_dir / n for n in _unique_names(files, "_lrp.png")] if several else [output or Path(f"{files[0].stem}_lrp.png")]
+        arrays = [npy / n for n in _unique_names(files, "_lrp.npy")] if (npy and several) else [npy]
+        for i, f in enumerate(files):
+            save_png(overlay(pixels[i], heat[i]), pngs[i])
+            if npy is not None:
+                save_npy(heat[i].astype(np.float32), arrays[i])
+            console.print(
+                f"{f}: class {targets[i]}, initial relevance {initial[i]:.4g}, "
+                f"input relevance {totals[i]:.4g} -> {pngs[i]}",
+                highlight=False, soft_wrap=True,
+            )
+
+
+@app.command()
+def graph(
+    model: Model,
+    preset: Preset = "epsilon-plus-flat",
+    split: SplitOpt = None,
+    include_identity: IncludeIdentity = None,
+    size: Size = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Machine-readable output.")] = False,
+) -> None:
+    """Show the residual merges and the rule each node gets under a preset."""
+    with _user_errors():
+        analysis = analyse(model, preset, split, include_identity, _image_size(size))
+        merges = analysis.merges
+        kinds = {k: sum(m.kind == k for m in merges) for k in ("identity", "projection", "other")}
+        if as_json:
+            payload = {
+                "model": str(model),
+                "preset": analysis.preset.name,
+                "split": analysis.split.method,
+                "include_identity": analysis.split.include_identity,
+                "input": {"name": analysis.image.name, "layout": analysis.image.layout,
+                          "shape": list(analysis.image.shape(analysis.image.batch or 1, analysis.height, analysis.width))},
+                "classes": analysis.num_classes,
+                "merges": [m.to_dict() for m in merges],
+                "merge_counts": kinds,
+                "nodes": analysis.rule_table(),
+                "notes": analysis.notes,
+                "warnings": analysis.warnings,
+            }
+            typer.echo(json.dumps(payload, indent=2))
+            return
+        for note in analysis.notes:
+            console.print(f"note: {note}", highlight=False)
+        table = Table(title=f"{len(merges)} residual merges ({kinds['identity']} identity, "
+                            f"{kinds['projection']} projection, {kinds['other']} other)")
+        for column in ("merge node", "skip", "skip branch", "main branch"):
+            table.add_column(column)
+        for m in merges:
+            table.add_row(m.node, m.kind, " > ".join(m.skip_branch) or "-", f"{len(m.main_branch)} ops: {m.main_branch[0]} .. {m.main_branch[-1]}")
+        console.print(table)
+        rules = Table(title=f"rules under preset '{analysis.preset.name}' ({analysis.preset.summary})")
+        for column in ("node", "op", "", "rule"):
+            rules.add_column(column)
+        for row in analysis.rule_table():
+            rules.add_row(row["node"], row["op_type"], row["info"], row["rule"])
+        console.print(rules)
+
+
+@app.command("compile")
+def compile_model(
+    model: Model,
+    output: Annotated[Path, typer.Option("--output", "-o", help="Where to write the explainer (.onnx).", show_default=False)],
+    preset: Preset = "epsilon-plus-flat",
+    split: SplitOpt = None,
+    include_identity: IncludeIdentity = None,
+    bias: Annotated[bool, typer.Option("--bias/--no-bias", help="Keep biases in the rules.")] = True,
+    preprocess: Annotated[str, typer.Option("--preprocess", click_type=click.Choice(list(PREPROCESSING)), help="Preprocessing that defines the z^B box.")] = "imagenet",
+    size: Size = None,
+) -> None:
+    """Save the explainer as an ONNX model (inputs images, target; outputs logits, relevance, ...)."""
+    with _user_errors():
+        explainer = Explainer(model, preset=preset, split=split, include_identity=include_identity, bias=bias,
+                              preprocessing=preprocess, image_size=_image_size(size))
+        explainer.save(output)
+        console.print(f"wrote {output}: inputs images {list(explainer.input_shape)}, target [N]; "
+                      "outputs logits, relevance, targets, initial_relevance"
+                      + (", merge_relevance" if explainer.merges else ""), highlight=False, soft_wrap=True)
+
+
+if __name__ == "__main__":
+    app()

@@ -1,0 +1,87 @@
+"""A small helper that appends ONNX nodes to an onnx-graphsurgeon graph.
+
+Every emitted node and tensor gets a readable unique name ``lrp/<forward node>/<op>_<k>``,
+so the relevance graph can be read next to the model in Netron.
+"""
+from __future__ import annotations
+
+from contextlib import contextmanager
+from typing import Iterator
+
+import numpy as np
+import onnx_graphsurgeon as gs
+
+TensorLike = gs.Tensor | np.ndarray | float | int
+
+
+class Emitter:
+    def __init__(self, graph: gs.Graph):
+        self.graph = graph
+        self._count = 0
+        self._scope = "lrp"
+        self._consts: dict[int, tuple[np.ndarray, gs.Constant]] = {}
+        self._scalars: dict[tuple, gs.Constant] = {}
+
+    @contextmanager
+    def scope(self, name: str) -> Iterator[None]:
+        outer, self._scope = self._scope, f"lrp/{name}"
+        try:
+            yield
+        finally:
+            self._scope = outer
+
+    def _name(self, kind: str) -> str:
+        self._count += 1
+        return f"{self._scope}/{kind}_{self._count}"
+
+    def const(self, value: np.ndarray | float | int, dtype=np.float32) -> gs.Constant:
+        """A constant; the same array object (or scalar value) maps to one initializer."""
+        if isinstance(value, np.ndarray):
+            cached = self._consts.get(id(value))
+            if cached is not None and cached[0] is value:
+                return cached[1]
+            tensor = gs.Constant(self._name("const"), np.ascontiguousarray(value))
+            self._consts[id(value)] = (value, tensor)  # holding the array keeps its id unique
+            return tensor
+        if isinstance(value, np.generic):  # numpy scalars keep their own type
+            dtype = value.dtype
+        key = (float(value), np.dtype(dtype).str)
+        if key not in self._scalars:
+            self._scalars[key] = gs.Constant(self._name("scalar"), np.array(value, dtype=dtype))
+        return self._scalars[key]
+
+    def ints(self, values) -> gs.Constant:
+        return gs.Constant(self._name("ints"), np.asarray(values, dtype=np.int64))
+
+    def _tensor(self, value: TensorLike) -> gs.Tensor:
+        return value if isinstance(value, gs.Tensor) else self.const(value)
+
+    def op(self, op_type: str, *inputs: TensorLike, outputs: int = 1, **attrs):
+        name = self._name(op_type)
+        outs = [gs.Variable(f"{name}:{i}") for i in range(outputs)]
+        node = gs.Node(op_type, name, attrs=attrs, inputs=[self._tensor(i) for i in inputs], outputs=outs)
+        self.graph.nodes.append(node)
+        return outs[0] if outputs == 1 else outs
+
+    # Shorthands for the arithmetic the rules are made of.
+    def add(self, a: TensorLike, b: TensorLike) -> gs.Variable:
+        return self.op("Add", a, b)
+
+    def sub(self, a: TensorLike, b: TensorLike) -> gs.Variable:
+        return self.op("Sub", a, b)
+
+    def mul(self, a: TensorLike, b: TensorLike) -> gs.Variable:
+        return self.op("Mul", a, b)
+
+    def div(self, a: TensorLike, b: TensorLike) -> gs.Variable:
+        return self.op("Div", a, b)
+
+    def sum(self, terms: list[gs.Tensor]) -> gs.Tensor:
+        return terms[0] if len(terms) == 1 else self.op("Sum", *terms)
+
+    def reduce_sum(self, x: gs.Tensor, axes, keepdims: int = 0) -> gs.Variable:
+        return self.op("ReduceSum", x, self.ints(axes), keepdims=keepdims)
+
+    def sum_per_sample(self, x: gs.Tensor, rank: int) -> gs.Variable:
+        """Sum over every axis but the batch axis: shape [N]."""
+        return self.reduce_sum(x, list(range(1, rank)))

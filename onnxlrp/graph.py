@@ -1,0 +1,87 @@
+"""Pipeline stage 3a: the canonical graph as a networkx DAG of the ops relevance flows through.
+
+Vertices are op names (plus one vertex for the image input); an edge carries the
+tensors that flow from producer to consumer. Only the *data path* is in the DAG: the
+tensors that depend on the image through differentiable ops. Shape arithmetic and
+constants are not on it and need no rule.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from functools import cached_property
+
+import networkx as nx
+import onnx_graphsurgeon as gs
+
+from .canonizers import Canonical
+from .errors import OnnxLrpError
+from .merges import Merge, find_merges
+from .ops import Op, make_op
+
+#: Ops whose output carries no relevance even when their input does.
+NON_DIFFERENTIABLE = {"Shape", "Size"}
+
+
+@dataclass
+class ModelGraph:
+    """The canonical model graph, its DAG, its ops (one adapter per data node) and its merges."""
+
+    canonical: Canonical
+    dag: nx.DiGraph
+    ops: dict[str, Op]  # node name -> op adapter, in topological order
+    data: set[str]  # names of tensors on the data path
+    merges: list[Merge] = field(default_factory=list)
+
+    @property
+    def input_vertex(self) -> str:
+        return input_vertex(self.canonical.input.name)
+
+    @cached_property
+    def nonneg(self) -> set[str]:
+        """Tensors known to be >= 0 (ReLU outputs and what pools and reshapes make of them)."""
+        known: set[str] = set()
+        for op in self.ops.values():
+            if op.node.op == "Relu" or (op.keeps_sign and all(t.name in known for t in op.data_inputs)):
+                known.add(op.output.name)
+        return known
+
+    def merge_at(self, name: str) -> Merge | None:
+        return next((m for m in self.merges if m.node == name), None)
+
+
+def input_vertex(name: str) -> str:
+    return f"input:{name}"
+
+
+def build_graph(canonical: Canonical, path: str = "model") -> ModelGraph:
+    graph = canonical.graph
+    data: set[str] = {canonical.input.name}
+    dag = nx.DiGraph()
+    dag.add_node(input_vertex(canonical.input.name), op="input")
+    ops: dict[str, Op] = {}
+    producers: dict[str, str] = {canonical.input.name: input_vertex(canonical.input.name)}
+    for node in graph.nodes:  # canonicalize() left them in topological order
+        data_inputs = [t for t in node.inputs if isinstance(t, gs.Variable) and t.name in data]
+        if not data_inputs or node.op in NON_DIFFERENTIABLE:
+            continue
+        ops[node.name] = make_op(node, lambda t: isinstance(t, gs.Variable) and t.name in data, path)
+        out = node.outputs[0]
+        data.add(out.name)
+        producers[out.name] = node.name
+        dag.add_node(node.name, op=node.op)
+        for tensor in data_inputs:
+            src = producers[tensor.name]
+            if dag.has_edge(src, node.name):
+                dag.edges[src, node.name]["tensors"].append(tensor.name)
+            else:
+                dag.add_edge(src, node.name, tensors=[tensor.name])
+    if canonical.logits.name not in data:
+        raise OnnxLrpError(f"{path}: output '{canonical.logits.name}' does not depend on the image input")
+    # Keep only what relevance can reach: ancestors of the logits' producer.
+    sink = producers[canonical.logits.name]
+    keep = nx.ancestors(dag, sink) | {sink}
+    dag = dag.subgraph(keep).copy()
+    ops = {name: op for name, op in ops.items() if name in keep}
+    model_graph = ModelGraph(canonical, dag, ops, data)
+    model_graph.merges = find_merges(dag, ops, input_vertex(canonical.input.name))
+    return model_graph

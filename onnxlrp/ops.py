@@ -1,0 +1,552 @@
+"""What onnxlrp knows about each ONNX op type: one adapter class per op, in one table.
+
+Every op on the data path supplies its *transpose* (vector-Jacobian product) as ONNX
+nodes; linear ops (Conv, Gemm, MatMul, affine BatchNorm and constant arithmetic, the
+average pools) also supply their *forward* with given, possibly modified, parameters.
+The LRP rules in :mod:`onnxlrp.rules` are recipes over these two emitters, so adding
+an op type means adding one class here and one line to :data:`OPS`.
+
+Parameter-free linear ops (the average pools) expose a scalar weight 1.0: a rule's
+weight modifier then yields a scale (clamp(min=0) keeps it, clamp(max=0) drops the term).
+"""
+from __future__ import annotations
+
+from typing import Callable
+
+import numpy as np
+import onnx_graphsurgeon as gs
+
+from .emit import Emitter
+from .errors import OnnxLrpError
+
+IsData = Callable[[gs.Tensor], bool]
+
+
+def _const(tensor: gs.Tensor | None) -> np.ndarray | None:
+    return tensor.values if isinstance(tensor, gs.Constant) else None
+
+
+def _given(node: gs.Node, index: int) -> gs.Tensor | None:
+    """The node's optional input `index`, or None when it is absent."""
+    if index < len(node.inputs) and node.inputs[index].name:
+        return node.inputs[index]
+    return None
+
+
+def _static(tensor: gs.Tensor, node: gs.Node, path: str) -> list[int]:
+    shape = tensor.shape
+    if shape is None or not all(isinstance(d, int) for d in shape[1:]):
+        raise OnnxLrpError(
+            f"{path}: node '{node.name}' ({node.op}): tensor '{tensor.name}' has shape {shape}; "
+            "onnxlrp needs static shapes past the batch axis"
+        )
+    return list(shape)
+
+
+def transpose_padding(
+    in_size: int, out_size: int, kernel: int, stride: int, dilation: int, begin: int, end: int
+) -> tuple[int, int, int]:
+    """(end pad, output_padding, extra zeros) that make ConvTranspose the exact VJP of a window op."""
+    covered = (out_size - 1) * stride + dilation * (kernel - 1) + 1 - begin - end
+    extra = in_size - covered
+    if extra < 0:  # ceil-mode windows reach past the input: crop them off
+        return end - extra, 0, 0
+    if extra < stride:
+        return end, extra, 0
+    return end, 0, extra  # trailing inputs no window reads: their gradient is zero
+
+
+class Op:
+    """An op on the data path. Subclasses say which rules apply and emit its transpose."""
+
+    kind = "op"
+    linear = False  # forward/transpose take (modified) parameters: LRP rules apply
+    shape_preserving = False  # output shape == input shape: the pass rule applies
+    keeps_sign = False  # output >= 0 whenever every data input is >= 0
+    default_rule = "pass"  # rule used where a preset names none
+
+    def __init__(self, node: gs.Node, is_data: IsData, path: str = "model"):
+        self.node = node
+        self.path = path
+        self.data_inputs = [t for t in node.inputs if is_data(t)]
+        self.x = self.data_inputs[0]
+        self.output = node.outputs[0]
+
+    def error(self, message: str) -> OnnxLrpError:
+        return OnnxLrpError(f"{self.path}: node '{self.node.name}' ({self.node.op}): {message}")
+
+    def transpose(self, e: Emitter, g: gs.Tensor, weight=None) -> gs.Tensor:
+        raise self.error("has no transpose")
+
+
+class LinearOp(Op):
+    """An op linear in its data input, given parameters (weight, bias)."""
+
+    kind = "linear"
+    linear = True
+    default_rule = None  # presets must say which LRP rule a linear op gets
+
+    weight: np.ndarray
+    bias: np.ndarray | None = None
+
+    def forward(self, e: Emitter, x: gs.Tensor, weight: np.ndarray, bias: np.ndarray | None) -> gs.Tensor:
+        raise NotImplementedError
+
+    def bias_shape(self) -> tuple[int, ...]:
+        """How the bias broadcasts against the output."""
+        return self.bias.shape
+
+
+class Conv(LinearOp):
+    def __init__(self, node, is_data, path="model"):
+        super().__init__(node, is_data, path)
+        if node.inputs[0] is not self.x or len(self.data_inputs) != 1:
+            raise self.error("its weights are computed at run time; onnxlrp needs constant weights")
+        self.weight = _const(node.inputs[1])
+        if self.weight is None:
+            raise self.error("its weights are computed at run time; onnxlrp needs constant weights")
+        bias = _given(node, 2)
+        self.bias = _const(bias) if bias is not None else None
+        if bias is not None and self.bias is None:
+            raise self.error("its bias is computed at run time; onnxlrp needs a constant bias")
+        rank = self.weight.ndim - 2
+        self.in_shape = _static(self.x, node, path)
+        self.out_shape = _static(self.output, node, path)
+        self.kernel = list(self.weight.shape[2:])
+        self.strides = list(node.attrs.get("strides", [1] * rank))
+        self.dilations = list(node.attrs.get("dilations", [1] * rank))
+        self.pads = list(node.attrs.get("pads", [0] * (2 * rank)))
+        self.group = int(node.attrs.get("group", 1))
+
+    def _attrs(self) -> dict:
+        return dict(kernel_shape=self.kernel, strides=self.strides, pads=self.pads,
+                    dilations=self.dilations, group=self.group)
+
+    def forward(self, e, x, weight, bias):
+        inputs = [x, e.const(weight)] + ([e.const(bias)] if bias is not None else [])
+        return e.op("Conv", *inputs, **self._attrs())
+
+    def transpose(self, e, g, weight=None):
+        weight = self.weight if weight is None else weight
+        rank = len(self.kernel)
+        ends, output_padding, extra = [], [], []
+        for i in range(rank):
+            end, out_pad, more = transpose_padding(
+                self.in_shape[2 + i], self.out_shape[2 + i], self.kernel[i], self.strides[i],
+                self.dilations[i], self.pads[i], self.pads[rank + i],
+            )
+            ends.append(end)
+            output_padding.append(out_pad)
+            extra.append(more)
+        attrs = self._attrs()
+        attrs["pads"] = self.pads[:rank] + ends
+        result = e.op("ConvTranspose", g, e.const(weight), output_padding=output_padding, **attrs)
+        if any(extra):
+            result = e.op("Pad", result, e.ints([0, 0] + [0] * rank + [0, 0] + extra))
+        return result
+
+    def bias_shape(self):
+        return (1, self.weight.shape[0]) + (1,) * (self.weight.ndim - 2)
+
+    def describe(self) -> str:
+        k = "x".join(map(str, self.kernel))
+        s = "x".join(map(str, self.strides))
+        group = f", group {self.group}" if self.group != 1 else ""
+        return f"{k}/{s}, {self.weight.shape[1] * self.group}->{self.weight.shape[0]}{group}"
+
+
+class Gemm(LinearOp):
+    def __init__(self, node, is_data, path="model"):
+        super().__init__(node, is_data, path)
+        if node.inputs[0] is not self.x or len(self.data_inputs) != 1 or node.attrs.get("transA", 0):
+            raise self.error("only x @ W + b with constant W and b is supported")
+        self.weight = _const(node.inputs[1])
+        if self.weight is None:
+            raise self.error("its weights are computed at run time; onnxlrp needs constant weights")
+        self.trans_b = int(node.attrs.get("transB", 0))
+        bias = _given(node, 2)
+        self.bias = _const(bias) if bias is not None else None
+        if bias is not None and self.bias is None:
+            raise self.error("its bias is computed at run time; onnxlrp needs a constant bias")
+        if self.bias is not None:
+            self.bias = np.broadcast_to(self.bias, (self.outputs,)).copy()
+
+    @property
+    def outputs(self) -> int:
+        return self.weight.shape[0] if self.trans_b else self.weight.shape[1]
+
+    def forward(self, e, x, weight, bias):
+        inputs = [x, e.const(weight)] + ([e.const(bias)] if bias is not None else [])
+        return e.op("Gemm", *inputs, transB=self.trans_b)
+
+    def transpose(self, e, g, weight=None):
+        weight = self.weight if weight is None else weight
+        # dz/dx = W for x @ W^T (transB=1); W^T otherwise.
+        return e.op("MatMul", g, e.const(weight if self.trans_b else np.ascontiguousarray(weight.T)))
+
+    def bias_shape(self):
+        return (1, self.outputs)
+
+    def describe(self) -> str:
+        inputs = self.weight.shape[1] if self.trans_b else self.weight.shape[0]
+        return f"{inputs}->{self.outputs}"
+
+
+class MatMul(LinearOp):
+    def __init__(self, node, is_data, path="model"):
+        super().__init__(node, is_data, path)
+        self.weight = _const(node.inputs[1])
+        if node.inputs[0] is not self.x or self.weight is None or self.weight.ndim != 2:
+            raise self.error("only x @ W with a constant 2-D W is supported")
+
+    def forward(self, e, x, weight, bias):
+        return e.op("MatMul", x, e.const(weight))
+
+    def transpose(self, e, g, weight=None):
+        weight = self.weight if weight is None else weight
+        return e.op("MatMul", g, e.const(np.ascontiguousarray(weight.T)))
+
+    def describe(self) -> str:
+        return f"{self.weight.shape[0]}->{self.weight.shape[1]}"
+
+
+class Affine(LinearOp):
+    """y = x * scale + shift, elementwise with constants: BatchNormalization and constant arithmetic."""
+
+    kind = "affine"
+    shape_preserving = True
+    default_rule = "pass"
+
+    def __init__(self, node, is_data, path="model"):
+        super().__init__(node, is_data, path)
+        self.weight, self.bias = self._coefficients(node)
+        shape = _static(self.x, node, path)
+        if _static(self.output, node, path)[1:] != shape[1:]:
+            raise self.error(f"its constant broadcasts the input {shape} to {self.output.shape}")
+
+    def _coefficients(self, node) -> tuple[np.ndarray, np.ndarray | None]:
+        one = np.array(1.0, dtype=np.float32)
+        if node.op == "BatchNormalization":
+            params = [_const(t) for t in node.inputs[1:5]]
+            if any(p is None for p in params) or len(node.outputs) != 1:
+                raise self.error("only inference-mode BatchNormalization with constant statistics is supported")
+            gamma, beta, mean, var = (p.astype(np.float64) for p in params)
+            scale = gamma / np.sqrt(var + node.attrs.get("epsilon", 1e-5))
+            rank = len(self.x.shape)
+            shape = (-1,) + (1,) * (rank - 2)
+            return (scale.reshape(shape).astype(np.float32),
+                    (beta - mean * scale).reshape(shape).astype(np.float32))
+        other = next(t for t in node.inputs if t is not self.x)
+        c = _const(other)
+        if c is None:
+            raise self.error("its other input is neither constant nor computed from the image")
+        c = c.astype(np.float32)
+        data_first = node.inputs[0] is self.x
+        if node.op == "Add":
+            return one, c
+        if node.op == "Sub":
+            return (one, -c) if data_first else (-one, c)
+        if node.op == "Mul":
+            return c, None
+        if node.op == "Div" and data_first:
+            return (1.0 / c).astype(np.float32), None
+        raise self.error("dividing a constant by a computed tensor is not linear; no LRP rule applies")
+
+    def forward(self, e, x, weight, bias):
+        y = x if _is_one(weight) else e.mul(x, e.const(weight))
+        return y if bias is None else e.add(y, e.const(bias))
+
+    def transpose(self, e, g, weight=None):
+        weight = self.weight if weight is None else weight
+        return g if _is_one(weight) else e.mul(g, e.const(weight))
+
+    def describe(self) -> str:
+        return "affine"
+
+
+def _is_one(weight: np.ndarray) -> bool:
+    return weight.ndim == 0 and float(weight) == 1.0
+
+
+def _scaled(e: Emitter, y: gs.Tensor, weight: np.ndarray) -> gs.Tensor:
+    return y if _is_one(weight) else e.mul(y, e.const(weight))
+
+
+class AveragePool(LinearOp):
+    """Average pooling; its transpose spreads each output's gradient over its window."""
+
+    kind = "pool"
+    keeps_sign = True
+
+    def __init__(self, node, is_data, path="model", attrs: dict | None = None, output: gs.Tensor | None = None):
+        super().__init__(node, is_data, path)
+        if output is not None:
+            self.output = output
+        attrs = dict(node.attrs if attrs is None else attrs)
+        self.weight = np.array(1.0, dtype=np.float32)
+        self.in_shape = _static(self.x, node, path)
+        self.out_shape = _static(self.output, node, path)
+        rank = len(self.in_shape) - 2
+        self.kernel = list(attrs["kernel_shape"])
+        self.strides = list(attrs.get("strides", [1] * rank))
+        self.pads = list(attrs.get("pads", [0] * (2 * rank)))
+        self.ceil_mode = int(attrs.get("ceil_mode", 0))
+        self.count_include_pad = int(attrs.get("count_include_pad", 0))
+        if any(d != 1 for d in attrs.get("dilations", [1] * rank)):
+            raise self.error("dilated average pooling is not supported")
+
+    def _attrs(self) -> dict:
+        return dict(kernel_shape=self.kernel, strides=self.strides, pads=self.pads,
+                    ceil_mode=self.ceil_mode, count_include_pad=self.count_include_pad)
+
+    def forward(self, e, x, weight, bias):
+        return _scaled(e, e.op("AveragePool", x, **self._attrs()), weight)
+
+    def _counts(self) -> np.ndarray:
+        """How many inputs each window averages over (the pool's divisor), shape [1, 1, *out]."""
+        rank = len(self.kernel)
+        per_axis = []
+        for i in range(rank):
+            size, k, s = self.in_shape[2 + i], self.kernel[i], self.strides[i]
+            begin, end = self.pads[i], self.pads[rank + i]
+            starts = np.arange(self.out_shape[2 + i]) * s - begin
+            stops = np.minimum(starts + k, size + end)
+            if self.count_include_pad:
+                per_axis.append(stops - starts)
+            else:
+                per_axis.append(np.minimum(stops, size) - np.maximum(starts, 0))
+        counts = per_axis[0]
+        for axis in per_axis[1:]:
+            counts = np.multiply.outer(counts, axis)
+        return counts.reshape((1, 1) + counts.shape).astype(np.float32)
+
+    def transpose(self, e, g, weight=None):
+        weight = self.weight if weight is None else weight
+        scale = np.float32(weight) / self._counts()
+        channels = self.in_shape[1]
+        ones = np.ones((channels, 1) + tuple(self.kernel), dtype=np.float32)
+        rank = len(self.kernel)
+        ends, output_padding, extra = [], [], []
+        for i in range(rank):
+            end, out_pad, more = transpose_padding(
+                self.in_shape[2 + i], self.out_shape[2 + i], self.kernel[i], self.strides[i], 1,
+                self.pads[i], self.pads[rank + i],
+            )
+            ends.append(end)
+            output_padding.append(out_pad)
+            extra.append(more)
+        result = e.op(
+            "ConvTranspose", e.mul(g, e.const(scale)), e.const(ones), kernel_shape=self.kernel,
+            strides=self.strides, pads=self.pads[:rank] + ends, group=channels, output_padding=output_padding,
+        )
+        if any(extra):
+            result = e.op("Pad", result, e.ints([0, 0] + [0] * rank + [0, 0] + extra))
+        return result
+
+    def describe(self) -> str:
+        return f"{'x'.join(map(str, self.kernel))}/{'x'.join(map(str, self.strides))}"
+
+
+class GlobalAveragePool(LinearOp):
+    kind = "pool"
+    keeps_sign = True
+
+    def __init__(self, node, is_data, path="model"):
+        super().__init__(node, is_data, path)
+        self.weight = np.array(1.0, dtype=np.float32)
+        self.in_shape = _static(self.x, node, path)
+        self.axes = list(range(2, len(self.in_shape)))
+        self.keepdims = 1
+
+    def forward(self, e, x, weight, bias):
+        return _scaled(e, e.op("GlobalAveragePool", x), weight)
+
+    def transpose(self, e, g, weight=None):
+        weight = self.weight if weight is None else weight
+        count = int(np.prod([self.in_shape[a] for a in self.axes]))
+        if not self.keepdims:
+            g = e.op("Unsqueeze", g, e.ints(self.axes))
+        return e.op("Expand", e.mul(g, np.float32(weight) / count), e.op("Shape", self.x))
+
+    def describe(self) -> str:
+        return "mean over " + ",".join(map(str, self.axes))
+
+
+class ReduceMean(GlobalAveragePool):
+    def __init__(self, node, is_data, path="model"):
+        LinearOp.__init__(self, node, is_data, path)
+        self.weight = np.array(1.0, dtype=np.float32)
+        self.in_shape = _static(self.x, node, path)
+        rank = len(self.in_shape)
+        axes = node.attrs.get("axes")
+        if axes is None and _given(node, 1) is not None:
+            axes = _const(node.inputs[1])
+            if axes is None:
+                raise self.error("its axes are computed at run time")
+        if axes is None:
+            axes = [] if node.attrs.get("noop_with_empty_axes", 0) else list(range(rank))
+        self.axes = sorted(int(a) % rank for a in axes)
+        if 0 in self.axes:
+            raise self.error("averaging over the batch axis mixes images; no LRP rule applies")
+        self.keepdims = int(node.attrs.get("keepdims", 1))
+
+    def forward(self, e, x, weight, bias):
+        node = self.node
+        return _scaled(e, e.op("ReduceMean", x, *node.inputs[1:], **node.attrs), weight)
+
+
+class MaxPool(Op):
+    """Max pooling. Its transpose routes each output's gradient to the window's winner."""
+
+    kind = "maxpool"
+    keeps_sign = True
+    default_rule = "gradient"
+
+    def __init__(self, node, is_data, path="model"):
+        super().__init__(node, is_data, path)
+        self.in_shape = _static(self.x, node, path)
+        self.out_shape = _static(self.output, node, path)
+        if node.attrs.get("storage_order", 0):
+            raise self.error("column-major storage_order is not supported")
+
+    def transpose(self, e, g, weight=None):
+        node = self.node
+        if len(node.outputs) < 2:  # ask the forward MaxPool for its argmax indices
+            node.outputs.append(gs.Variable(f"{node.name}/indices", dtype=np.int64))
+        indices = node.outputs[1]
+        flat = e.ints([-1])
+        zeros = e.op("ConstantOfShape", e.op("Reshape", e.op("Size", self.x), e.ints([1])))
+        scattered = e.op(
+            "ScatterElements", zeros, e.op("Reshape", indices, flat), e.op("Reshape", g, flat),
+            axis=0, reduction="add",
+        )
+        return e.op("Reshape", scattered, e.op("Shape", self.x))
+
+    def average_view(self, size: int = 2) -> AveragePool:
+        """The paper's stand-in for relevance: a size x size average pool with stride size, no padding."""
+        rank = len(self.in_shape) - 2
+        for ceil_mode in (0, 1):
+            sizes = [
+                (-(-(n - size) // size) if ceil_mode else (n - size) // size) + 1
+                for n in self.in_shape[2:]
+            ]
+            if sizes == self.out_shape[2:]:
+                attrs = dict(kernel_shape=[size] * rank, strides=[size] * rank, pads=[0] * (2 * rank),
+                             ceil_mode=ceil_mode, count_include_pad=0)
+                return AveragePool(self.node, lambda t: t is self.x, self.path, attrs=attrs, output=self.output)
+        raise self.error(
+            f"a {size}x{size} average pool of its input {self.in_shape} does not give its output {self.out_shape}"
+        )
+
+    def describe(self) -> str:
+        kernel = self.node.attrs.get("kernel_shape", [])
+        strides = self.node.attrs.get("strides", [1] * len(kernel))
+        return f"{'x'.join(map(str, kernel))}/{'x'.join(map(str, strides))}"
+
+
+class Relu(Op):
+    kind = "activation"
+    shape_preserving = True
+
+    def transpose(self, e, g, weight=None):
+        return e.op("Where", e.op("Greater", self.x, np.float32(0)), g, np.float32(0))
+
+
+class Reshape(Op):
+    """Flatten, Reshape, Squeeze, Unsqueeze: relevance keeps its values, takes the input's shape."""
+
+    kind = "reshape"
+    keeps_sign = True
+    default_rule = "gradient"
+
+    def __init__(self, node, is_data, path="model"):
+        super().__init__(node, is_data, path)
+        if node.inputs[0] is not self.x or len(self.data_inputs) != 1:
+            raise self.error("its shape input depends on the image values")
+
+    def transpose(self, e, g, weight=None):
+        return e.op("Reshape", g, e.op("Shape", self.x))
+
+
+class Transpose(Reshape):
+    def transpose(self, e, g, weight=None):
+        perm = list(self.node.attrs.get("perm", reversed(range(len(self.x.shape)))))
+        return e.op("Transpose", g, perm=[int(i) for i in np.argsort(perm)])
+
+
+class Pad(Reshape):
+    """A constant Pad that canonicalisation could not merge: relevance on the padding is dropped."""
+
+    def __init__(self, node, is_data, path="model"):
+        super().__init__(node, is_data, path)
+        if node.attrs.get("mode", "constant") != "constant":
+            raise self.error(f"{node.attrs['mode']} padding is not supported")
+        pads = node.attrs.get("pads")
+        if pads is None:
+            pads = _const(node.inputs[1]) if _given(node, 1) is not None else None
+        if pads is None or _given(node, 3) is not None:
+            raise self.error("only constant pads over all axes are supported")
+        self.shape = _static(self.x, node, path)
+        rank = len(self.shape)
+        self.begins = [int(p) for p in pads[:rank]]
+        if any(int(p) < 0 for p in pads):
+            raise self.error("negative pads (cropping) are not supported")
+
+    def transpose(self, e, g, weight=None):
+        ends = [b + n for b, n in zip(self.begins[1:], self.shape[1:])]
+        axes = list(range(1, len(self.shape)))
+        return e.op("Slice", g, e.ints(self.begins[1:]), e.ints(ends), e.ints(axes))
+
+
+class ResidualAdd(Op):
+    """An Add of two computed tensors: a residual merge. Relevance is split, see splitting.py."""
+
+    kind = "merge"
+    keeps_sign = True
+    shape_preserving = True
+    default_rule = "split"
+
+    def __init__(self, node, is_data, path="model"):
+        super().__init__(node, is_data, path)
+        shapes = [t.shape for t in self.data_inputs]
+        if shapes[0] != shapes[1]:
+            raise self.error(f"adds tensors of shapes {shapes[0]} and {shapes[1]}; a residual merge needs equal shapes")
+
+
+#: ONNX op type -> adapter. Add/Sub/Mul/Div are dispatched by how many inputs are computed.
+OPS: dict[str, type[Op]] = {
+    "Conv": Conv,
+    "Gemm": Gemm,
+    "MatMul": MatMul,
+    "BatchNormalization": Affine,
+    "AveragePool": AveragePool,
+    "GlobalAveragePool": GlobalAveragePool,
+    "ReduceMean": ReduceMean,
+    "MaxPool": MaxPool,
+    "Relu": Relu,
+    "Flatten": Reshape,
+    "Reshape": Reshape,
+    "Squeeze": Reshape,
+    "Unsqueeze": Reshape,
+    "Transpose": Transpose,
+    "Pad": Pad,
+}
+_ARITHMETIC = ("Add", "Sub", "Mul", "Div")
+
+
+def make_op(node: gs.Node, is_data: IsData, path: str = "model") -> Op:
+    """The adapter for a node on the data path, or a one-line error naming the node."""
+    computed = [t for t in node.inputs if is_data(t)]
+    if node.op in _ARITHMETIC:
+        if len(computed) == 1 and node.inputs.count(computed[0]) == 1:
+            return Affine(node, is_data, path)
+        if node.op == "Add":
+            return ResidualAdd(node, is_data, path)
+        hint = " (e.g. squeeze-excitation gating)" if node.op == "Mul" else ""
+        raise OnnxLrpError(
+            f"{path}: node '{node.name}' ({node.op}): no LRP rule for {node.op} of two computed tensors{hint}"
+        )
+    cls = OPS.get(node.op)
+    if cls is None:
+        raise OnnxLrpError(f"{path}: node '{node.name}' ({node.op}): no LRP rule for op type {node.op}")
+    return cls(node, is_data, path)

@@ -1,0 +1,113 @@
+"""Image files to model input: reading, resizing, normalisation presets and box bounds.
+
+Presets:
+
+- ``imagenet``: RGB in [0, 1], minus mean, over std (torchvision, timm);
+- ``caffe``: BGR in [0, 255] minus the ImageNet mean (Keras ResNet50/101/152);
+- ``raw``: RGB in [0, 1], nothing else.
+
+The z^B rule's default box is the pixel range [0, 255] mapped through the preset.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, UnidentifiedImageError
+
+from .errors import OnnxLrpError
+from .model import first_line
+
+IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm"}
+
+
+@dataclass(frozen=True)
+class Preprocessing:
+    name: str
+    scale: float  # pixel value (0..255) times scale ...
+    mean: tuple[float, ...]  # ... minus mean, over std, per channel in the model's channel order
+    std: tuple[float, ...]
+    bgr: bool = False
+
+    def _stats(self, channels: int) -> tuple[np.ndarray, np.ndarray]:
+        mean, std = np.asarray(self.mean, np.float32), np.asarray(self.std, np.float32)
+        if channels == 1:  # grayscale models: one channel with the average statistics
+            return mean.mean(keepdims=True), std.mean(keepdims=True)
+        return mean, std
+
+    def normalize(self, pixels: np.ndarray, layout: str = "NCHW") -> np.ndarray:
+        """uint8 images [N, H, W, C] (RGB or gray) -> float32 model input in `layout`."""
+        x = pixels.astype(np.float32)
+        if self.bgr and x.shape[-1] == 3:
+            x = x[..., ::-1]
+        mean, std = self._stats(x.shape[-1])
+        x = (x * self.scale - mean) / std
+        return np.ascontiguousarray(x.transpose(0, 3, 1, 2) if layout == "NCHW" else x)
+
+    def denormalize(self, x: np.ndarray, layout: str = "NCHW") -> np.ndarray:
+        """The inverse of normalize: model input -> uint8 RGB/gray images [N, H, W, C]."""
+        x = x.transpose(0, 2, 3, 1) if layout == "NCHW" else x
+        mean, std = self._stats(x.shape[-1])
+        x = (x * std + mean) / self.scale
+        if self.bgr and x.shape[-1] == 3:
+            x = x[..., ::-1]
+        return np.clip(np.rint(x), 0, 255).astype(np.uint8)
+
+    def bounds(self, channels: int) -> tuple[np.ndarray, np.ndarray]:
+        """Per-channel (low, high): the pixel values 0 and 255 after preprocessing."""
+        mean, std = self._stats(channels)
+        low, high = (0 * self.scale - mean) / std, (255 * self.scale - mean) / std
+        return low.astype(np.float32), high.astype(np.float32)
+
+
+PREPROCESSING = {
+    p.name: p
+    for p in (
+        Preprocessing("imagenet", 1 / 255, (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)),
+        Preprocessing("caffe", 1.0, (103.939, 116.779, 123.68), (1.0, 1.0, 1.0), bgr=True),
+        Preprocessing("raw", 1 / 255, (0.0, 0.0, 0.0), (1.0, 1.0, 1.0)),
+    )
+}
+
+
+def get_preprocessing(name: str | Preprocessing) -> Preprocessing:
+    if isinstance(name, Preprocessing):
+        return name
+    try:
+        return PREPROCESSING[name]
+    except KeyError:
+        raise OnnxLrpError(f"unknown preprocessing '{name}'; choose one of {', '.join(PREPROCESSING)}") from None
+
+
+def image_files(paths: list[str | Path]) -> list[Path]:
+    """Expand folders (their image files, sorted) and check every path exists."""
+    files: list[Path] = []
+    for path in map(Path, paths):
+        if path.is_dir():
+            found = sorted(p for p in path.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
+            if not found:
+                raise OnnxLrpError(f"{path}: folder holds no image files ({', '.join(sorted(IMAGE_SUFFIXES))})")
+            files.extend(found)
+        elif path.is_file():
+            files.append(path)
+        else:
+            raise OnnxLrpError(f"{path}: no such file or folder")
+    return files
+
+
+def load_image(path: str | Path, height: int, width: int, channels: int = 3) -> np.ndarray:
+    """Read an image, scale its shorter side to fit, centre-crop to height x width: uint8 [H, W, C]."""
+    try:
+        with Image.open(path) as img:
+            img = img.convert("L" if channels == 1 else "RGB")
+            scale = max(height / img.height, width / img.width)
+            size = (max(width, round(img.width * scale)), max(height, round(img.height * scale)))
+            if size != img.size:
+                img = img.resize(size, Image.Resampling.BILINEAR)
+            left, top = (img.width - width) // 2, (img.height - height) // 2
+            img = img.crop((left, top, left + width, top + height))
+            pixels = np.asarray(img, dtype=np.uint8)
+    except (OSError, UnidentifiedImageError, ValueError, Image.DecompressionBombError) as exc:
+        raise OnnxLrpError(f"{path}: cannot read image ({first_line(exc)})") from None
+    return pixels.reshape(height, width, channels)

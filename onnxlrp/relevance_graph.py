@@ -1,0 +1,172 @@
+"""Pipeline stage 4: build the relevance graph, one ONNX model for forward and LRP pass.
+
+The model graph is extended with the backward walk: starting from the initial
+relevance at the logits, every op (in reverse topological order) turns the relevance
+at its output into relevance at its inputs with its rule, and the contributions of
+all consumers of a tensor are summed. The result is a plain ONNX model:
+
+    inputs : images  [N, ...]  the model's preprocessed input
+             target  [N] int64 class to explain per image; -1 = the top-1 prediction
+    outputs: logits             [N, K]
+             relevance          [N, ...]  same shape and layout as `images`
+             targets            [N]       the classes explained
+             initial_relevance  [N]       target logit (or probability) the pass starts from
+             merge_relevance    [N, M, 3] sum of R, R_skip, R_main at each merge (if M > 0)
+
+It runs in onnxruntime on any execution provider, without onnxlrp installed.
+"""
+from __future__ import annotations
+
+from collections import defaultdict
+
+import numpy as np
+import onnx
+import onnx_graphsurgeon as gs
+
+from .emit import Emitter
+from .errors import OnnxLrpError
+from .graph import ModelGraph
+from .rules import Rule, RuleContext
+from .splitting import Split
+
+INPUT, TARGET = "images", "target"
+LOGITS, RELEVANCE, TARGETS, INITIAL, MERGE_SUMS = (
+    "logits", "relevance", "targets", "initial_relevance", "merge_relevance",
+)
+
+
+def _claim_name(graph: gs.Graph, tensor: gs.Tensor, name: str) -> None:
+    """Rename `tensor` to `name`, moving any other tensor of that name out of the way."""
+    other = graph.tensors().get(name)
+    if other is not None and other is not tensor:
+        other.name = f"{name}__model"
+    tensor.name = name
+
+
+class _BoundsAt:
+    """The z^B box bounds (given at the image input) carried to a layer's input tensor."""
+
+    def __init__(self, e: Emitter, graph: ModelGraph, low: np.ndarray, high: np.ndarray):
+        self.e, self.graph = e, graph
+        self.values = {"low": low, "high": high}
+
+    def __call__(self, x: gs.Tensor):
+        def bound(which: str) -> np.ndarray:
+            chain = []
+            tensor = x
+            while tensor is not self.graph.canonical.input:
+                producer = tensor.inputs[0] if tensor.inputs else None
+                op = self.graph.ops.get(producer.name) if producer is not None else None
+                if op is None or op.kind != "reshape":
+                    raise OnnxLrpError(
+                        f"z^B box bounds: the layer input '{x.name}' is not the image up to reshapes "
+                        f"(node '{producer.name if producer else '?'}' is in between)"
+                    )
+                chain.append(op)
+                tensor = op.x
+            value = self.values[which]
+            for op in reversed(chain):  # replay the reshapes on the bound tensor, in numpy
+                value = _replay(op, value)
+            return value
+
+        return bound
+
+
+def _replay(op, value: np.ndarray) -> np.ndarray:
+    node = op.node
+    if node.op == "Transpose":
+        return np.transpose(value, node.attrs.get("perm"))
+    target = [1] + list(op.output.shape[1:])
+    return value.reshape(target)
+
+
+def build(
+    graph: ModelGraph,
+    rules: dict[str, Rule],
+    *,
+    initial: str = "logit",
+    bias: bool = True,
+    low: np.ndarray | None = None,
+    high: np.ndarray | None = None,
+    ir_version: int = 8,
+    opset: int = 17,
+) -> onnx.ModelProto:
+    """Extend the model graph with its relevance pass. Consumes `graph` (its nodes are reused)."""
+    canonical = graph.canonical
+    g = canonical.graph
+    e = Emitter(g)
+    images, logits = canonical.input, canonical.logits
+    _claim_name(g, images, INPUT)
+    _claim_name(g, logits, LOGITS)
+    batch = images.shape[0]
+    num_classes = logits.shape[1]
+    target = gs.Variable(TARGET, dtype=np.int64, shape=[batch])
+
+    with e.scope("output"):
+        top1 = e.op("ArgMax", logits, axis=1, keepdims=0)
+        chosen = e.op("Where", e.op("Less", target, np.int64(0)), top1, target)
+        classes = np.arange(num_classes, dtype=np.int64).reshape(1, -1)
+        onehot = e.op("Cast", e.op("Equal", e.op("Unsqueeze", chosen, e.ints([1])), e.const(classes)), to=onnx.TensorProto.FLOAT)
+        score = logits if initial == "logit" else e.op("Softmax", logits, axis=1)
+        start = e.mul(onehot, score)
+        initial_sum = e.reduce_sum(start, [1])
+
+    bounds = _BoundsAt(e, graph, low, high) if low is not None else None
+    contributions: dict[str, list[gs.Tensor]] = defaultdict(list)
+    contributions[logits.name].append(start)
+    merge_sums: dict[str, gs.Tensor] = {}
+    for name in reversed(list(graph.ops)):
+        op = graph.ops[name]
+        parts = contributions.pop(op.output.name, None)
+        if not parts:
+            continue
+        rule = rules[name]
+        with e.scope(name):
+            R = e.sum(parts)
+            if isinstance(rule, Split):
+                merge = graph.merge_at(name)
+                r_skip, r_main = rule.emit(e, op, merge, R)
+                if r_skip is not None:
+                    contributions[merge.skip].append(r_skip)
+                contributions[merge.main].append(r_main)
+                rank = len(op.output.shape)
+                sums = [e.sum_per_sample(t, rank) for t in (R, r_main)]
+                skip_sum = e.sum_per_sample(r_skip, rank) if r_skip is not None else e.mul(sums[0], np.float32(0))
+                stacked = e.op("Concat", *(e.op("Unsqueeze", t, e.ints([1])) for t in (sums[0], skip_sum, sums[1])), axis=1)
+                merge_sums[name] = e.op("Unsqueeze", stacked, e.ints([1]))
+            else:
+                ctx = RuleContext(bias=bias, x_nonneg=op.x.name in graph.nonneg, bounds=bounds(op.x) if bounds else None)
+                contributions[op.x.name].append(rule.emit(e, op, R, ctx))
+
+    parts = contributions.pop(images.name, None)
+    if not parts:
+        raise OnnxLrpError("no relevance reaches the image input")
+    outputs = [
+        _output(g, LOGITS, logits, [batch, num_classes]),
+        _output(g, RELEVANCE, e.sum(parts), list(images.shape)),
+        _output(g, TARGETS, chosen, [batch], np.int64),
+        _output(g, INITIAL, initial_sum, [batch]),
+    ]
+    if graph.merges:
+        sums = [merge_sums[m.node] if m.node in merge_sums else None for m in graph.merges]
+        if any(s is None for s in sums):
+            raise OnnxLrpError("a residual merge receives no relevance")
+        outputs.append(_output(g, MERGE_SUMS, e.op("Concat", *sums, axis=1), [batch, len(sums), 3]))
+    g.inputs = [images, target]
+    g.outputs = outputs
+    g.cleanup().toposort()
+    model = gs.export_onnx(g, do_type_check=False, ir_version=ir_version)
+    del model.opset_import[:]
+    model.opset_import.append(onnx.helper.make_opsetid("", opset))
+    model.producer_name = "onnxlrp"
+    return model
+
+
+def _output(g: gs.Graph, name: str, tensor: gs.Tensor, shape, dtype=np.float32) -> gs.Variable:
+    """Expose `tensor` as a graph output called `name` (through an Identity when it has another name)."""
+    if tensor.name != name:
+        out = gs.Variable(name)
+        g.nodes.append(gs.Node("Identity", f"lrp/output/{name}", inputs=[tensor], outputs=[out]))
+        tensor = out
+    tensor.dtype, tensor.shape = dtype, shape
+    return tensor

@@ -1,0 +1,301 @@
+"""LRP rules as small recipes over an op's forward and transpose emitters.
+
+A linear rule is a list of *groups*; a group is a list of *terms*. Each term picks a
+variant of the layer input (x, its positive or negative part, ones, or the box bounds)
+and of the parameters (modified W and b, folded into constants when the graph is
+built). For one group, with R the relevance at the layer output::
+
+    z_k = forward(input_k; W_k, b_k)                  (one forward per term)
+    s   = gate * R / stabilize(sum_k sign_k z_k)       (the gradient mapper)
+    R_x = coef * sum_k sign_k input_k * transpose(s; W_k)   (the reducer)
+
+and the rule's relevance is the sum over its groups. This is Zennit's BasicHook
+(input modifiers, parameter modifiers, gradient mapper, reducer) written for ONNX;
+the rules below reproduce Zennit 1.0's, bias handling included.
+
+Other rules: ``Pass`` hands relevance through unchanged (ReLU, BatchNorm in the
+paper); ``Gradient`` applies the op's transpose (reshapes; MaxPool, where it is
+winner-take-all). Splits at residual merges live in :mod:`onnxlrp.splitting`.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Callable
+
+import numpy as np
+import onnx_graphsurgeon as gs
+
+from .emit import Emitter
+from .ops import LinearOp, MaxPool, Op
+
+Modifier = Callable[[np.ndarray], np.ndarray]
+
+
+def identity(a: np.ndarray) -> np.ndarray:
+    return a
+
+
+def positive(a: np.ndarray) -> np.ndarray:
+    return np.maximum(a, 0).astype(a.dtype)
+
+
+def negative(a: np.ndarray) -> np.ndarray:
+    return np.minimum(a, 0).astype(a.dtype)
+
+
+def ones(a: np.ndarray) -> np.ndarray:
+    return np.ones_like(a)
+
+
+def square(a: np.ndarray) -> np.ndarray:
+    return a * a
+
+
+INPUTS = ("x", "pos", "neg", "ones", "low", "high")
+
+
+@dataclass(frozen=True)
+class Term:
+    inputs: str  # one of INPUTS
+    weight: Modifier
+    bias: Modifier | None  # None: the term has no bias
+    sign: float = 1.0  # sign in the denominator and the reducer
+
+
+@dataclass(frozen=True)
+class Group:
+    terms: tuple[Term, ...]
+    coef: float = 1.0
+    gate: str | None = None  # "positive" / "negative": only where the layer output is > 0 / < 0
+
+
+@dataclass(frozen=True)
+class RuleContext:
+    """What a rule needs to know about its layer beyond the op itself."""
+
+    bias: bool  # the user's switch: False drops every bias (Zennit's zero_params=['bias'])
+    x_nonneg: bool  # the layer input is known to be >= 0
+    bounds: Callable[[str], np.ndarray] | None = None  # "low"/"high" -> box bound at the layer input
+
+
+class Rule:
+    """Base of every rule; subclasses have a `name`."""
+
+    def applies_to(self, op: Op) -> str | None:
+        """None if the rule can explain this op, else why not."""
+        return None
+
+    def describe(self) -> str:
+        return self.name
+
+
+@dataclass(frozen=True)
+class Pass(Rule):
+    name: str = "pass"
+
+    def applies_to(self, op):
+        return None if op.shape_preserving else "it changes the tensor's shape"
+
+    def emit(self, e: Emitter, op: Op, R: gs.Tensor, ctx: RuleContext) -> gs.Tensor:
+        return R
+
+
+@dataclass(frozen=True)
+class Gradient(Rule):
+    """Relevance through the op's transpose: reshapes keep values, MaxPool's winner takes all."""
+
+    name: str = "gradient"
+
+    def applies_to(self, op):
+        return "relevance at a merge is split, not back-propagated" if op.kind == "merge" else None
+
+    def emit(self, e, op, R, ctx):
+        return op.transpose(e, R)
+
+    def describe(self):
+        return "winner-take-all" if self.name == "gradient" else self.name
+
+
+def stabilize(e: Emitter, z: gs.Tensor, epsilon: float) -> gs.Tensor:
+    """z + epsilon * sign(z), with sign(0) = +1 (Zennit's convention); 0 -> inf when epsilon = 0."""
+    if epsilon == 0:
+        return e.op("Where", e.op("Equal", z, np.float32(0)), np.float32(np.inf), z)
+    shift = e.op("Where", e.op("Less", z, np.float32(0)), np.float32(-epsilon), np.float32(epsilon))
+    return e.add(z, shift)
+
+
+@dataclass(frozen=True)
+class LinearRule(Rule):
+    name: str
+    groups: tuple[Group, ...]
+    stabilizer: float = 1e-6
+    use_bias: bool = True  # False: this rule always drops biases (the paper's rules)
+    view: str | None = None  # "avg2x2": explain a MaxPool as the paper's 2x2 average pool
+    params: tuple[tuple[str, float], ...] = field(default=())
+
+    def applies_to(self, op):
+        if self.view == "avg2x2":
+            return None if isinstance(op, MaxPool) else "the 2x2-average rule is for MaxPool"
+        return None if op.linear else f"{self.name} needs a linear layer"
+
+    def describe(self):
+        args = ", ".join(f"{k}={v:g}" for k, v in self.params + (("stabilizer", self.stabilizer),))
+        extra = "" if self.use_bias else ", no bias"
+        return f"{self.name}({args}{extra})"
+
+    def _input(self, e: Emitter, kind: str, x: gs.Tensor, ctx: RuleContext) -> gs.Tensor | None:
+        """The term's input variant; None where it is identically zero."""
+        if kind == "x" or (kind == "pos" and ctx.x_nonneg):
+            return x
+        if kind == "pos":
+            return e.op("Relu", x)
+        if kind == "neg":
+            return None if ctx.x_nonneg else e.op("Min", x, np.float32(0))
+        shape = (1,) + tuple(x.shape[1:])
+        if kind == "ones":
+            return e.const(np.ones(shape, dtype=np.float32))
+        return e.const(np.ascontiguousarray(np.broadcast_to(ctx.bounds(kind), shape), dtype=np.float32))
+
+    def emit(self, e: Emitter, op: Op, R: gs.Tensor, ctx: RuleContext) -> gs.Tensor:
+        original = op
+        if self.view == "avg2x2":
+            op = op.average_view(2)
+        assert isinstance(op, LinearOp)
+        bias = op.bias if (ctx.bias and self.use_bias) else None
+        contributions = []
+        for group in self.groups:
+            terms = []
+            for term in group.terms:
+                a = self._input(e, term.inputs, op.x, ctx)
+                if a is None:
+                    continue
+                w = term.weight(op.weight)
+                b = term.bias(bias) if (bias is not None and term.bias is not None) else None
+                if not np.any(w) and (b is None or not np.any(b)):
+                    continue  # all-zero parameters contribute nothing
+                terms.append((term, a, w, self._forward(e, op, original, term, a, w, b)))
+            if not terms:
+                continue
+            z = _signed_sum(e, [(term.sign, zk) for term, _, _, zk in terms])
+            s = e.div(R, stabilize(e, z, self.stabilizer))
+            if group.gate:
+                compare = "Greater" if group.gate == "positive" else "Less"
+                s = e.op("Where", e.op(compare, original.output, np.float32(0)), s, np.float32(0))
+            parts = []
+            for term, a, w, _ in terms:
+                grad = op.transpose(e, s, w)
+                parts.append((term.sign, grad if term.inputs == "ones" else e.mul(a, grad)))
+            contribution = _signed_sum(e, parts)
+            if group.coef != 1.0:
+                contribution = e.mul(contribution, np.float32(group.coef))
+            contributions.append(contribution)
+        if not contributions:  # nothing to attribute to: the layer input gets zero relevance
+            return e.mul(op.x, np.float32(0))
+        return e.sum(contributions)
+
+    @staticmethod
+    def _forward(e, op, original, term, a, w, b):
+        """The term's forward output, reusing the layer's own output where it is the same tensor."""
+        if op is original and a is op.x and term.weight is identity:
+            if b is op.bias:  # the layer as it is
+                return op.output
+            if b is None:  # the layer without its bias
+                return e.sub(op.output, e.const(op.bias.reshape(op.bias_shape())))
+        return op.forward(e, a, w, b)
+
+
+def _signed_sum(e: Emitter, parts: list[tuple[float, gs.Tensor]]) -> gs.Tensor:
+    plus = [t for sign, t in parts if sign > 0]
+    minus = [t for sign, t in parts if sign < 0]
+    total = e.sum(plus) if plus else None
+    for t in minus:
+        total = e.op("Neg", t) if total is None else e.sub(total, t)
+    return total
+
+
+# The rules, with Zennit 1.0's parameters and bias handling.
+
+PASS = Pass()
+GRADIENT = Gradient()
+
+
+def epsilon(epsilon: float = 1e-6) -> LinearRule:
+    """LRP-epsilon: R_i = x_i sum_j w_ij R_j / (z_j + eps sign z_j). epsilon=0 is LRP-0."""
+    return LinearRule("epsilon", (Group((Term("x", identity, identity),)),), stabilizer=epsilon)
+
+
+def norm(stabilizer: float = 1e-6) -> LinearRule:
+    """Epsilon with a fixed small stabilizer, for pools (Zennit's Norm)."""
+    return LinearRule("norm", (Group((Term("x", identity, identity),)),), stabilizer=stabilizer)
+
+
+def zplus(stabilizer: float = 1e-6, use_bias: bool = True, ones_input: bool = False) -> LinearRule:
+    """z+ (alpha1-beta0): positive contributions only. ones_input: the paper's stem, a = 1."""
+    if ones_input:
+        return LinearRule("zplus-ones", (Group((Term("ones", positive, None),)),), stabilizer, use_bias)
+    terms = (Term("pos", positive, positive), Term("neg", negative, None))
+    return LinearRule("zplus", (Group(terms),), stabilizer, use_bias)
+
+
+def alpha_beta(alpha: float = 2.0, beta: float = 1.0, stabilizer: float = 1e-6) -> LinearRule:
+    if alpha < 0 or beta < 0 or alpha - beta != 1:
+        raise ValueError("alpha-beta needs alpha, beta >= 0 and alpha - beta = 1")
+    positive_part = Group((Term("pos", positive, positive), Term("neg", negative, None)), coef=alpha)
+    negative_part = Group((Term("pos", negative, negative), Term("neg", positive, None)), coef=-beta)
+    return LinearRule("alpha-beta", (positive_part, negative_part), stabilizer,
+                      params=(("alpha", alpha), ("beta", beta)))
+
+
+def gamma(gamma: float = 0.25, stabilizer: float = 1e-6) -> LinearRule:
+    """Generalised gamma: favour positive contributions where the output is positive, and vice versa."""
+
+    def more_positive(a):
+        return (a + gamma * np.maximum(a, 0)).astype(a.dtype)
+
+    def more_negative(a):
+        return (a + gamma * np.minimum(a, 0)).astype(a.dtype)
+
+    up = Group((Term("pos", more_positive, more_positive), Term("neg", more_negative, None)), gate="positive")
+    down = Group((Term("pos", more_negative, more_negative), Term("neg", more_positive, None)), gate="negative")
+    return LinearRule("gamma", (up, down), stabilizer, params=(("gamma", gamma),))
+
+
+def flat(stabilizer: float = 1e-6) -> LinearRule:
+    """Flat: relevance spread uniformly over each output's receptive field."""
+    return LinearRule("flat", (Group((Term("ones", ones, None),)),), stabilizer)
+
+
+def wsquare(stabilizer: float = 1e-6) -> LinearRule:
+    return LinearRule("w2", (Group((Term("ones", square, square),)),), stabilizer)
+
+
+def zbox(stabilizer: float = 1e-6) -> LinearRule:
+    """z^B for bounded inputs; the bounds come from the preprocessing (RuleContext.bounds)."""
+    terms = (
+        Term("x", identity, identity),
+        Term("low", positive, positive, sign=-1.0),
+        Term("high", negative, negative, sign=-1.0),
+    )
+    return LinearRule("zbox", (Group(terms),), stabilizer)
+
+
+def avg2x2(stabilizer: float = 1e-5) -> LinearRule:
+    """The paper's MaxPool rule: relevance as through a 2x2 average pool with stride 2."""
+    return LinearRule("avg2x2", (Group((Term("x", identity, identity),)),), stabilizer, view="avg2x2")
+
+
+#: Rules by name, for the CLI and `rules=` overrides: name -> factory taking keyword parameters.
+RULES: dict[str, Callable[..., Rule]] = {
+    "epsilon": epsilon,
+    "lrp0": lambda: epsilon(0.0),
+    "norm": norm,
+    "zplus": zplus,
+    "alpha-beta": alpha_beta,
+    "gamma": gamma,
+    "flat": flat,
+    "w2": wsquare,
+    "zbox": zbox,
+    "avg2x2": avg2x2,
+    "pass": lambda: PASS,
+    "gradient": lambda: GRADIENT,
+}

@@ -1,0 +1,60 @@
+"""Pipeline stage 5: run the relevance graph in onnxruntime (CPU, or CUDA when asked)."""
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+
+from .errors import OnnxLrpError
+from .model import first_line
+
+DEVICES = ("cpu", "cuda")
+_PROVIDERS = {"cpu": ["CPUExecutionProvider"], "cuda": ["CUDAExecutionProvider", "CPUExecutionProvider"]}
+
+
+def session(model: onnx.ModelProto | bytes | str, device: str = "cpu", threads: int | None = None) -> ort.InferenceSession:
+    """An onnxruntime session on `device`; a one-line error if that device cannot run it."""
+    if device not in _PROVIDERS:
+        raise OnnxLrpError(f"unknown device '{device}'; choose one of {', '.join(DEVICES)}")
+    if device == "cuda" and "CUDAExecutionProvider" not in ort.get_available_providers():
+        raise OnnxLrpError(
+            "device cuda: this onnxruntime build has no CUDA execution provider (install onnxruntime-gpu)"
+        )
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    options.log_severity_level = 3  # onnxruntime's warnings are not the user's business
+    if threads:
+        options.intra_op_num_threads = threads
+    data = model.SerializeToString() if isinstance(model, onnx.ModelProto) else model
+    try:
+        sess = ort.InferenceSession(data, options, providers=_PROVIDERS[device])
+    except Exception as exc:
+        raise OnnxLrpError(f"onnxruntime cannot load the relevance graph ({first_line(exc)})") from None
+    if device == "cuda" and sess.get_providers()[0] != "CUDAExecutionProvider":
+        raise OnnxLrpError(
+            "device cuda: the CUDA execution provider could not start (no GPU, or CUDA/cuDNN libraries "
+            "missing: pip install 'onnxruntime-gpu[cuda,cudnn]')"
+        )
+    return sess
+
+
+def run_batched(
+    sess: ort.InferenceSession, feeds: dict[str, np.ndarray], batch_size: int, fixed_batch: int | None = None
+) -> dict[str, np.ndarray]:
+    """Run in chunks along axis 0 and concatenate; a graph with a fixed batch size gets padded chunks."""
+    n = len(next(iter(feeds.values())))
+    size = fixed_batch or max(1, batch_size)
+    names = [o.name for o in sess.get_outputs()]
+    chunks: dict[str, list[np.ndarray]] = {name: [] for name in names}
+    for start in range(0, n, size):
+        part = {k: v[start:start + size] for k, v in feeds.items()}
+        count = len(next(iter(part.values())))
+        if fixed_batch and count < fixed_batch:
+            part = {k: np.concatenate([v, np.repeat(v[-1:], fixed_batch - count, axis=0)]) for k, v in part.items()}
+        try:
+            results = sess.run(names, part)
+        except Exception as exc:
+            raise OnnxLrpError(f"onnxruntime failed on the relevance graph ({first_line(exc)})") from None
+        for name, value in zip(names, results):
+            chunks[name].append(value[:count])
+    return {name: np.concatenate(values) for name, values in chunks.items()}
