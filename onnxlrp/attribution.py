@@ -63,7 +63,7 @@ class Analysis:
         for name, op in self.graph.ops.items():
             rule = self.rules[name]
             merge = self.graph.merge_at(name)
-            describe = rule.describe(merge) if isinstance(rule, Split) else rule.describe()
+            describe = rule.describe(merge) if isinstance(rule, Split) else rule.describe(op)
             info = op.describe() if hasattr(op, "describe") else ""
             rows.append({"node": name, "op_type": op.node.op, "info": info, "rule": describe})
         return rows
@@ -72,17 +72,20 @@ class Analysis:
 def analyse(
     model: str | Path,
     preset: str | Preset = "epsilon-plus-flat",
-    split: str | None = None,
+    split: str | Split | None = None,
     include_identity: bool | None = None,
     image_size: tuple[int, int] | None = None,
     rules: Mapping[str, Rule] | None = None,
 ) -> Analysis:
     path = str(model)
     preset = get_preset(preset)
-    try:
-        split_rule = Split(split or preset.split, preset.include_identity if include_identity is None else include_identity)
-    except ValueError as exc:
-        raise OnnxLrpError(str(exc)) from None
+    if isinstance(split, Split):
+        split_rule = split
+    else:
+        try:
+            split_rule = Split(split or preset.split, preset.include_identity if include_identity is None else include_identity)
+        except ValueError as exc:
+            raise OnnxLrpError(str(exc)) from None
     proto = load(path)
     image = image_input(proto, path)
     height, width = image_size or (image.height or DEFAULT_IMAGE_SIZE, image.width or DEFAULT_IMAGE_SIZE)
@@ -96,9 +99,9 @@ def analyse(
     )
     if not preset.fold_batchnorm and canonical.batchnorms == 0 and preset.name == "paper":
         analysis.warnings.append(
-            f"{path}: no BatchNormalization nodes (folded by the exporter): preset 'paper' runs z+ on "
-            "BN-scaled weights and only approximates the published implementation; export with "
-            "BatchNorm kept to reproduce it exactly"
+            f"{path}: no BatchNormalization nodes; if the exporter folded them into the convs, preset "
+            "'paper' runs z+ on BN-scaled weights and only approximates the published implementation "
+            "(export with BatchNorm kept to reproduce it exactly)"
         )
     return analysis
 
@@ -154,7 +157,7 @@ class Explainer:
         self,
         model: str | Path,
         preset: str | Preset = "epsilon-plus-flat",
-        split: str | None = None,
+        split: str | Split | None = None,
         include_identity: bool | None = None,
         bias: bool = True,
         low: float | Sequence[float] | None = None,
@@ -218,8 +221,10 @@ class Explainer:
 
     def _targets(self, target, n: int) -> np.ndarray:
         if target is None:
-            return np.full(n, -1, dtype=np.int64)
-        targets = np.broadcast_to(np.asarray(target, dtype=np.int64).reshape(-1), (n,)) if np.ndim(target) == 0 else np.asarray(target, dtype=np.int64).reshape(-1)
+            return np.full(n, -1, dtype=np.int64)  # -1: the graph picks the top-1 class
+        targets = np.asarray(target, dtype=np.int64).reshape(-1)
+        if targets.size == 1:
+            targets = np.full(n, targets[0], dtype=np.int64)
         if len(targets) != n:
             raise OnnxLrpError(f"{len(targets)} targets for {n} images")
         bad = targets[(targets < 0) | (targets >= self.num_classes)]

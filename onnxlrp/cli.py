@@ -10,9 +10,8 @@ import os
 import warnings
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Annotated, Iterator, Optional
+from typing import Annotated, Iterator, Literal, Optional
 
-import click
 import numpy as np
 import typer
 from rich.console import Console
@@ -36,10 +35,15 @@ app = typer.Typer(
 console = Console()
 
 Model = Annotated[Path, typer.Argument(help="ONNX classifier (.onnx).", show_default=False)]
-Preset = Annotated[str, typer.Option("--preset", "-p", click_type=click.Choice(list(PRESETS)), help="Rule preset.")]
+PresetName = Literal[tuple(PRESETS)]  # type: ignore[valid-type]
+SplitName = Literal[SPLITS]  # type: ignore[valid-type]
+PreprocessName = Literal[tuple(PREPROCESSING)]  # type: ignore[valid-type]
+DeviceName = Literal[DEVICES]  # type: ignore[valid-type]
+
+Preset = Annotated[PresetName, typer.Option("--preset", "-p", help="Rule preset.")]
 SplitOpt = Annotated[
-    Optional[str],
-    typer.Option("--split", "-s", click_type=click.Choice(SPLITS), help="Relevance Splitting at residual merges [default: preset's, ratio]."),
+    Optional[SplitName],
+    typer.Option("--split", "-s", help="Relevance Splitting at residual merges [default: preset's, ratio]."),
 ]
 IncludeIdentity = Annotated[
     Optional[bool],
@@ -60,7 +64,7 @@ def _user_errors() -> Iterator[None]:
     except OnnxLrpError as exc:
         typer.echo(f"error: {exc}", err=True)
         raise typer.Exit(1) from None
-    except (typer.Exit, click.exceptions.Exit, click.ClickException):
+    except (typer.Exit, typer.Abort):
         raise
     except Exception as exc:
         if os.environ.get("ONNXLRP_DEBUG"):
@@ -95,8 +99,8 @@ def explain(
     target: Annotated[Optional[int], typer.Option("--target", "-t", help="Class to explain [default: top-1 per image].")] = None,
     output: Annotated[Optional[Path], typer.Option("--output", "-o", help="Heatmap PNG (one image) or folder (several) [default: <image>_lrp.png, or lrp_out/].")] = None,
     npy: Annotated[Optional[Path], typer.Option("--npy", help="Also save the raw channel-summed map (float32 H x W) as .npy: a file (one image) or folder (several).")] = None,
-    preprocess: Annotated[str, typer.Option("--preprocess", click_type=click.Choice(list(PREPROCESSING)), help="Input normalisation the model expects.")] = "imagenet",
-    device: Annotated[str, typer.Option("--device", click_type=click.Choice(DEVICES), help="onnxruntime execution provider.")] = "cpu",
+    preprocess: Annotated[PreprocessName, typer.Option("--preprocess", help="Input normalisation the model expects.")] = "imagenet",
+    device: Annotated[DeviceName, typer.Option("--device", help="onnxruntime execution provider.")] = "cpu",
     batch_size: Annotated[int, typer.Option("--batch-size", min=1, help="Images per onnxruntime run.")] = 16,
     size: Size = None,
     low: Annotated[Optional[float], typer.Option(help="z^B lower box bound [default: pixel 0 after preprocessing].")] = None,
@@ -113,8 +117,6 @@ def explain(
             model, preset=preset, split=split, include_identity=include_identity, bias=bias, low=low,
             high=high, device=device, preprocessing=preprocess, image_size=_image_size(size),
         )
-        for note in explainer.analysis.notes:
-            typer.echo(f"note: {note}", err=True)
         _, pixels = explainer.load_images(files)  # every image is read before anything is written
         x = explainer.preprocessing.normalize(pixels, explainer.analysis.image.layout)
         results = []
@@ -138,6 +140,8 @@ def explain(
                 f"input relevance {totals[i]:.4g} -> {pngs[i]}",
                 highlight=False, soft_wrap=True,
             )
+        for note in explainer.analysis.notes:
+            typer.echo(f"note: {note}", err=True)
 
 
 @app.command()
@@ -176,13 +180,13 @@ def graph(
         table = Table(title=f"{len(merges)} residual merges ({kinds['identity']} identity, "
                             f"{kinds['projection']} projection, {kinds['other']} other)")
         for column in ("merge node", "skip", "skip branch", "main branch"):
-            table.add_column(column)
+            table.add_column(column, overflow="fold")
         for m in merges:
-            table.add_row(m.node, m.kind, " > ".join(m.skip_branch) or "-", f"{len(m.main_branch)} ops: {m.main_branch[0]} .. {m.main_branch[-1]}")
+            table.add_row(m.node, m.kind, "\n".join(m.skip_branch) or "-", f"{len(m.main_branch)} ops")
         console.print(table)
-        rules = Table(title=f"rules under preset '{analysis.preset.name}' ({analysis.preset.summary})")
+        rules = Table(title=f"rules under preset '{analysis.preset.name}': {analysis.preset.summary}")
         for column in ("node", "op", "", "rule"):
-            rules.add_column(column)
+            rules.add_column(column, overflow="fold")
         for row in analysis.rule_table():
             rules.add_row(row["node"], row["op_type"], row["info"], row["rule"])
         console.print(rules)
@@ -196,7 +200,7 @@ def compile_model(
     split: SplitOpt = None,
     include_identity: IncludeIdentity = None,
     bias: Annotated[bool, typer.Option("--bias/--no-bias", help="Keep biases in the rules.")] = True,
-    preprocess: Annotated[str, typer.Option("--preprocess", click_type=click.Choice(list(PREPROCESSING)), help="Preprocessing that defines the z^B box.")] = "imagenet",
+    preprocess: Annotated[PreprocessName, typer.Option("--preprocess", help="Preprocessing that defines the z^B box.")] = "imagenet",
     size: Size = None,
 ) -> None:
     """Save the explainer as an ONNX model (inputs images, target; outputs logits, relevance, ...)."""

@@ -32,10 +32,6 @@ class ModelGraph:
     data: set[str]  # names of tensors on the data path
     merges: list[Merge] = field(default_factory=list)
 
-    @property
-    def input_vertex(self) -> str:
-        return input_vertex(self.canonical.input.name)
-
     @cached_property
     def nonneg(self) -> set[str]:
         """Tensors known to be >= 0 (ReLU outputs and what pools and reshapes make of them)."""
@@ -83,5 +79,5 @@ def build_graph(canonical: Canonical, path: str = "model") -> ModelGraph:
     dag = dag.subgraph(keep).copy()
     ops = {name: op for name, op in ops.items() if name in keep}
     model_graph = ModelGraph(canonical, dag, ops, data)
-    model_graph.merges = find_merges(dag, ops, input_vertex(canonical.input.name))
+    model_graph.merges = find_merges(dag, ops)
     return model_graph

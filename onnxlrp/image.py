@@ -10,25 +10,37 @@ from PIL import Image
 from .attribution import write_atomic
 
 
-def colorize(heat: np.ndarray, cmap: str = "bwr", symmetric: bool = True) -> np.ndarray:
-    """[H, W] relevance -> uint8 RGB. Symmetric maps put zero at the colormap's centre."""
+def _normalized(heat: np.ndarray, symmetric: bool) -> np.ndarray:
+    """Relevance scaled to [-1, 1] (symmetric) or [0, 1], robust to a few extreme pixels."""
     heat = np.asarray(heat, dtype=np.float64)
     if symmetric:
-        scale = np.abs(heat).max()
-        values = 0.5 + 0.5 * heat / scale if scale > 0 else np.full_like(heat, 0.5)
-    else:
-        low, high = heat.min(), heat.max()
-        values = (heat - low) / (high - low) if high > low else np.zeros_like(heat)
-    rgba = colormaps[cmap](np.clip(values, 0, 1))
+        scale = np.percentile(np.abs(heat), 99.5) or np.abs(heat).max()
+        return np.clip(heat / scale, -1, 1) if scale > 0 else np.zeros_like(heat)
+    low, high = heat.min(), heat.max()
+    return (heat - low) / (high - low) if high > low else np.zeros_like(heat)
+
+
+def colorize(heat: np.ndarray, cmap: str = "bwr", symmetric: bool = True) -> np.ndarray:
+    """[H, W] relevance -> uint8 RGB. Symmetric maps put zero at the colormap's centre."""
+    values = _normalized(heat, symmetric)
+    rgba = colormaps[cmap](0.5 + 0.5 * values if symmetric else values)
     return (rgba[..., :3] * 255).round().astype(np.uint8)
 
 
-def overlay(image: np.ndarray, heat: np.ndarray, alpha: float = 0.6, cmap: str = "bwr", symmetric: bool = True) -> Image.Image:
-    """The heatmap blended over a grey version of the image (uint8 [H, W, C])."""
-    colors = colorize(heat, cmap, symmetric).astype(np.float32)
+def overlay(image: np.ndarray, heat: np.ndarray, alpha: float = 0.8, cmap: str = "bwr", min_size: int = 256) -> Image.Image:
+    """The signed heatmap over a grey version of the image (uint8 [H, W, C]).
+
+    Each pixel's colour is as opaque as its relevance is strong (up to `alpha`), so
+    the image shows where relevance is zero. Small inputs are enlarged to `min_size`.
+    """
+    weight = alpha * np.abs(_normalized(heat, True))[..., None]
+    colors = colorize(heat, cmap).astype(np.float32)
     gray = image.astype(np.float32).mean(axis=-1, keepdims=True)
-    mixed = alpha * colors + (1 - alpha) * gray
-    return Image.fromarray(mixed.round().clip(0, 255).astype(np.uint8))
+    picture = Image.fromarray((weight * colors + (1 - weight) * gray).round().clip(0, 255).astype(np.uint8))
+    factor = -(-min_size // min(picture.size))
+    if factor > 1:
+        picture = picture.resize((picture.width * factor, picture.height * factor), Image.Resampling.NEAREST)
+    return picture
 
 
 def save_png(picture: Image.Image, path: str | Path) -> None:

@@ -50,7 +50,7 @@ def _is_projection(branch: tuple[str, ...], ops: dict[str, Op]) -> bool:
     return all(k == 1 for k in kernel)
 
 
-def find_merges(dag: nx.DiGraph, ops: dict[str, Op], input_vertex: str) -> list[Merge]:
+def find_merges(dag: nx.DiGraph, ops: dict[str, Op]) -> list[Merge]:
     order = {vertex: i for i, vertex in enumerate(nx.topological_sort(dag))}
 
     def upto(vertex: str) -> set[str]:

@@ -180,8 +180,48 @@ def with_image_size(
         dims[axis].dim_value = size
     if image.batch is None:
         dims[0].dim_param = "batch"
+    model = _infer_shapes(model, path)
+    if _floor_ceil_mode_pools(model):
+        model = _infer_shapes(model, path)
+    return model
+
+
+def _infer_shapes(model: onnx.ModelProto, path) -> onnx.ModelProto:
     del model.graph.value_info[:]
     try:
         return onnx.shape_inference.infer_shapes(model, strict_mode=True, data_prop=True)
     except Exception as exc:
         raise OnnxLrpError(f"{path}: shape inference failed ({first_line(exc)})") from None
+
+
+def _floor_ceil_mode_pools(model: onnx.ModelProto) -> bool:
+    """Set ceil_mode=0 on pools where ceil mode adds no window that starts inside the input.
+
+    onnxruntime (like PyTorch) drops a last window that would start in the right padding;
+    ONNX shape inference keeps it. Where that is the only extra window, ceil mode is floor
+    mode, and saying so makes inferred and actual shapes agree.
+    """
+    shapes = {v.name: _dims(v) for v in list(model.graph.value_info) + list(model.graph.input)}
+    changed = False
+    for node in model.graph.node:
+        attrs = {a.name: a for a in node.attribute}
+        if node.op_type not in ("MaxPool", "AveragePool") or "ceil_mode" not in attrs or not attrs["ceil_mode"].i:
+            continue
+        dims = shapes.get(node.input[0])
+        if not dims or any(d is None for d in dims[2:]):
+            continue
+        rank = len(dims) - 2
+        kernel = list(attrs["kernel_shape"].ints)
+        strides = list(attrs["strides"].ints) if "strides" in attrs else [1] * rank
+        pads = list(attrs["pads"].ints) if "pads" in attrs else [0] * (2 * rank)
+        dilations = list(attrs["dilations"].ints) if "dilations" in attrs else [1] * rank
+        floor_is_ceil = True
+        for i, size in enumerate(dims[2:]):
+            span = size + pads[i] + pads[rank + i] - dilations[i] * (kernel[i] - 1) - 1
+            floor_out, ceil_out = span // strides[i] + 1, -(-span // strides[i]) + 1
+            if ceil_out != floor_out and (ceil_out - 1) * strides[i] < size + pads[i]:
+                floor_is_ceil = False  # a real extra window: keep ceil mode
+        if floor_is_ceil:
+            attrs["ceil_mode"].i = 0
+            changed = True
+    return changed

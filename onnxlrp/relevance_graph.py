@@ -46,8 +46,8 @@ def _claim_name(graph: gs.Graph, tensor: gs.Tensor, name: str) -> None:
 class _BoundsAt:
     """The z^B box bounds (given at the image input) carried to a layer's input tensor."""
 
-    def __init__(self, e: Emitter, graph: ModelGraph, low: np.ndarray, high: np.ndarray):
-        self.e, self.graph = e, graph
+    def __init__(self, graph: ModelGraph, low: np.ndarray, high: np.ndarray):
+        self.graph = graph
         self.values = {"low": low, "high": high}
 
     def __call__(self, x: gs.Tensor):
@@ -96,11 +96,11 @@ def build(
     g = canonical.graph
     e = Emitter(g)
     images, logits = canonical.input, canonical.logits
-    _claim_name(g, images, INPUT)
-    _claim_name(g, logits, LOGITS)
     batch = images.shape[0]
     num_classes = logits.shape[1]
-    target = gs.Variable(TARGET, dtype=np.int64, shape=[batch])
+    # Tensors keep the model's names during the walk (merges refer to them); the
+    # interface names are claimed at the end.
+    target = gs.Variable("lrp/target", dtype=np.int64, shape=[batch])
 
     with e.scope("output"):
         top1 = e.op("ArgMax", logits, axis=1, keepdims=0)
@@ -111,7 +111,7 @@ def build(
         start = e.mul(onehot, score)
         initial_sum = e.reduce_sum(start, [1])
 
-    bounds = _BoundsAt(e, graph, low, high) if low is not None else None
+    bounds = _BoundsAt(graph, low, high) if low is not None else None
     contributions: dict[str, list[gs.Tensor]] = defaultdict(list)
     contributions[logits.name].append(start)
     merge_sums: dict[str, gs.Tensor] = {}
@@ -141,6 +141,9 @@ def build(
     parts = contributions.pop(images.name, None)
     if not parts:
         raise OnnxLrpError("no relevance reaches the image input")
+    _claim_name(g, images, INPUT)
+    _claim_name(g, target, TARGET)
+    _claim_name(g, logits, LOGITS)
     outputs = [
         _output(g, LOGITS, logits, [batch, num_classes]),
         _output(g, RELEVANCE, e.sum(parts), list(images.shape)),

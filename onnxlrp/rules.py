@@ -85,7 +85,7 @@ class Rule:
         """None if the rule can explain this op, else why not."""
         return None
 
-    def describe(self) -> str:
+    def describe(self, op: Op | None = None) -> str:
         return self.name
 
 
@@ -112,8 +112,12 @@ class Gradient(Rule):
     def emit(self, e, op, R, ctx):
         return op.transpose(e, R)
 
-    def describe(self):
-        return "winner-take-all" if self.name == "gradient" else self.name
+    def describe(self, op=None):
+        if op is not None and op.kind == "maxpool":
+            return "winner-take-all (gradient)"
+        if op is not None and op.kind == "reshape":
+            return "reshape back (gradient)"
+        return self.name
 
 
 def stabilize(e: Emitter, z: gs.Tensor, epsilon: float) -> gs.Tensor:
@@ -138,7 +142,7 @@ class LinearRule(Rule):
             return None if isinstance(op, MaxPool) else "the 2x2-average rule is for MaxPool"
         return None if op.linear else f"{self.name} needs a linear layer"
 
-    def describe(self):
+    def describe(self, op=None):
         args = ", ".join(f"{k}={v:g}" for k, v in self.params + (("stabilizer", self.stabilizer),))
         extra = "" if self.use_bias else ", no bias"
         return f"{self.name}({args}{extra})"

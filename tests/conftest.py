@@ -1,0 +1,69 @@
+"""Shared fixtures: small torchvision ResNets with seeded random weights, exported to ONNX.
+
+Models are built once per session (resnet18/50 at 64x64 keeps the suite fast on two
+cores) and exported both ways: BatchNorm folded by the exporter, and kept as nodes.
+"""
+from __future__ import annotations
+
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from models.export_torchvision import build, export  # noqa: E402
+
+SIZE = 64
+torch.set_num_threads(2)
+
+
+@dataclass
+class Exported:
+    model: torch.nn.Module  # eval mode, float32
+    folded: Path  # BatchNorm folded into the convs by the exporter
+    kept: Path  # BatchNormalization nodes kept
+
+
+def _exported(arch: str, tmp_path_factory) -> Exported:
+    model = build(arch, seed=0, calibration_size=SIZE)
+    folder = tmp_path_factory.mktemp(arch)
+    return Exported(
+        model,
+        export(model, folder / f"{arch}.onnx", size=SIZE),
+        export(model, folder / f"{arch}_bn.onnx", size=SIZE, keep_batchnorm=True),
+    )
+
+
+@pytest.fixture(scope="session")
+def resnet18(tmp_path_factory) -> Exported:
+    return _exported("resnet18", tmp_path_factory)
+
+
+@pytest.fixture(scope="session")
+def resnet50(tmp_path_factory) -> Exported:
+    return _exported("resnet50", tmp_path_factory)
+
+
+@pytest.fixture(scope="session")
+def images() -> np.ndarray:
+    """Two normalised-looking input images [2, 3, 64, 64]."""
+    return np.random.RandomState(0).randn(2, 3, SIZE, SIZE).astype(np.float32)
+
+
+@pytest.fixture(scope="session")
+def demo_model() -> Path:
+    return ROOT / "models" / "demo" / "tiny_resnet.onnx"
+
+
+@pytest.fixture(scope="session")
+def demo_image() -> Path:
+    return ROOT / "examples" / "demo.png"
+
+
+def relative_error(ours: np.ndarray, reference: np.ndarray) -> float:
+    return float(np.linalg.norm(ours - reference) / np.linalg.norm(reference))

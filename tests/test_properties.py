@@ -1,0 +1,117 @@
+"""Property-based tests on random residual networks (hypothesis).
+
+For a ReLU network without biases, LRP-0 (epsilon = 0 everywhere, MaxPool winner-take-all,
+the proportional split at merges) equals gradient x input: an independent reference
+computed by torch autograd. This pins down every transpose emitter (conv with any
+stride, padding, dilation and groups; average, max and global pooling; dense) and the
+relevance bookkeeping over fan-outs and merges.
+"""
+import numpy as np
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from torch import nn
+
+from onnxlrp import Explainer, Split
+from onnxlrp import rules as R
+
+LRP0 = R.epsilon(0.0)
+LRP0_RULES = {op: LRP0 for op in ("Conv", "Gemm", "AveragePool", "GlobalAveragePool")}
+
+
+class Block(nn.Module):
+    def __init__(self, channels, out, kernel, stride, dilation, groups, skip):
+        super().__init__()
+        pad = dilation * (kernel - 1) // 2
+        self.conv1 = nn.Conv2d(channels, out, kernel, stride, pad, dilation, groups=groups, bias=False)
+        self.conv2 = nn.Conv2d(out, out, 3, 1, 1, bias=False)
+        self.skip = skip
+        if skip == "projection":
+            self.shortcut = nn.Conv2d(channels, out, 1, stride, bias=False)
+        elif skip == "pool":
+            self.shortcut = nn.Sequential(nn.AvgPool2d(stride, stride, ceil_mode=True, count_include_pad=False) if stride > 1 else nn.Identity(),
+                                          nn.Conv2d(channels, out, 1, bias=False))
+
+    def forward(self, x):
+        h = self.conv2(torch.relu(self.conv1(x)))
+        skip = x if self.skip == "identity" else self.shortcut(x)
+        return torch.relu(h + skip)
+
+
+@st.composite
+def networks(draw):
+    channels = draw(st.sampled_from([4, 6]))
+    layers = [nn.Conv2d(3, channels, draw(st.sampled_from([3, 5])), padding=draw(st.integers(0, 2)), bias=False), nn.ReLU()]
+    pool = draw(st.sampled_from(["none", "max", "avg"]))
+    if pool == "max":
+        layers.append(nn.MaxPool2d(draw(st.sampled_from([2, 3])), 2, padding=draw(st.integers(0, 1))))
+    elif pool == "avg":
+        layers.append(nn.AvgPool2d(draw(st.sampled_from([2, 3])), 2, padding=draw(st.integers(0, 1)),
+                                   ceil_mode=draw(st.booleans()), count_include_pad=draw(st.booleans())))
+    for _ in range(draw(st.integers(1, 3))):
+        stride = draw(st.sampled_from([1, 2]))
+        out = draw(st.sampled_from([channels, 2 * channels]))
+        groups = draw(st.sampled_from([1, 2]))
+        skip = "identity" if (stride == 1 and out == channels and draw(st.booleans())) else draw(st.sampled_from(["projection", "pool"]))
+        layers.append(Block(channels, out, draw(st.sampled_from([1, 3])), stride, draw(st.sampled_from([1, 2])), groups, skip))
+        channels = out
+    layers += [nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(channels, 5, bias=False)]
+    size = draw(st.integers(12, 20))
+    return nn.Sequential(*layers).eval(), size, draw(st.integers(0, 2**16))
+
+
+def exported(model, size, path):
+    torch.onnx.export(model, torch.randn(1, 3, size, size), str(path), dynamo=False, opset_version=17,
+                      input_names=["input"], output_names=["logits"], dynamic_axes={"input": {0: "batch"}})
+    return path
+
+
+def gradient_times_input(model, x):
+    inputs = torch.tensor(x, dtype=torch.float64, requires_grad=True)
+    logits = model.double()(inputs)
+    target = logits.argmax(1)
+    selected = logits[torch.arange(len(x)), target]
+    (grad,) = torch.autograd.grad(selected.sum(), inputs)
+    model.float()
+    return (inputs * grad).detach().numpy(), target.numpy()
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(net=networks())
+def test_lrp0_equals_gradient_times_input(net, tmp_path):
+    model, size, seed = net
+    torch.manual_seed(seed)
+    for p in model.parameters():
+        nn.init.normal_(p, std=0.5)
+    x = np.random.RandomState(seed).randn(2, 3, size, size).astype(np.float32)
+    path = exported(model, size, tmp_path / "net.onnx")
+    # LRP-0 also at merges: the proportional split without a stabiliser
+    result = Explainer(path, preset="epsilon", rules=LRP0_RULES, split=Split("proportional", stabilizer=0.0)).explain(x)
+    reference, targets = gradient_times_input(model, x)
+    np.testing.assert_array_equal(result.targets, targets)
+    error = np.linalg.norm(result.relevance - reference) / np.linalg.norm(reference)
+    assert error < 1e-3, error
+
+
+ZPLUS_RULES = {"Conv": R.zplus(), "Gemm": R.zplus(), "AveragePool": R.norm(), "GlobalAveragePool": R.norm()}
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(net=networks(), split=st.sampled_from(["symmetric", "ratio"]))
+def test_zplus_never_creates_or_negates_relevance(net, split, tmp_path):
+    """z+ everywhere with a ratio or symmetric split: relevance keeps the sign of the initial
+    relevance (the target logit), is never created (z+ may only absorb what a split sends
+    where no positive contribution exists), and every merge splits exactly."""
+    model, size, seed = net
+    torch.manual_seed(seed)
+    for p in model.parameters():
+        nn.init.normal_(p, std=0.5)
+    x = np.random.RandomState(seed).randn(2, 3, size, size).astype(np.float32)
+    path = exported(model, size, tmp_path / "net.onnx")
+    result = Explainer(path, preset="epsilon", rules=ZPLUS_RULES, split=split).explain(x)
+    sign = np.sign(result.initial).reshape(-1, 1, 1, 1)
+    assert (result.relevance * sign).min() >= 0
+    assert np.all(np.abs(result.input_sum) <= np.abs(result.initial) * (1 + 1e-5))
+    sums = result.merge_sums
+    np.testing.assert_allclose(sums[..., 1] + sums[..., 2], sums[..., 0], rtol=1e-5, atol=1e-7)
+    assert np.all(np.abs(sums[..., 0]) <= np.abs(result.initial[:, None]) * (1 + 1e-5))

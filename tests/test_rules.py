@@ -1,0 +1,132 @@
+"""Closed-form checks: each rule on a single dense layer, each split on a single merge.
+
+The expected values are the rules' textbook formulas written out in numpy, not a
+re-run of onnxlrp's recipes.
+"""
+import numpy as np
+import pytest
+
+import tiny_graphs as tg
+from onnxlrp import Explainer
+from onnxlrp import rules as R
+
+X = np.array([[[[0.5, -1.0]], [[2.0, 0.0]], [[-0.3, 1.5]]]], np.float32)  # [1, 3, 1, 2]: 6 features
+W = np.array([[0.4, -0.2, 0.3, 0.1, -0.5, 0.2],
+              [-0.3, 0.5, 0.2, -0.4, 0.1, 0.3],
+              [0.2, 0.1, -0.6, 0.5, 0.3, -0.1]], np.float32)
+B = np.array([0.05, -0.2, 0.1], np.float32)
+EPS = 1e-6
+
+
+@pytest.fixture(scope="module")
+def dense(tmp_path_factory):
+    b = tg.Builder()
+    flat = b.op("Flatten", ["x"], axis=1)
+    logits = b.op("Gemm", [flat, b.const(W), b.const(B)], name="fc", transB=1)
+    return tg.save(b.model(logits, input_shape=("N", 3, 1, 2)), tmp_path_factory.mktemp("dense") / "dense.onnx")
+
+
+def stab(z, eps=EPS):
+    return z + eps * np.where(z >= 0, 1.0, -1.0)
+
+
+def pos(a):
+    return np.maximum(a, 0)
+
+
+def neg(a):
+    return np.minimum(a, 0)
+
+
+def expected(rule: str, x: np.ndarray, target: int, bias: bool = True) -> np.ndarray:
+    """R_i for one dense layer z = W x + b, relevance z_t at the target output only."""
+    r = np.zeros(len(W))
+    r[target] = (W @ x + B)[target]  # the model's logit: its bias counts whatever the rules do
+    b = B if bias else np.zeros_like(B)
+    z = W @ x + b
+    if rule == "epsilon":
+        return x * (W.T @ (r / stab(z)))
+    if rule == "zplus":
+        zp = pos(W) @ pos(x) + neg(W) @ neg(x) + pos(b)
+        s = r / stab(zp)
+        return pos(x) * (pos(W).T @ s) + neg(x) * (neg(W).T @ s)
+    if rule == "alpha-beta":  # alpha 2, beta 1
+        zp = pos(W) @ pos(x) + neg(W) @ neg(x) + pos(b)
+        zn = neg(W) @ pos(x) + pos(W) @ neg(x) + neg(b)
+        sp, sn = r / stab(zp), r / stab(zn)
+        return 2 * (pos(x) * (pos(W).T @ sp) + neg(x) * (neg(W).T @ sp)) - (pos(x) * (neg(W).T @ sn) + neg(x) * (pos(W).T @ sn))
+    if rule == "gamma":  # gamma 0.25, the output's sign selects the positive or the negative part
+        g = 0.25
+        wu, wd = W + g * pos(W), W + g * neg(W)
+        bu, bd = b + g * pos(b), b + g * neg(b)
+        up = r * (z > 0) / stab(wu @ pos(x) + bu + wd @ neg(x))
+        down = r * (z < 0) / stab(wd @ pos(x) + bd + wu @ neg(x))
+        return pos(x) * (wu.T @ up) + neg(x) * (wd.T @ up) + pos(x) * (wd.T @ down) + neg(x) * (wu.T @ down)
+    if rule == "flat":
+        return np.ones_like(x) * (np.ones_like(W).T @ (r / stab(np.full_like(z, len(x)))))
+    if rule == "w2":
+        return (W ** 2).T @ (r / stab((W ** 2).sum(axis=1) + b ** 2))
+    if rule == "zbox":
+        low, high = np.full_like(x, -1.0), np.full_like(x, 2.5)
+        zb = z - (pos(W) @ low + pos(b)) - (neg(W) @ high + neg(b))
+        s = r / stab(zb)
+        return x * (W.T @ s) - low * (pos(W).T @ s) - high * (neg(W).T @ s)
+    raise ValueError(rule)
+
+
+RULES = {"epsilon": R.epsilon(), "zplus": R.zplus(), "alpha-beta": R.alpha_beta(2, 1), "gamma": R.gamma(0.25),
+         "flat": R.flat(), "w2": R.wsquare(), "zbox": R.zbox()}
+
+
+@pytest.mark.parametrize("bias", [True, False])
+@pytest.mark.parametrize("rule", sorted(RULES))
+@pytest.mark.parametrize("target", [0, 2])
+def test_dense_rules_closed_form(dense, rule, target, bias):
+    explainer = Explainer(dense, rules={"Gemm": RULES[rule]}, bias=bias, low=-1.0, high=2.5, preprocessing="raw")
+    result = explainer.explain(X, target=target)
+    want = expected(rule, X.reshape(-1).astype(np.float64), target, bias)
+    np.testing.assert_allclose(result.relevance.reshape(-1), want, rtol=1e-5, atol=1e-6)
+
+
+def test_lrp0_on_zero_denominator_gives_zero_not_nan(dense):
+    x = np.zeros_like(X)  # z = b: bias-free z is exactly 0 everywhere
+    result = Explainer(dense, rules={"Gemm": R.epsilon(0.0)}, bias=False).explain(x, target=1)
+    assert np.all(np.isfinite(result.relevance)) and not result.relevance.any()
+
+
+# One merge y = x + c * x (skip: identity; main: a constant scale), then a dense layer with the
+# flat rule, so every element of y gets relevance R_t / 6 whatever its value.
+C = np.array([2.0, -0.5, 0.5, 0.0, 3.0, 1.0], np.float32)
+XM = np.array([1.0, 2.0, 0.0, -1.0, 0.5, 0.0], np.float32)  # zeros: 0/0 in the ratio split
+
+
+@pytest.fixture(scope="module")
+def merge(tmp_path_factory):
+    b = tg.Builder()
+    main = b.op("Mul", ["x", b.const(C.reshape(1, 3, 1, 2))], name="scale")
+    y = b.op("Add", ["x", main], name="merge")
+    logits = b.op("Gemm", [b.op("Flatten", [y], axis=1), b.const(W), b.const(B)], name="fc", transB=1)
+    return tg.save(b.model(logits, input_shape=("N", 3, 1, 2)), tmp_path_factory.mktemp("merge") / "merge.onnx")
+
+
+@pytest.mark.parametrize("split, include_identity", [("ratio", True), ("symmetric", True), ("proportional", True), ("ratio", False)])
+def test_split_closed_form(merge, split, include_identity):
+    explainer = Explainer(merge, rules={"Gemm": R.flat()}, split=split, include_identity=include_identity)
+    (m,) = explainer.merges
+    assert (m.kind, m.skip, m.main_branch) == ("identity", "x", ("scale",))
+    result = explainer.explain(XM.reshape(1, 3, 1, 2), target=0)
+    per_element = result.initial[0] / (6 + EPS)
+    if not include_identity:
+        share = np.zeros(6)
+    elif split == "ratio":  # |h_s| / (|h_s| + |h_m|), 1/2 where both are 0
+        share = np.array([1 / 3, 2 / 3, 0.5, 1.0, 0.25, 0.5])
+    elif split == "symmetric":
+        share = np.full(6, 0.5)
+    else:  # h_s / (h_s + h_m) = 1 / (1 + c) where y != 0; 0 where y = 0
+        share = np.where(XM != 0, 1 / (1 + C), 0.0)
+    R_total, R_skip, R_main = result.merge_sums[0, 0]
+    assert np.all(np.isfinite(result.relevance))
+    np.testing.assert_allclose(R_total, 6 * per_element, rtol=1e-6)
+    np.testing.assert_allclose(R_skip, share.sum() * per_element, rtol=1e-5)
+    main_share = np.where(XM != 0, C / (1 + C), 0.0) if split == "proportional" else 1 - share
+    np.testing.assert_allclose(R_main, main_share.sum() * per_element, rtol=1e-5)
