@@ -5,6 +5,7 @@ relevance graph -> onnxruntime session.
 """
 from __future__ import annotations
 
+import json
 import os
 import tempfile
 import warnings
@@ -21,11 +22,15 @@ from .composites import Preset, get_preset
 from .errors import OnnxLrpError
 from .graph import ModelGraph, build_graph
 from .merges import Merge
-from .model import DEFAULT_IMAGE_SIZE, MIN_OPSET, ImageInput, default_opset, image_input, load, with_image_size
+from .model import (DEFAULT_IMAGE_SIZE, MIN_OPSET, ImageInput, default_opset, image_input, is_float16, load,
+                    to_float32, with_image_size)
 from .preprocessing import Preprocessing, get_preprocessing, image_files, load_image
 from .rules import Rule
 from .runtime import run_batched, session
 from .splitting import Split
+
+
+PRECISIONS = ("fp32", "fp16")
 
 
 class OnnxLrpWarning(UserWarning):
@@ -87,6 +92,10 @@ def analyse(
         except ValueError as exc:
             raise OnnxLrpError(str(exc)) from None
     proto = load(path)
+    notes = []
+    if is_float16(proto):
+        proto = to_float32(proto)
+        notes.append("float16 model: explained in float32")
     image = image_input(proto, path)
     height, width = image_size or (image.height or DEFAULT_IMAGE_SIZE, image.width or DEFAULT_IMAGE_SIZE)
     proto = with_image_size(proto, image, height, width, path)
@@ -95,7 +104,7 @@ def analyse(
     assigned = preset.assign(graph, split_rule, rules)
     analysis = Analysis(
         path, preset, split_rule, image, height, width, graph, assigned,
-        opset=max(default_opset(proto), MIN_OPSET), ir_version=max(proto.ir_version, 8), notes=list(canonical.notes),
+        opset=max(default_opset(proto), MIN_OPSET), ir_version=max(proto.ir_version, 8), notes=notes + canonical.notes,
     )
     if not preset.fold_batchnorm and canonical.batchnorms == 0 and preset.name == "paper":
         analysis.warnings.append(
@@ -117,6 +126,18 @@ class Explanation:
     merge_sums: np.ndarray  # [N, M, 3]: sums of R, R_skip, R_main at each merge
     merges: list[Merge]
     layout: str = "NCHW"
+    layer_sums: np.ndarray | None = None  # [N, L, 2] with trace=True: per op, relevance out and in
+    layer_names: list[str] = field(default_factory=list)  # the L ops, in forward order
+
+    def layer_report(self, index: int = 0) -> list[dict]:
+        """With trace=True: per op (forward order), the relevance at its output, what it passed
+        to its inputs, and the share it absorbed (negative: created)."""
+        if self.layer_sums is None:
+            raise OnnxLrpError("build the Explainer with trace=True to get per-layer relevance")
+        return [
+            {"node": name, "out": float(out), "in": float(inp), "absorbed": float((out - inp) / out) if out else 0.0}
+            for name, (out, inp) in zip(self.layer_names, self.layer_sums[index])
+        ]
 
     @property
     def input_sum(self) -> np.ndarray:
@@ -167,6 +188,8 @@ class Explainer:
         image_size: tuple[int, int] | None = None,
         rules: Mapping[str, Rule] | None = None,
         threads: int | None = None,
+        trace: bool = False,
+        precision: str = "fp32",
     ):
         """
         model: path to the .onnx file. preset: a name from onnxlrp.PRESETS. split: symmetric,
@@ -175,8 +198,12 @@ class Explainer:
         bias: False drops biases from every rule (Zennit's zero_params=['bias']), which makes
         conserving presets conserve. low/high: z^B box bounds, scalars or per channel (default:
         pixel range mapped through `preprocessing`). device: cpu or cuda. rules: overrides,
-        keyed by node name or op type.
+        keyed by node name or op type. trace: also report the relevance total at the output of
+        every op (Explanation.layer_sums), to see where relevance is absorbed. precision: "fp16"
+        runs the relevance pass in float16 (inputs and outputs stay float32), for GPUs.
         """
+        if precision not in PRECISIONS:
+            raise OnnxLrpError(f"unknown precision '{precision}'; choose one of {', '.join(PRECISIONS)}")
         self.analysis = analyse(model, preset, split, include_identity, image_size, rules)
         for message in self.analysis.warnings:
             warnings.warn(message, OnnxLrpWarning, stacklevel=2)
@@ -188,8 +215,12 @@ class Explainer:
         self.onnx = rg.build(
             self.analysis.graph, self.analysis.rules,
             initial=self.analysis.preset.initial, bias=bias, low=self.low, high=self.high,
-            ir_version=self.analysis.ir_version, opset=self.analysis.opset,
+            ir_version=self.analysis.ir_version, opset=self.analysis.opset, trace=trace,
         )
+        if precision == "fp16":
+            self.onnx = rg.to_float16(self.onnx)
+        props = {p.key: p.value for p in self.onnx.metadata_props}
+        self.trace_nodes: list[str] = json.loads(props.get(rg.TRACE_KEY, "[]"))
         self.session = session(self.onnx, device, threads)
         self.input_shape = image.shape(image.batch or 1, self.analysis.height, self.analysis.width)
 
@@ -246,7 +277,7 @@ class Explainer:
         merges = out.get(rg.MERGE_SUMS, np.zeros((len(x), 0, 3), np.float32))
         return Explanation(
             out[rg.RELEVANCE], out[rg.LOGITS], out[rg.TARGETS], out[rg.INITIAL], merges,
-            self.merges, self.analysis.image.layout,
+            self.merges, self.analysis.image.layout, out.get(rg.LAYER_SUMS), list(self.trace_nodes),
         )
 
     def load_images(self, paths: Sequence[str | Path]) -> tuple[list[Path], np.ndarray]:

@@ -12,8 +12,10 @@ spelling:
 - ``auto_pad`` resolved into explicit pads;
 - a constant zero Pad merged into the Conv / pool after it, so rules that ignore
   input values (flat, w^2, z^B) see the zero padding as padding;
-- BatchNormalization folded into the Conv before it (optional: the ``paper``
-  preset keeps it, as the published implementation does).
+- BatchNormalization folded into the Conv before it, and so are per-channel constant
+  Mul / Add / Sub / Div chains after a Conv (BatchNorm as tf2onnx writes an unfused Keras
+  BatchNormalization). Optional: the ``paper`` preset keeps them, as the published
+  implementation ignores BatchNorm.
 """
 from __future__ import annotations
 
@@ -65,14 +67,14 @@ def canonicalize(
     _matmul_add_to_gemm(graph)
     _resolve_auto_pad(graph)
     _merge_pads(graph)
-    folded = _fold_batchnorms(graph) if fold_batchnorm else 0
+    folded = (_fold_batchnorms(graph) + _fold_channel_affine(graph)) if fold_batchnorm else 0
     graph.cleanup().toposort()
     inp = next(t for t in graph.inputs if t.name == image.name)
     canonical = Canonical(graph, inp, logits, folded, softmax)
     if softmax:
         canonical.notes.append(f"explaining the logits before the final {softmax}")
     if folded:
-        canonical.notes.append(f"folded {folded} BatchNormalization node(s) into the Conv before them")
+        canonical.notes.append(f"folded {folded} BatchNorm / per-channel scale-shift node(s) into the Conv before them")
     return canonical
 
 
@@ -291,5 +293,60 @@ def _fold_batchnorms(graph: gs.Graph) -> int:
         conv.outputs.clear()
         conv.outputs.append(out)
         folded += 1
+    graph.cleanup()
+    return folded
+
+
+def _channel_constant(values: np.ndarray, channels: int, rank: int) -> np.ndarray | None:
+    """The per-output-channel vector of a constant that broadcasts along axis 1 only, else None."""
+    if values.ndim > rank:
+        return None
+    shape = (1,) * (rank - values.ndim) + values.shape
+    if any(d != 1 for i, d in enumerate(shape) if i != 1) or shape[1] not in (1, channels):
+        return None
+    return np.broadcast_to(values.reshape(-1), (channels,)).astype(np.float64)
+
+
+def _fold_channel_affine(graph: gs.Graph) -> int:
+    """Fold Conv -> (Mul | Add | Sub | Div by a per-channel constant)+ into the Conv's weights and bias."""
+    folded = 0
+    changed = True
+    while changed:
+        changed = False
+        for conv in list(graph.nodes):
+            if conv.op != "Conv" or not conv.outputs or len(conv.outputs[0].outputs) != 1 or conv.outputs[0] in graph.outputs:
+                continue
+            out = conv.outputs[0]
+            node = out.outputs[0]
+            weight = _const(conv.inputs[1])
+            if node.op not in ("Mul", "Add", "Sub", "Div") or len(node.inputs) != 2 or weight is None or out.shape is None:
+                continue
+            other = node.inputs[1] if node.inputs[0] is out else node.inputs[0]
+            values = _const(other)
+            if values is None or (node.op in ("Sub", "Div") and node.inputs[0] is not out):
+                continue
+            c = _channel_constant(values, weight.shape[0], len(out.shape))
+            if c is None:
+                continue
+            bias = _const(conv.inputs[2]) if len(conv.inputs) > 2 and conv.inputs[2].name else None
+            bias = np.zeros(weight.shape[0]) if bias is None else bias.astype(np.float64)
+            w = weight.astype(np.float64)
+            if node.op in ("Mul", "Div"):
+                scale = c if node.op == "Mul" else 1.0 / c
+                w, bias = w * scale.reshape((-1,) + (1,) * (w.ndim - 1)), bias * scale
+            else:
+                bias = bias + (c if node.op == "Add" else -c)
+            conv.inputs[1] = gs.Constant(f"{conv.name}/W", w.astype(weight.dtype))
+            new_bias = gs.Constant(f"{conv.name}/B", bias.astype(weight.dtype))
+            if len(conv.inputs) > 2:
+                conv.inputs[2] = new_bias
+            else:
+                conv.inputs.append(new_bias)
+            result = node.outputs[0]
+            node.outputs.clear()
+            conv.outputs.clear()
+            conv.outputs.append(result)
+            folded += 1
+            changed = True
     graph.cleanup()
     return folded

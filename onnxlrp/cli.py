@@ -18,7 +18,7 @@ from rich.console import Console
 from rich.progress import Progress
 from rich.table import Table
 
-from .attribution import Explainer, analyse
+from .attribution import PRECISIONS, Explainer, analyse
 from .composites import PRESETS
 from .errors import OnnxLrpError
 from .image import overlay, save_npy, save_png
@@ -39,6 +39,7 @@ PresetName = Literal[tuple(PRESETS)]  # type: ignore[valid-type]
 SplitName = Literal[SPLITS]  # type: ignore[valid-type]
 PreprocessName = Literal[tuple(PREPROCESSING)]  # type: ignore[valid-type]
 DeviceName = Literal[DEVICES]  # type: ignore[valid-type]
+PrecisionName = Literal[PRECISIONS]  # type: ignore[valid-type]
 
 Preset = Annotated[PresetName, typer.Option("--preset", "-p", help="Rule preset.")]
 SplitOpt = Annotated[
@@ -103,6 +104,7 @@ def explain(
     device: Annotated[DeviceName, typer.Option("--device", help="onnxruntime execution provider.")] = "cpu",
     batch_size: Annotated[int, typer.Option("--batch-size", min=1, help="Images per onnxruntime run.")] = 16,
     size: Size = None,
+    precision: Annotated[PrecisionName, typer.Option("--precision", help="Precision of the relevance pass (fp16: for GPUs; inputs and outputs stay float32).")] = "fp32",
     low: Annotated[Optional[float], typer.Option(help="z^B lower box bound [default: pixel 0 after preprocessing].")] = None,
     high: Annotated[Optional[float], typer.Option(help="z^B upper box bound [default: pixel 255 after preprocessing].")] = None,
 ) -> None:
@@ -115,7 +117,7 @@ def explain(
             raise OnnxLrpError(f"{output}: {len(files)} images need an output folder, not a .png file")
         explainer = Explainer(
             model, preset=preset, split=split, include_identity=include_identity, bias=bias, low=low,
-            high=high, device=device, preprocessing=preprocess, image_size=_image_size(size),
+            high=high, device=device, preprocessing=preprocess, image_size=_image_size(size), precision=precision,
         )
         _, pixels = explainer.load_images(files)  # every image is read before anything is written
         x = explainer.preprocessing.normalize(pixels, explainer.analysis.image.layout)
@@ -201,12 +203,13 @@ def compile_model(
     include_identity: IncludeIdentity = None,
     bias: Annotated[bool, typer.Option("--bias/--no-bias", help="Keep biases in the rules.")] = True,
     preprocess: Annotated[PreprocessName, typer.Option("--preprocess", help="Preprocessing that defines the z^B box.")] = "imagenet",
+    precision: Annotated[PrecisionName, typer.Option("--precision", help="Precision of the relevance pass.")] = "fp32",
     size: Size = None,
 ) -> None:
     """Save the explainer as an ONNX model (inputs images, target; outputs logits, relevance, ...)."""
     with _user_errors():
         explainer = Explainer(model, preset=preset, split=split, include_identity=include_identity, bias=bias,
-                              preprocessing=preprocess, image_size=_image_size(size))
+                              preprocessing=preprocess, image_size=_image_size(size), precision=precision)
         explainer.save(output)
         console.print(f"wrote {output}: inputs images {list(explainer.input_shape)}, target [N]; "
                       "outputs logits, relevance, targets, initial_relevance"

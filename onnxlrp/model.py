@@ -11,6 +11,7 @@ from pathlib import Path
 
 import onnx
 import onnx.version_converter
+from onnx import numpy_helper
 
 from .errors import OnnxLrpError
 
@@ -20,7 +21,7 @@ MIN_OPSET = 17
 #: Image size used when the model leaves height and width dynamic.
 DEFAULT_IMAGE_SIZE = 224
 
-_FLOAT = onnx.TensorProto.FLOAT
+_FLOAT, _FLOAT16 = onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16
 
 
 def first_line(exc: BaseException) -> str:
@@ -55,6 +56,37 @@ def load(path: str | Path) -> onnx.ModelProto:
             raise OnnxLrpError(
                 f"{path}: cannot convert opset {opset} to {MIN_OPSET} ({first_line(exc)})"
             ) from None
+    return model
+
+
+def is_float16(model: onnx.ModelProto) -> bool:
+    initializers = {init.name for init in model.graph.initializer}
+    return any(i.type.tensor_type.elem_type == _FLOAT16 for i in model.graph.input if i.name not in initializers)
+
+
+def to_float32(model: onnx.ModelProto) -> onnx.ModelProto:
+    """A float16 model in float32: weights, constants, casts, inputs and outputs.
+
+    The relevance rules divide by small sums; they run in float32 (the relevance pass itself
+    can still run in float16 with Explainer(precision="fp16")).
+    """
+    model = onnx.ModelProto.FromString(model.SerializeToString())
+
+    def widen(tensor: onnx.TensorProto) -> None:
+        if tensor.data_type == _FLOAT16:
+            tensor.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(tensor).astype("float32"), tensor.name))
+
+    for init in model.graph.initializer:
+        widen(init)
+    for node in model.graph.node:
+        for attr in node.attribute:
+            if attr.type == onnx.AttributeProto.TENSOR:
+                widen(attr.t)
+            elif node.op_type == "Cast" and attr.name == "to" and attr.i == _FLOAT16:
+                attr.i = _FLOAT
+    for value in list(model.graph.input) + list(model.graph.output) + list(model.graph.value_info):
+        if value.type.tensor_type.elem_type == _FLOAT16:
+            value.type.tensor_type.elem_type = _FLOAT
     return model
 
 

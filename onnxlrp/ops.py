@@ -14,6 +14,7 @@ from __future__ import annotations
 from typing import Callable
 
 import numpy as np
+import onnx
 import onnx_graphsurgeon as gs
 
 from .emit import Emitter
@@ -416,11 +417,11 @@ class MaxPool(Op):
         indices = node.outputs[1]
         flat = e.ints([-1])
         zeros = e.op("ConstantOfShape", e.op("Reshape", e.op("Size", self.x), e.ints([1])))
-        scattered = e.op(
-            "ScatterElements", zeros, e.op("Reshape", indices, flat), e.op("Reshape", g, flat),
-            axis=0, reduction="add",
-        )
-        return e.op("Reshape", scattered, e.op("Shape", self.x))
+        # Scattered in float32 whatever the graph's precision (no CPU float16 kernel for it);
+        # in a float32 graph onnxruntime drops the two casts.
+        updates = e.op("Cast", e.op("Reshape", g, flat), to=onnx.TensorProto.FLOAT)
+        scattered = e.op("ScatterElements", zeros, e.op("Reshape", indices, flat), updates, axis=0, reduction="add")
+        return e.op("CastLike", e.op("Reshape", scattered, e.op("Shape", self.x)), g)
 
     def average_view(self, size: int = 2) -> AveragePool:
         """The paper's stand-in for relevance: a size x size average pool with stride size, no padding."""

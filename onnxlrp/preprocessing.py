@@ -4,6 +4,7 @@ Presets:
 
 - ``imagenet``: RGB in [0, 1], minus mean, over std (torchvision, timm);
 - ``caffe``: BGR in [0, 255] minus the ImageNet mean (Keras ResNet50/101/152);
+- ``tf``: RGB in [-1, 1] (Keras ResNet50V2/101V2/152V2, MobileNet);
 - ``raw``: RGB in [0, 1], nothing else.
 
 The z^B rule's default box is the pixel range [0, 255] mapped through the preset.
@@ -66,6 +67,7 @@ PREPROCESSING = {
     for p in (
         Preprocessing("imagenet", 1 / 255, (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)),
         Preprocessing("caffe", 1.0, (103.939, 116.779, 123.68), (1.0, 1.0, 1.0), bgr=True),
+        Preprocessing("tf", 1 / 127.5, (1.0, 1.0, 1.0), (1.0, 1.0, 1.0)),
         Preprocessing("raw", 1 / 255, (0.0, 0.0, 0.0), (1.0, 1.0, 1.0)),
     )
 }

@@ -12,11 +12,15 @@ all consumers of a tensor are summed. The result is a plain ONNX model:
              targets            [N]       the classes explained
              initial_relevance  [N]       target logit (or probability) the pass starts from
              merge_relevance    [N, M, 3] sum of R, R_skip, R_main at each merge (if M > 0)
+             layer_relevance    [N, L, 2] with trace=True: per op, the relevance total at its output
+                                          and the total it passes to its inputs (op names in the
+                                          model's metadata, key onnxlrp.trace)
 
 It runs in onnxruntime on any execution provider, without onnxlrp installed.
 """
 from __future__ import annotations
 
+import json
 from collections import defaultdict
 
 import numpy as np
@@ -30,9 +34,10 @@ from .rules import Rule, RuleContext
 from .splitting import Split
 
 INPUT, TARGET = "images", "target"
-LOGITS, RELEVANCE, TARGETS, INITIAL, MERGE_SUMS = (
-    "logits", "relevance", "targets", "initial_relevance", "merge_relevance",
+LOGITS, RELEVANCE, TARGETS, INITIAL, MERGE_SUMS, LAYER_SUMS = (
+    "logits", "relevance", "targets", "initial_relevance", "merge_relevance", "layer_relevance",
 )
+TRACE_KEY = "onnxlrp.trace"
 
 
 def _claim_name(graph: gs.Graph, tensor: gs.Tensor, name: str) -> None:
@@ -90,6 +95,7 @@ def build(
     high: np.ndarray | None = None,
     ir_version: int = 8,
     opset: int = 17,
+    trace: bool = False,
 ) -> onnx.ModelProto:
     """Extend the model graph with its relevance pass. Consumes `graph` (its nodes are reused)."""
     canonical = graph.canonical
@@ -106,7 +112,7 @@ def build(
         top1 = e.op("ArgMax", logits, axis=1, keepdims=0)
         chosen = e.op("Where", e.op("Less", target, np.int64(0)), top1, target)
         classes = np.arange(num_classes, dtype=np.int64).reshape(1, -1)
-        onehot = e.op("Cast", e.op("Equal", e.op("Unsqueeze", chosen, e.ints([1])), e.const(classes)), to=onnx.TensorProto.FLOAT)
+        onehot = e.op("CastLike", e.op("Equal", e.op("Unsqueeze", chosen, e.ints([1])), e.const(classes)), logits)
         score = logits if initial == "logit" else e.op("Softmax", logits, axis=1)
         start = e.mul(onehot, score)
         initial_sum = e.reduce_sum(start, [1])
@@ -115,6 +121,7 @@ def build(
     contributions: dict[str, list[gs.Tensor]] = defaultdict(list)
     contributions[logits.name].append(start)
     merge_sums: dict[str, gs.Tensor] = {}
+    layer_sums: dict[str, gs.Tensor] = {}
     for name in reversed(list(graph.ops)):
         op = graph.ops[name]
         parts = contributions.pop(op.output.name, None)
@@ -123,6 +130,7 @@ def build(
         rule = rules[name]
         with e.scope(name):
             R = e.sum(parts)
+            passed: list[gs.Tensor] = []  # relevance handed to the op's inputs
             if isinstance(rule, Split):
                 merge = graph.merge_at(name)
                 r_skip, r_main = rule.emit(e, op, merge, R)
@@ -132,11 +140,16 @@ def build(
                 rank = len(op.output.shape)
                 sums = [e.sum_per_sample(t, rank) for t in (R, r_main)]
                 skip_sum = e.sum_per_sample(r_skip, rank) if r_skip is not None else e.mul(sums[0], np.float32(0))
-                stacked = e.op("Concat", *(e.op("Unsqueeze", t, e.ints([1])) for t in (sums[0], skip_sum, sums[1])), axis=1)
-                merge_sums[name] = e.op("Unsqueeze", stacked, e.ints([1]))
+                merge_sums[name] = _stack(e, [sums[0], skip_sum, sums[1]])
+                passed = [skip_sum, sums[1]]
             else:
                 ctx = RuleContext(bias=bias, x_nonneg=op.x.name in graph.nonneg, bounds=bounds(op.x) if bounds else None)
-                contributions[op.x.name].append(rule.emit(e, op, R, ctx))
+                r_in = rule.emit(e, op, R, ctx)
+                contributions[op.x.name].append(r_in)
+                if trace:
+                    passed = [e.sum_per_sample(r_in, len(op.x.shape))]
+            if trace:
+                layer_sums[name] = _stack(e, [e.sum_per_sample(R, len(op.output.shape)), e.sum(passed)])
 
     parts = contributions.pop(images.name, None)
     if not parts:
@@ -155,6 +168,9 @@ def build(
         if any(s is None for s in sums):
             raise OnnxLrpError("a residual merge receives no relevance")
         outputs.append(_output(g, MERGE_SUMS, e.op("Concat", *sums, axis=1), [batch, len(sums), 3]))
+    traced = [name for name in graph.ops if name in layer_sums]  # forward order
+    if trace:
+        outputs.append(_output(g, LAYER_SUMS, e.op("Concat", *(layer_sums[n] for n in traced), axis=1), [batch, len(traced), 2]))
     g.inputs = [images, target]
     g.outputs = outputs
     g.cleanup().toposort()
@@ -162,7 +178,15 @@ def build(
     del model.opset_import[:]
     model.opset_import.append(onnx.helper.make_opsetid("", opset))
     model.producer_name = "onnxlrp"
+    if trace:
+        onnx.helper.set_model_props(model, {TRACE_KEY: json.dumps(traced)})
     return model
+
+
+def _stack(e: Emitter, sums: list[gs.Tensor]) -> gs.Tensor:
+    """[N] totals -> [N, 1, len(sums)]."""
+    columns = [e.op("Unsqueeze", t, e.ints([1])) for t in sums]
+    return e.op("Unsqueeze", e.op("Concat", *columns, axis=1), e.ints([1]))
 
 
 def _output(g: gs.Graph, name: str, tensor: gs.Tensor, shape, dtype=np.float32) -> gs.Variable:
@@ -173,3 +197,15 @@ def _output(g: gs.Graph, name: str, tensor: gs.Tensor, shape, dtype=np.float32) 
         tensor = out
     tensor.dtype, tensor.shape = dtype, shape
     return tensor
+
+
+def to_float16(model: onnx.ModelProto) -> onnx.ModelProto:
+    """The relevance graph in float16, inputs and outputs kept float32 (onnxruntime's converter).
+
+    MaxPool's scatter stays in float32 (onnxruntime has no float16 kernel for it), so do the
+    Casts that feed it.
+    """
+    from onnxruntime.transformers.float16 import DEFAULT_OP_BLOCK_LIST, convert_float_to_float16
+
+    keep = DEFAULT_OP_BLOCK_LIST + ["ScatterElements", "ConstantOfShape", "Cast"]
+    return convert_float_to_float16(model, keep_io_types=True, disable_shape_infer=True, op_block_list=keep)
