@@ -128,6 +128,7 @@ class Explanation:
     layout: str = "NCHW"
     layer_sums: np.ndarray | None = None  # [N, L, 2] with trace=True: per op, relevance out and in
     layer_names: list[str] = field(default_factory=list)  # the L ops, in forward order
+    probe: tuple[np.ndarray, np.ndarray] | None = None  # with probe=: (activation, relevance) there
 
     def layer_report(self, index: int = 0) -> list[dict]:
         """With trace=True: per op (forward order), the relevance at its output, what it passed
@@ -190,6 +191,7 @@ class Explainer:
         threads: int | None = None,
         trace: bool = False,
         precision: str = "fp32",
+        probe: str | None = None,
     ):
         """
         model: path to the .onnx file. preset: a name from onnxlrp.PRESETS. split: symmetric,
@@ -200,7 +202,9 @@ class Explainer:
         pixel range mapped through `preprocessing`). device: cpu or cuda. rules: overrides,
         keyed by node name or op type. trace: also report the relevance total at the output of
         every op (Explanation.layer_sums), to see where relevance is absorbed. precision: "fp16"
-        runs the relevance pass in float16 (inputs and outputs stay float32), for GPUs.
+        runs the relevance pass in float16 (inputs and outputs stay float32), for GPUs. probe: a
+        tensor name ("last" for the last conv block's output) whose activation and relevance are
+        returned too (Explanation.probe).
         """
         if precision not in PRECISIONS:
             raise OnnxLrpError(f"unknown precision '{precision}'; choose one of {', '.join(PRECISIONS)}")
@@ -212,10 +216,15 @@ class Explainer:
         self.bias = bias
         image = self.analysis.image
         self.low, self.high = self._bounds(low, high)
+        if probe == "last":
+            probe = self.analysis.graph.last_feature_map()
+            if probe is None:
+                raise OnnxLrpError(f"{self.analysis.path}: no global average pool, so no last conv block to probe")
+        self.probe = probe
         self.onnx = rg.build(
             self.analysis.graph, self.analysis.rules,
             initial=self.analysis.preset.initial, bias=bias, low=self.low, high=self.high,
-            ir_version=self.analysis.ir_version, opset=self.analysis.opset, trace=trace,
+            ir_version=self.analysis.ir_version, opset=self.analysis.opset, trace=trace, probe=probe,
         )
         if precision == "fp16":
             self.onnx = rg.to_float16(self.onnx)
@@ -275,9 +284,10 @@ class Explainer:
         feeds = {rg.INPUT: x, rg.TARGET: self._targets(target, len(x))}
         out = run_batched(self.session, feeds, batch_size, self.analysis.image.batch)
         merges = out.get(rg.MERGE_SUMS, np.zeros((len(x), 0, 3), np.float32))
+        probe = (out[rg.PROBE_ACTIVATION], out[rg.PROBE_RELEVANCE]) if self.probe else None
         return Explanation(
             out[rg.RELEVANCE], out[rg.LOGITS], out[rg.TARGETS], out[rg.INITIAL], merges,
-            self.merges, self.analysis.image.layout, out.get(rg.LAYER_SUMS), list(self.trace_nodes),
+            self.merges, self.analysis.image.layout, out.get(rg.LAYER_SUMS), list(self.trace_nodes), probe,
         )
 
     def load_images(self, paths: Sequence[str | Path]) -> tuple[list[Path], np.ndarray]:

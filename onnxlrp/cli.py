@@ -19,9 +19,13 @@ from rich.progress import Progress
 from rich.table import Table
 
 from .attribution import PRECISIONS, Explainer, analyse
+from .metrics import PROTOCOLS
 from .composites import PRESETS
+from .evaluate import DEFAULT_METHODS, evaluate as run_evaluation, load_dataset, method_names, write as write_results
 from .errors import OnnxLrpError
-from .image import overlay, save_npy, save_png
+from matplotlib import colormaps
+
+from .image import SIGNS, STYLES, render, save_npy, save_png
 from .model import first_line
 from .preprocessing import PREPROCESSING, image_files
 from .runtime import DEVICES
@@ -40,6 +44,9 @@ SplitName = Literal[SPLITS]  # type: ignore[valid-type]
 PreprocessName = Literal[tuple(PREPROCESSING)]  # type: ignore[valid-type]
 DeviceName = Literal[DEVICES]  # type: ignore[valid-type]
 PrecisionName = Literal[PRECISIONS]  # type: ignore[valid-type]
+StyleName = Literal[STYLES]  # type: ignore[valid-type]
+SignName = Literal[SIGNS]  # type: ignore[valid-type]
+ProtocolName = Literal[PROTOCOLS + ("both",)]  # type: ignore[valid-type]
 
 Preset = Annotated[PresetName, typer.Option("--preset", "-p", help="Rule preset.")]
 SplitOpt = Annotated[
@@ -105,6 +112,10 @@ def explain(
     batch_size: Annotated[int, typer.Option("--batch-size", min=1, help="Images per onnxruntime run.")] = 16,
     size: Size = None,
     precision: Annotated[PrecisionName, typer.Option("--precision", help="Precision of the relevance pass (fp16: for GPUs; inputs and outputs stay float32).")] = "fp32",
+    style: Annotated[StyleName, typer.Option("--style", help="signed: diverging colormap over the image; paper: quantized, normalised, jet at alpha 0.4.")] = "signed",
+    heat_quantization: Annotated[Optional[int], typer.Option("--heat-quantization", min=0, help="Quantize the map to this many levels (0: off) [default: 8 for --style paper, else 0].")] = None,
+    sign: Annotated[SignName, typer.Option("--sign", help="--style paper: which relevance to show.")] = "positive",
+    cmap: Annotated[Optional[str], typer.Option("--cmap", help="Matplotlib colormap [default: coldnhot, or jet for --style paper].")] = None,
     low: Annotated[Optional[float], typer.Option(help="z^B lower box bound [default: pixel 0 after preprocessing].")] = None,
     high: Annotated[Optional[float], typer.Option(help="z^B upper box bound [default: pixel 255 after preprocessing].")] = None,
 ) -> None:
@@ -133,8 +144,10 @@ def explain(
         totals = np.concatenate([r.input_sum for r in results])
         pngs = [out_dir / n for n in _unique_names(files, "_lrp.png")] if several else [output or Path(f"{files[0].stem}_lrp.png")]
         arrays = [npy / n for n in _unique_names(files, "_lrp.npy")] if (npy and several) else [npy]
+        if cmap is not None and cmap not in colormaps:
+            raise OnnxLrpError(f"unknown colormap '{cmap}'")
         for i, f in enumerate(files):
-            save_png(overlay(pixels[i], heat[i]), pngs[i])
+            save_png(render(pixels[i], heat[i], style, heat_quantization, sign, cmap), pngs[i])
             if npy is not None:
                 save_npy(heat[i].astype(np.float32), arrays[i])
             console.print(
@@ -192,6 +205,40 @@ def graph(
         for row in analysis.rule_table():
             rules.add_row(row["node"], row["op_type"], row["info"], row["rule"])
         console.print(rules)
+
+
+@app.command()
+def evaluate(
+    model: Model,
+    data: Annotated[Path, typer.Argument(help="Image folder: one subfolder per class (order: classes.txt, else by name), optional masks/.", show_default=False)],
+    methods: Annotated[str, typer.Option("--methods", "-m", help="Comma-separated methods (see --list-methods).")] = ",".join(DEFAULT_METHODS),
+    labels: Annotated[Optional[Path], typer.Option("--labels", help="CSV of 'path,label' lines instead of class subfolders.")] = None,
+    limit: Annotated[Optional[int], typer.Option("--limit", min=1, help="Evaluate the first N images only.")] = None,
+    protocol: Annotated[ProtocolName, typer.Option("--protocol", help="Insertion/Deletion protocol: paper (>= thresholds), exact (tie-robust), or both.")] = "both",
+    heat_quantization: Annotated[int, typer.Option("--heat-quantization", min=0, help="Quantize maps to this many levels before the metrics (0: off).")] = 8,
+    output: Annotated[Path, typer.Option("--output", "-o", help="Folder for results.md, results.json and conservation.png.")] = Path("evaluation"),
+    preprocess: Annotated[PreprocessName, typer.Option("--preprocess", help="Input normalisation the model expects.")] = "imagenet",
+    device: Annotated[DeviceName, typer.Option("--device", help="onnxruntime execution provider.")] = "cpu",
+    batch_size: Annotated[int, typer.Option("--batch-size", min=1, help="Images per batch.")] = 16,
+    list_methods: Annotated[bool, typer.Option("--list-methods", help="List the methods and exit.")] = False,
+) -> None:
+    """Compare attribution methods on a labelled image folder: Insertion, Deletion, ID, ground-truth metrics."""
+    with _user_errors():
+        if list_methods:
+            for name in method_names():
+                typer.echo(name)
+            return
+        dataset = load_dataset(data, labels)
+        total = min(limit or len(dataset.files), len(dataset.files))
+        chosen = [m.strip() for m in methods.split(",") if m.strip()]
+        protocols = PROTOCOLS if protocol == "both" else (protocol,)
+        with Progress(console=console, transient=True) as progress:
+            task = progress.add_task(f"evaluating {len(chosen)} methods", total=total)
+            results = run_evaluation(model, dataset, chosen, protocols, heat_quantization, preprocess, limit,
+                                     batch_size, device, progress=lambda n: progress.advance(task, n))
+        paths = write_results(results, output)
+        console.print(results.markdown(), highlight=False, soft_wrap=True)
+        console.print("wrote " + ", ".join(str(p) for p in paths.values()), highlight=False, soft_wrap=True)
 
 
 @app.command("compile")

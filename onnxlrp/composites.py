@@ -29,10 +29,11 @@ class Preset:
     summary: str
     layers: Mapping[str, Rule]  # op type -> rule
     first: Mapping[str, Rule] = field(default_factory=dict)  # op type -> rule for the first such op
-    initial: str = "logit"  # initial relevance: the target's "logit" or its softmax "probability"
+    initial: str = "logit"  # the target's "logit", its softmax "probability", or "one" (gradients)
     fold_batchnorm: bool = True
     split: str = "ratio"
     include_identity: bool = True
+    fallback: Rule | None = None  # rule for op types the tables do not name (default: the op's own)
 
     def assign(self, graph: ModelGraph, split: Split, overrides: Mapping[str, Rule] | None = None) -> dict[str, Rule]:
         """The rule for every op of the graph, by node name. Overrides key by node name or op type."""
@@ -49,6 +50,8 @@ class Preset:
                 rule, first_done = self.first[op_type], True
             elif op_type in self.layers:
                 rule = self.layers[op_type]
+            elif self.fallback is not None:
+                rule = self.fallback
             elif op.default_rule in DEFAULTS:
                 rule = DEFAULTS[op.default_rule]
             else:
@@ -121,6 +124,21 @@ PRESETS: dict[str, Preset] = {
             initial="probability",
             fold_batchnorm=False,
         ),
+        Preset(
+            "captum",
+            "LRP as Captum applies it by default: epsilon 1e-9 on every layer (BatchNorm too), no "
+            "Relevance Splitting (both branches of a merge get all relevance, as the gradient of +)",
+            {**{op: R.epsilon(1e-9) for op in ("Conv", "Gemm", "MatMul", "AveragePool", "GlobalAveragePool",
+                                               "ReduceMean", "BatchNormalization")},
+             "MaxPool": R.GRADIENT, "Relu": R.PASS},  # epsilon on a max is its winner-take-all
+            fold_batchnorm=False,
+            split="copy",
+        ),
+        # Baselines computed by the same machinery: every op's transpose is its vector-Jacobian product.
+        Preset("gradient", "the gradient of the target logit (vanilla saliency)", {},
+               initial="one", split="copy", fallback=R.GRADIENT),
+        Preset("guided-backprop", "guided backpropagation: ReLUs pass positive gradients only",
+               {"Relu": R.GUIDED}, initial="one", split="copy", fallback=R.GRADIENT),
     )
 }
 

@@ -44,6 +44,12 @@ class ModelGraph:
     def merge_at(self, name: str) -> Merge | None:
         return next((m for m in self.merges if m.node == name), None)
 
+    def last_feature_map(self) -> str | None:
+        """The tensor the last global pooling averages: the output of the last conv block
+        (where Grad-CAM looks)."""
+        pools = [op for op in self.ops.values() if op.node.op in ("GlobalAveragePool", "ReduceMean")]
+        return pools[-1].x.name if pools else None
+
 
 def input_vertex(name: str) -> str:
     return f"input:{name}"

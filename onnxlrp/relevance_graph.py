@@ -12,6 +12,8 @@ all consumers of a tensor are summed. The result is a plain ONNX model:
              targets            [N]       the classes explained
              initial_relevance  [N]       target logit (or probability) the pass starts from
              merge_relevance    [N, M, 3] sum of R, R_skip, R_main at each merge (if M > 0)
+             probe_activation, probe_relevance   with probe=<tensor>: that tensor and the
+                                          relevance (or, for gradient presets, gradient) there
              layer_relevance    [N, L, 2] with trace=True: per op, the relevance total at its output
                                           and the total it passes to its inputs (op names in the
                                           model's metadata, key onnxlrp.trace)
@@ -37,6 +39,7 @@ INPUT, TARGET = "images", "target"
 LOGITS, RELEVANCE, TARGETS, INITIAL, MERGE_SUMS, LAYER_SUMS = (
     "logits", "relevance", "targets", "initial_relevance", "merge_relevance", "layer_relevance",
 )
+PROBE_ACTIVATION, PROBE_RELEVANCE = "probe_activation", "probe_relevance"
 TRACE_KEY = "onnxlrp.trace"
 
 
@@ -96,6 +99,7 @@ def build(
     ir_version: int = 8,
     opset: int = 17,
     trace: bool = False,
+    probe: str | None = None,
 ) -> onnx.ModelProto:
     """Extend the model graph with its relevance pass. Consumes `graph` (its nodes are reused)."""
     canonical = graph.canonical
@@ -113,8 +117,10 @@ def build(
         chosen = e.op("Where", e.op("Less", target, np.int64(0)), top1, target)
         classes = np.arange(num_classes, dtype=np.int64).reshape(1, -1)
         onehot = e.op("CastLike", e.op("Equal", e.op("Unsqueeze", chosen, e.ints([1])), e.const(classes)), logits)
-        score = logits if initial == "logit" else e.op("Softmax", logits, axis=1)
-        start = e.mul(onehot, score)
+        if initial == "one":  # gradients: d(target logit)
+            start = onehot
+        else:
+            start = e.mul(onehot, logits if initial == "logit" else e.op("Softmax", logits, axis=1))
         initial_sum = e.reduce_sum(start, [1])
 
     bounds = _BoundsAt(graph, low, high) if low is not None else None
@@ -122,6 +128,7 @@ def build(
     contributions[logits.name].append(start)
     merge_sums: dict[str, gs.Tensor] = {}
     layer_sums: dict[str, gs.Tensor] = {}
+    probed = None
     for name in reversed(list(graph.ops)):
         op = graph.ops[name]
         parts = contributions.pop(op.output.name, None)
@@ -130,6 +137,8 @@ def build(
         rule = rules[name]
         with e.scope(name):
             R = e.sum(parts)
+            if op.output.name == probe:
+                probed = (op.output, R)
             passed: list[gs.Tensor] = []  # relevance handed to the op's inputs
             if isinstance(rule, Split):
                 merge = graph.merge_at(name)
@@ -168,6 +177,11 @@ def build(
         if any(s is None for s in sums):
             raise OnnxLrpError("a residual merge receives no relevance")
         outputs.append(_output(g, MERGE_SUMS, e.op("Concat", *sums, axis=1), [batch, len(sums), 3]))
+    if probe is not None:
+        if probed is None:
+            raise OnnxLrpError(f"probe tensor '{probe}' is not on the path from the image to the logits")
+        shape = list(probed[0].shape)
+        outputs += [_output(g, PROBE_ACTIVATION, probed[0], shape), _output(g, PROBE_RELEVANCE, probed[1], shape)]
     traced = [name for name in graph.ops if name in layer_sums]  # forward order
     if trace:
         outputs.append(_output(g, LAYER_SUMS, e.op("Concat", *(layer_sums[n] for n in traced), axis=1), [batch, len(traced), 2]))

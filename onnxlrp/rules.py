@@ -120,6 +120,20 @@ class Gradient(Rule):
         return self.name
 
 
+@dataclass(frozen=True)
+class GuidedReLU(Rule):
+    """Guided backpropagation: the ReLU's gradient, and only where that gradient is positive."""
+
+    name: str = "guided"
+
+    def applies_to(self, op):
+        return None if op.node.op == "Relu" else "guided backpropagation is a ReLU rule"
+
+    def emit(self, e, op, R, ctx):
+        keep = e.op("And", e.op("Greater", op.x, np.float32(0)), e.op("Greater", R, np.float32(0)))
+        return e.op("Where", keep, R, np.float32(0))
+
+
 def stabilize(e: Emitter, z: gs.Tensor, epsilon: float) -> gs.Tensor:
     """z + epsilon * sign(z), with sign(0) = +1 (Zennit's convention); 0 -> inf when epsilon = 0."""
     if epsilon == 0:
@@ -221,6 +235,7 @@ def _signed_sum(e: Emitter, parts: list[tuple[float, gs.Tensor]]) -> gs.Tensor:
 
 PASS = Pass()
 GRADIENT = Gradient()
+GUIDED = GuidedReLU()
 
 
 def epsilon(epsilon: float = 1e-6) -> LinearRule:
@@ -302,4 +317,5 @@ RULES: dict[str, Callable[..., Rule]] = {
     "avg2x2": avg2x2,
     "pass": lambda: PASS,
     "gradient": lambda: GRADIENT,
+    "guided": lambda: GUIDED,
 }

@@ -11,6 +11,10 @@ R_m (down the main branch), with R_s + R_m = R element-wise:
 
 ``include_identity=False`` sends all relevance of an identity skip down the main
 branch (the paper's ablations (i) and (iii)); projection and other skips still split.
+
+``copy`` is no split at all: both branches get the whole R, as the gradient of an Add does.
+It serves the gradient baselines and LRP as Captum applies it to ResNets (its residual ``+``
+is no module, so gradient flows through it): relevance is then counted twice per merge.
 """
 from __future__ import annotations
 
@@ -24,7 +28,7 @@ from .merges import Merge
 from .ops import Op
 from .rules import Rule, stabilize
 
-SPLITS = ("symmetric", "ratio", "proportional")
+SPLITS = ("symmetric", "ratio", "proportional", "copy")
 
 
 @dataclass(frozen=True)
@@ -55,6 +59,8 @@ class Split(Rule):
         h_s, h_m = h[merge.skip], h[merge.main]
         if merge.kind == "identity" and not self.include_identity:
             return None, R
+        if self.method == "copy":
+            return R, R
         if self.method == "symmetric":
             half = e.mul(R, np.float32(0.5))
             return half, half
