@@ -48,7 +48,7 @@ def main(count: int = 4) -> Path:
     fig.tight_layout()
     out = ROOT / "examples" / "results" / "methods.png"
     out.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out, dpi=110)
+    fig.savefig(out, dpi=80)
     return out
 
 

@@ -14,6 +14,7 @@ The pipeline, one module per stage:
     runtime.py        onnxruntime sessions
     attribution.py    the Python API: Explainer, Explanation
     preprocessing.py / image.py   images in, heatmaps out
+    metrics.py / baselines.py / evaluate.py   Insertion/Deletion and other methods, over folders
     cli.py            the `onnxlrp` command
 """
 from .attribution import Analysis, Explainer, Explanation, OnnxLrpWarning, analyse

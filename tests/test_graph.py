@@ -55,10 +55,13 @@ def test_skip_kinds(skip, kind, tmp_path):
 
 
 def test_add_of_a_constant_is_not_a_merge(tmp_path):
-    analysis = analyse(tg.save(tg.residual_net("identity", bias_add=True), tmp_path / "net.onnx"))
-    assert [m.node for m in analysis.merges] == ["merge"]
-    assert analysis.graph.ops["bias_add"].kind == "affine"
-    assert analysis.merges[0].main_branch[-1] == "bias_add"
+    path = tg.save(tg.residual_net("identity", bias_add=True), tmp_path / "net.onnx")
+    kept = analyse(path, preset="paper")  # no folding: the Add of a constant stays, as an affine op
+    assert [m.node for m in kept.merges] == ["merge"]
+    assert kept.graph.ops["bias_add"].kind == "affine"
+    assert kept.merges[0].main_branch[-1] == "bias_add"
+    folded = analyse(path)  # folded into the conv before it, like a BatchNorm shift
+    assert "bias_add" not in folded.graph.ops and folded.merges[0].main_branch[-1] == "main2"
 
 
 def test_batchnorm_folding_keeps_the_function(resnet18, images):
