@@ -7,15 +7,17 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import tempfile
 import warnings
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Mapping, Sequence
 
 import numpy as np
 import onnx
 
+from . import cache as cache_store
 from . import relevance_graph as rg
 from .canonizers import canonicalize
 from .composites import Preset, get_preset
@@ -167,6 +169,35 @@ class Explanation:
         ]
 
 
+@dataclass
+class Summary:
+    """What users of an explainer need from its analysis; stored with the compiled model."""
+
+    model: str
+    preset: str
+    split: str
+    include_identity: bool
+    image: ImageInput
+    height: int
+    width: int
+    num_classes: int
+    merges: list[Merge]
+    notes: list[str]
+    warnings: list[str]
+    trace_nodes: list[str]
+    probe: str | None
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self))
+
+    @classmethod
+    def from_json(cls, text: str) -> Summary:
+        data = json.loads(text)
+        data["image"] = ImageInput(**data["image"])
+        data["merges"] = [Merge(**{k: tuple(v) if isinstance(v, list) else v for k, v in m.items()}) for m in data["merges"]]
+        return cls(**data)
+
+
 class Explainer:
     """LRP for an ONNX image classifier, computed in onnxruntime.
 
@@ -192,6 +223,7 @@ class Explainer:
         trace: bool = False,
         precision: str = "fp32",
         probe: str | None = None,
+        cache: bool = True,
     ):
         """
         model: path to the .onnx file. preset: a name from onnxlrp.PRESETS. split: symmetric,
@@ -204,34 +236,74 @@ class Explainer:
         every op (Explanation.layer_sums), to see where relevance is absorbed. precision: "fp16"
         runs the relevance pass in float16 (inputs and outputs stay float32), for GPUs. probe: a
         tensor name ("last" for the last conv block's output) whose activation and relevance are
-        returned too (Explanation.probe).
+        returned too (Explanation.probe). cache: reuse a compiled explainer from the on-disk cache
+        (onnxlrp.cache) when model and options are the same, and store new ones there.
         """
         if precision not in PRECISIONS:
             raise OnnxLrpError(f"unknown precision '{precision}'; choose one of {', '.join(PRECISIONS)}")
-        self.analysis = analyse(model, preset, split, include_identity, image_size, rules)
-        for message in self.analysis.warnings:
-            warnings.warn(message, OnnxLrpWarning, stacklevel=2)
         self.preprocessing = get_preprocessing(preprocessing)
         self.device = device
         self.bias = bias
-        image = self.analysis.image
-        self.low, self.high = self._bounds(low, high)
+        self._arguments = (model, preset, split, include_identity, image_size, rules)
+        self._analysis: Analysis | None = None
+        self._model_bytes: bytes | None = None
+        self.model_path: Path | None = None
+        entry = None
+        if cache and rules is None and not isinstance(preset, Preset) and Path(model).is_file():
+            options = dict(preset=preset, split=repr(split), include_identity=include_identity, bias=bias,
+                           low=np.asarray(low).tolist() if low is not None else None,
+                           high=np.asarray(high).tolist() if high is not None else None,
+                           preprocessing=self.preprocessing.name, image_size=image_size, trace=trace,
+                           precision=precision, probe=probe)
+            entry = cache_store.key(model, options)
+        found = cache_store.lookup(entry) if entry else None
+        if found:
+            self.model_path, text = found
+            self.summary = Summary.from_json(text)
+        else:
+            self.summary, compiled = self._build(bias, low, high, trace, precision, probe)
+            if entry:
+                self.model_path = cache_store.store(entry, compiled, self.summary.to_json(), write_atomic)
+            else:
+                self._model_bytes = compiled.SerializeToString()
+        for message in self.summary.warnings:
+            warnings.warn(message, OnnxLrpWarning, stacklevel=2)
+        self.session = session(str(self.model_path) if self.model_path else self._model_bytes, device, threads)
+        image = self.summary.image
+        self.input_shape = image.shape(image.batch or 1, self.summary.height, self.summary.width)
+
+    def _build(self, bias, low, high, trace, precision, probe) -> tuple[Summary, onnx.ModelProto]:
+        analysis = self.analysis
+        bounds = self._bounds(low, high)
         if probe == "last":
-            probe = self.analysis.graph.last_feature_map()
+            probe = analysis.graph.last_feature_map()
             if probe is None:
-                raise OnnxLrpError(f"{self.analysis.path}: no global average pool, so no last conv block to probe")
-        self.probe = probe
-        self.onnx = rg.build(
-            self.analysis.graph, self.analysis.rules,
-            initial=self.analysis.preset.initial, bias=bias, low=self.low, high=self.high,
-            ir_version=self.analysis.ir_version, opset=self.analysis.opset, trace=trace, probe=probe,
+                raise OnnxLrpError(f"{analysis.path}: no global average pool, so no last conv block to probe")
+        compiled = rg.build(
+            analysis.graph, analysis.rules, initial=analysis.preset.initial, bias=bias, low=bounds[0],
+            high=bounds[1], ir_version=analysis.ir_version, opset=analysis.opset, trace=trace, probe=probe,
         )
         if precision == "fp16":
-            self.onnx = rg.to_float16(self.onnx)
-        props = {p.key: p.value for p in self.onnx.metadata_props}
-        self.trace_nodes: list[str] = json.loads(props.get(rg.TRACE_KEY, "[]"))
-        self.session = session(self.onnx, device, threads)
-        self.input_shape = image.shape(image.batch or 1, self.analysis.height, self.analysis.width)
+            compiled = rg.to_float16(compiled)
+        props = {p.key: p.value for p in compiled.metadata_props}
+        summary = Summary(
+            analysis.path, analysis.preset.name, analysis.split.method, analysis.split.include_identity,
+            analysis.image, analysis.height, analysis.width, analysis.num_classes, analysis.merges,
+            analysis.notes, analysis.warnings, json.loads(props.get(rg.TRACE_KEY, "[]")), probe,
+        )
+        return summary, compiled
+
+    @property
+    def analysis(self) -> Analysis:
+        """The model's analysis (graph, merges, rules); recomputed on demand for a cached explainer."""
+        if self._analysis is None:
+            self._analysis = analyse(*self._arguments)
+        return self._analysis
+
+    @property
+    def onnx(self) -> onnx.ModelProto:
+        """The compiled explainer as an ONNX model."""
+        return onnx.load(str(self.model_path)) if self.model_path else onnx.ModelProto.FromString(self._model_bytes)
 
     def _bounds(self, low, high) -> tuple[np.ndarray, np.ndarray]:
         """Box bounds as arrays shaped like one input image (batch axis 1)."""
@@ -253,11 +325,15 @@ class Explainer:
 
     @property
     def merges(self) -> list[Merge]:
-        return self.analysis.merges
+        return self.summary.merges
 
     @property
     def num_classes(self) -> int:
-        return self.analysis.num_classes
+        return self.summary.num_classes
+
+    @property
+    def trace_nodes(self) -> list[str]:
+        return self.summary.trace_nodes
 
     def _targets(self, target, n: int) -> np.ndarray:
         if target is None:
@@ -275,37 +351,51 @@ class Explainer:
             )
         return targets.copy()
 
-    def explain(self, x: np.ndarray, target=None, batch_size: int = 16) -> Explanation:
-        """Explain a preprocessed batch. target: None (top-1), a class for all, or one per image."""
+    def explain(self, x: np.ndarray, target=None, batch_size: int = 16, top_k: int | None = None) -> Explanation:
+        """Explain a preprocessed batch. target: None (top-1), a class for all, or one per image.
+        top_k: explain each image's k best classes instead, in one batched run; the result then
+        has k rows per image (image 0's best, second best, ..., then image 1's)."""
         x = np.asarray(x, dtype=np.float32)
         expected = self.input_shape[1:]
         if x.ndim != 4 or tuple(x.shape[1:]) != tuple(expected):
             raise OnnxLrpError(f"input batch has shape {list(x.shape)}; the model expects [N, {', '.join(map(str, expected))}]")
-        feeds = {rg.INPUT: x, rg.TARGET: self._targets(target, len(x))}
-        out = run_batched(self.session, feeds, batch_size, self.analysis.image.batch)
+        if top_k is not None:
+            if target is not None or not 1 <= top_k <= self.num_classes:
+                raise OnnxLrpError(f"top_k must be 1..{self.num_classes}, without target")
+            targets = np.tile(-np.arange(1, top_k + 1, dtype=np.int64), len(x))  # -r: the r-th best class
+            x = np.repeat(x, top_k, axis=0)
+        else:
+            targets = self._targets(target, len(x))
+        out = run_batched(self.session, {rg.INPUT: x, rg.TARGET: targets}, batch_size, self.summary.image.batch)
         merges = out.get(rg.MERGE_SUMS, np.zeros((len(x), 0, 3), np.float32))
-        probe = (out[rg.PROBE_ACTIVATION], out[rg.PROBE_RELEVANCE]) if self.probe else None
+        probe = (out[rg.PROBE_ACTIVATION], out[rg.PROBE_RELEVANCE]) if self.summary.probe else None
         return Explanation(
             out[rg.RELEVANCE], out[rg.LOGITS], out[rg.TARGETS], out[rg.INITIAL], merges,
-            self.merges, self.analysis.image.layout, out.get(rg.LAYER_SUMS), list(self.trace_nodes), probe,
+            self.merges, self.summary.image.layout, out.get(rg.LAYER_SUMS), list(self.trace_nodes), probe,
         )
 
     def load_images(self, paths: Sequence[str | Path]) -> tuple[list[Path], np.ndarray]:
         """Read image files (folders expand to their images): (files, uint8 [N, H, W, C])."""
         files = image_files(list(paths))
-        image = self.analysis.image
-        pixels = np.stack([load_image(f, self.analysis.height, self.analysis.width, image.channels) for f in files])
-        return files, pixels
+        return files, self.read_images(files)
+
+    def read_images(self, files: Sequence[Path]) -> np.ndarray:
+        """uint8 [N, H, W, C] as the model sees them (scaled, centre-cropped)."""
+        summary = self.summary
+        return np.stack([load_image(f, summary.height, summary.width, summary.image.channels) for f in files])
 
     def explain_files(self, paths: Sequence[str | Path], target=None, batch_size: int = 16) -> tuple[Explanation, np.ndarray]:
         """Explain image files: (explanation, the uint8 images as the model saw them)."""
         _, pixels = self.load_images(paths)
-        x = self.preprocessing.normalize(pixels, self.analysis.image.layout)
+        x = self.preprocessing.normalize(pixels, self.summary.image.layout)
         return self.explain(x, target, batch_size), pixels
 
     def save(self, path: str | Path) -> None:
         """Write the explainer as an ONNX model that runs in plain onnxruntime."""
-        write_atomic(Path(path), lambda f: onnx.save(self.onnx, f))
+        if self.model_path:
+            write_atomic(Path(path), lambda tmp: shutil.copyfile(self.model_path, tmp))
+        else:
+            write_atomic(Path(path), lambda tmp: Path(tmp).write_bytes(self._model_bytes))
 
 
 def write_atomic(path: Path, write) -> None:

@@ -131,7 +131,7 @@ def explain(
             high=high, device=device, preprocessing=preprocess, image_size=_image_size(size), precision=precision,
         )
         _, pixels = explainer.load_images(files)  # every image is read before anything is written
-        x = explainer.preprocessing.normalize(pixels, explainer.analysis.image.layout)
+        x = explainer.preprocessing.normalize(pixels, explainer.summary.image.layout)
         results = []
         with Progress(console=console, transient=True, disable=len(files) <= batch_size) as progress:
             task = progress.add_task("explaining", total=len(files))
@@ -155,7 +155,7 @@ def explain(
                 f"input relevance {totals[i]:.4g} -> {pngs[i]}",
                 highlight=False, soft_wrap=True,
             )
-        for note in explainer.analysis.notes:
+        for note in explainer.summary.notes:
             typer.echo(f"note: {note}", err=True)
 
 

@@ -89,6 +89,7 @@ class LinearOp(Op):
 
     weight: np.ndarray
     bias: np.ndarray | None = None
+    has_bias = False  # forward() takes a bias of outputs_shape()
 
     def forward(self, e: Emitter, x: gs.Tensor, weight: np.ndarray, bias: np.ndarray | None) -> gs.Tensor:
         raise NotImplementedError
@@ -96,6 +97,10 @@ class LinearOp(Op):
     def bias_shape(self) -> tuple[int, ...]:
         """How the bias broadcasts against the output."""
         return self.bias.shape
+
+    def outputs_shape(self) -> tuple[int, ...]:
+        """The shape of a bias for forward(): one value per output channel."""
+        raise NotImplementedError
 
 
 class Conv(LinearOp):
@@ -130,6 +135,13 @@ class Conv(LinearOp):
     def transpose(self, e, g, weight=None):
         weight = self.weight if weight is None else weight
         rank = len(self.kernel)
+        reach = [d * (k - 1) for d, k in zip(self.dilations, self.kernel)]
+        if all(s == 1 for s in self.strides) and all(p <= r for p, r in zip(self.pads, reach + reach)):
+            # With stride 1 the transpose is a convolution with the kernel flipped and its in/out
+            # channels swapped; onnxruntime runs Conv much faster than ConvTranspose.
+            pads = [r - p for p, r in zip(self.pads, reach + reach)]
+            return e.op("Conv", g, e.const(_flipped(weight, self.group)), kernel_shape=self.kernel, strides=self.strides,
+                        pads=pads, dilations=self.dilations, group=self.group)
         ends, output_padding, extra = [], [], []
         for i in range(rank):
             end, out_pad, more = transpose_padding(
@@ -146,14 +158,29 @@ class Conv(LinearOp):
             result = e.op("Pad", result, e.ints([0, 0] + [0] * rank + [0, 0] + extra))
         return result
 
+    has_bias = True
+
     def bias_shape(self):
         return (1, self.weight.shape[0]) + (1,) * (self.weight.ndim - 2)
+
+    def outputs_shape(self):
+        return (self.weight.shape[0],)
 
     def describe(self) -> str:
         k = "x".join(map(str, self.kernel))
         s = "x".join(map(str, self.strides))
         group = f", group {self.group}" if self.group != 1 else ""
         return f"{k}/{s}, {self.weight.shape[1] * self.group}->{self.weight.shape[0]}{group}"
+
+
+def _flipped(weight: np.ndarray, group: int) -> np.ndarray:
+    """The weight of the convolution that is the transpose of a stride-1 convolution: per group,
+    output and input channels swapped, every spatial axis reversed."""
+    outputs, inputs = weight.shape[:2]
+    kernel = weight.shape[2:]
+    w = weight.reshape((group, outputs // group, inputs) + kernel).swapaxes(1, 2)
+    w = w[(Ellipsis,) + (slice(None, None, -1),) * len(kernel)]
+    return np.ascontiguousarray(w.reshape((group * inputs, outputs // group) + kernel))
 
 
 class Gemm(LinearOp):
@@ -185,8 +212,13 @@ class Gemm(LinearOp):
         # dz/dx = W for x @ W^T (transB=1); W^T otherwise.
         return e.op("MatMul", g, e.const(weight if self.trans_b else np.ascontiguousarray(weight.T)))
 
+    has_bias = True
+
     def bias_shape(self):
         return (1, self.outputs)
+
+    def outputs_shape(self):
+        return (self.outputs,)
 
     def describe(self) -> str:
         inputs = self.weight.shape[1] if self.trans_b else self.weight.shape[0]

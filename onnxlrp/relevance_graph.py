@@ -6,7 +6,7 @@ at its output into relevance at its inputs with its rule, and the contributions 
 all consumers of a tensor are summed. The result is a plain ONNX model:
 
     inputs : images  [N, ...]  the model's preprocessed input
-             target  [N] int64 class to explain per image; -1 = the top-1 prediction
+             target  [N] int64 class to explain per image; -1 = the top-1 prediction, -r = the r-th best
     outputs: logits             [N, K]
              relevance          [N, ...]  same shape and layout as `images`
              targets            [N]       the classes explained
@@ -113,8 +113,11 @@ def build(
     target = gs.Variable("lrp/target", dtype=np.int64, shape=[batch])
 
     with e.scope("output"):
-        top1 = e.op("ArgMax", logits, axis=1, keepdims=0)
-        chosen = e.op("Where", e.op("Less", target, np.int64(0)), top1, target)
+        # target -r picks the r-th best class (-1: the top-1 prediction)
+        _, ranked = e.op("TopK", logits, e.ints([num_classes]), axis=1, outputs=2)
+        rank = e.op("Clip", e.op("Sub", e.op("Neg", target), np.int64(1)), np.int64(0), np.int64(num_classes - 1))
+        best = e.op("Squeeze", e.op("GatherElements", ranked, e.op("Unsqueeze", rank, e.ints([1])), axis=1), e.ints([1]))
+        chosen = e.op("Where", e.op("Less", target, np.int64(0)), best, target)
         classes = np.arange(num_classes, dtype=np.int64).reshape(1, -1)
         onehot = e.op("CastLike", e.op("Equal", e.op("Unsqueeze", chosen, e.ints([1])), e.const(classes)), logits)
         if initial == "one":  # gradients: d(target logit)
@@ -192,6 +195,9 @@ def build(
     del model.opset_import[:]
     model.opset_import.append(onnx.helper.make_opsetid("", opset))
     model.producer_name = "onnxlrp"
+    for node in [n for n in g.nodes if n.name.startswith("lrp/")]:  # let go of the rules' weights
+        node.inputs.clear()
+        node.outputs.clear()
     if trace:
         onnx.helper.set_model_props(model, {TRACE_KEY: json.dumps(traced)})
     return model

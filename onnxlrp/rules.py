@@ -134,12 +134,20 @@ class GuidedReLU(Rule):
         return e.op("Where", keep, R, np.float32(0))
 
 
-def stabilize(e: Emitter, z: gs.Tensor, epsilon: float) -> gs.Tensor:
-    """z + epsilon * sign(z), with sign(0) = +1 (Zennit's convention); 0 -> inf when epsilon = 0."""
+def stabilize(e: Emitter, z: gs.Tensor, epsilon: float, nonneg: bool = False) -> gs.Tensor:
+    """z + epsilon * sign(z), with sign(0) = +1 (Zennit's convention); 0 -> inf when epsilon = 0.
+    nonneg: z is known to be >= 0, so this is just z + epsilon."""
     if epsilon == 0:
         return e.op("Where", e.op("Equal", z, np.float32(0)), np.float32(np.inf), z)
+    if nonneg:
+        return e.add(z, np.float32(epsilon))
     shift = e.op("Where", e.op("Less", z, np.float32(0)), np.float32(-epsilon), np.float32(epsilon))
     return e.add(z, shift)
+
+
+def _sign(values: np.ndarray) -> int:
+    """+1 if every value is >= 0, -1 if every value is <= 0, 0 if mixed (all zeros count as +1)."""
+    return 1 if np.all(values >= 0) else (-1 if np.all(values <= 0) else 0)
 
 
 @dataclass(frozen=True)
@@ -191,11 +199,20 @@ class LinearRule(Rule):
                 b = term.bias(bias) if (bias is not None and term.bias is not None) else None
                 if not np.any(w) and (b is None or not np.any(b)):
                     continue  # all-zero parameters contribute nothing
-                terms.append((term, a, w, self._forward(e, op, original, term, a, w, b)))
+                terms.append((term, a, w, b))
             if not terms:
                 continue
-            z = _signed_sum(e, [(term.sign, zk) for term, _, _, zk in terms])
-            s = e.div(R, stabilize(e, z, self.stabilizer))
+            nonneg = all(self._nonneg(term, w, b, ctx) for term, _, w, b in terms)
+            # A non-negative denominator is stabilised by z + eps; where the first term's forward
+            # is a layer with a bias input, eps goes into that bias (one op and layout change fewer).
+            in_bias = nonneg and self.stabilizer > 0 and op.has_bias and not self._reuses(op, original, *terms[0][:3])
+            forwards = []
+            for k, (term, a, w, b) in enumerate(terms):
+                if in_bias and k == 0:
+                    b = np.full(op.outputs_shape(), self.stabilizer, np.float32) + (0 if b is None else b)
+                forwards.append(self._forward(e, op, original, term, a, w, b))
+            z = _signed_sum(e, [(term.sign, zk) for (term, _, _, _), zk in zip(terms, forwards)])
+            s = e.div(R, z if in_bias else stabilize(e, z, self.stabilizer, nonneg))
             if group.gate:
                 compare = "Greater" if group.gate == "positive" else "Less"
                 s = e.op("Where", e.op(compare, original.output, np.float32(0)), s, np.float32(0))
@@ -210,6 +227,20 @@ class LinearRule(Rule):
         if not contributions:  # nothing to attribute to: the layer input gets zero relevance
             return e.mul(op.x, np.float32(0))
         return e.sum(contributions)
+
+    @staticmethod
+    def _nonneg(term: Term, w: np.ndarray, b: np.ndarray | None, ctx: RuleContext) -> bool:
+        """Whether the term's output is >= 0 whatever the data: input and weight signs agree."""
+        signs = {"pos": 1, "neg": -1, "ones": 1, "x": 1 if ctx.x_nonneg else 0}
+        input_sign = signs.get(term.inputs)
+        if input_sign is None:  # the box bounds: constants
+            input_sign = _sign(ctx.bounds(term.inputs))
+        weight_sign = _sign(w)
+        return term.sign > 0 and input_sign * weight_sign > 0 and (b is None or bool(np.all(b >= 0)))
+
+    @staticmethod
+    def _reuses(op, original, term, a, w) -> bool:
+        return op is original and a is op.x and term.weight is identity
 
     @staticmethod
     def _forward(e, op, original, term, a, w, b):

@@ -22,6 +22,14 @@ SIZE = 64
 torch.set_num_threads(2)
 
 
+@pytest.fixture(scope="session", autouse=True)
+def explainer_cache(tmp_path_factory):
+    """Compiled explainers go to a throwaway cache, not the user's."""
+    import os
+    os.environ["ONNXLRP_CACHE"] = str(tmp_path_factory.mktemp("onnxlrp-cache"))
+    return Path(os.environ["ONNXLRP_CACHE"])
+
+
 @dataclass
 class Exported:
     model: torch.nn.Module  # eval mode, float32

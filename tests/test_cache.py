@@ -1,0 +1,52 @@
+"""The on-disk cache of compiled explainers, and explaining several classes per image at once."""
+import shutil
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+
+from onnxlrp import Explainer
+
+
+def test_second_explainer_comes_from_the_cache(demo_model, explainer_cache, tmp_path):
+    model = tmp_path / "model.onnx"
+    shutil.copyfile(demo_model, model)
+    x = np.random.RandomState(0).randn(2, 3, 64, 64).astype(np.float32)
+    first = Explainer(model, preset="epsilon-gamma-box", split="proportional")
+    entries = set(explainer_cache.glob("*.onnx"))
+    second = Explainer(model, preset="epsilon-gamma-box", split="proportional")
+    assert set(explainer_cache.glob("*.onnx")) == entries and second.model_path == first.model_path
+    assert second._analysis is None  # nothing was rebuilt
+    np.testing.assert_array_equal(second.explain(x).relevance, first.explain(x).relevance)
+    assert second.merges == first.merges and second.summary == first.summary
+    assert len(second.analysis.merges) == 6  # still there on demand
+    Explainer(model, preset="epsilon-gamma-box", split="ratio")  # other options: another entry
+    assert len(set(explainer_cache.glob("*.onnx")) - entries) == 1
+    changed = onnx.load(str(model))
+    changed.doc_string = "another model at the same path"
+    onnx.save(changed, str(model))  # other content, same path: another entry
+    Explainer(model, preset="epsilon-gamma-box", split="proportional")
+    assert len(set(explainer_cache.glob("*.onnx")) - entries) == 2
+    uncached = Explainer(model, preset="epsilon-gamma-box", split="proportional", cache=False)
+    assert uncached.model_path is None
+    np.testing.assert_array_equal(uncached.explain(x).relevance, first.explain(x).relevance)
+
+
+def test_top_k_classes_in_one_run(demo_model):
+    explainer = Explainer(demo_model)
+    x = np.random.RandomState(1).randn(2, 3, 64, 64).astype(np.float32)
+    result = explainer.explain(x, top_k=3)
+    order = np.argsort(-result.logits[::3], axis=1)[:, :3]
+    np.testing.assert_array_equal(result.targets.reshape(2, 3), order)
+    for row in range(6):
+        single = explainer.explain(x[row // 3:row // 3 + 1], target=int(result.targets[row]))
+        np.testing.assert_allclose(result.relevance[row], single.relevance[0], rtol=1e-5, atol=1e-7)
+
+
+def test_compiled_explainer_takes_ranks(demo_model, tmp_path):
+    """In the saved model, target -r explains the r-th best class."""
+    Explainer(demo_model).save(tmp_path / "e.onnx")
+    session = ort.InferenceSession(str(tmp_path / "e.onnx"), providers=["CPUExecutionProvider"])
+    x = np.random.RandomState(2).randn(1, 3, 64, 64).astype(np.float32)
+    logits, targets = session.run(["logits", "targets"], {"images": x, "target": np.array([-2])})
+    assert targets[0] == np.argsort(-logits[0])[1]
