@@ -142,7 +142,7 @@ def worker(job: dict) -> dict:
     elif job["what"] == "onnxlrp":
         from onnxlrp import Explainer
         start = time.perf_counter()
-        ex = Explainer(job["onnx"], preset=job["preset"], split="proportional", bias=True, device=device,
+        ex = Explainer(job["onnx"], preset=job["preset"], split="proportional", bias=True, device=device, cache=False,
                        **EXPLAINER_BOUNDS.get(job["preset"], {}))
         out["build_s"] = time.perf_counter() - start
         fn = lambda: ex.explain(x, batch_size=n)

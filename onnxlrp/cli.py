@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import os
 import warnings
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Annotated, Iterator, Literal, Optional
@@ -27,7 +28,7 @@ from matplotlib import colormaps
 
 from .image import SIGNS, STYLES, render, save_npy, save_png
 from .model import first_line
-from .preprocessing import PREPROCESSING, image_files
+from .preprocessing import PREPROCESSING, check_images, image_files
 from .runtime import DEVICES
 from .splitting import SPLITS
 
@@ -85,12 +86,13 @@ def _image_size(size: int | None) -> tuple[int, int] | None:
     return (size, size) if size else None
 
 
-def _unique_names(files: list[Path], suffix: str) -> list[str]:
+def _unique_names(stems: list[str]) -> list[str]:
+    """The stems, numbered where two images of different folders share a name."""
     names, seen = [], set()
-    for f in files:
-        name, k = f"{f.stem}{suffix}", 1
+    for stem in stems:
+        name, k = stem, 1
         while name in seen:
-            name, k = f"{f.stem}_{k}{suffix}", k + 1
+            name, k = f"{stem}_{k}", k + 1
         seen.add(name)
         names.append(name)
     return names
@@ -116,47 +118,65 @@ def explain(
     heat_quantization: Annotated[Optional[int], typer.Option("--heat-quantization", min=0, help="Quantize the map to this many levels (0: off) [default: 8 for --style paper, else 0].")] = None,
     sign: Annotated[SignName, typer.Option("--sign", help="--style paper: which relevance to show.")] = "positive",
     cmap: Annotated[Optional[str], typer.Option("--cmap", help="Matplotlib colormap [default: coldnhot, or jet for --style paper].")] = None,
+    top_k: Annotated[Optional[int], typer.Option("--top-k", min=1, help="Explain each image's k best classes (one heatmap each, <image>_top<r>_lrp.png).")] = None,
     low: Annotated[Optional[float], typer.Option(help="z^B lower box bound [default: pixel 0 after preprocessing].")] = None,
     high: Annotated[Optional[float], typer.Option(help="z^B upper box bound [default: pixel 255 after preprocessing].")] = None,
 ) -> None:
     """Explain images: write a heatmap PNG per image (relevance over the image)."""
     with _user_errors():
         files = image_files(images)
-        several = len(files) > 1
+        ranks = top_k or 1
+        several = len(files) * ranks > 1
         out_dir = (output or Path("lrp_out")) if several else None
         if several and output is not None and output.suffix.lower() == ".png":
-            raise OnnxLrpError(f"{output}: {len(files)} images need an output folder, not a .png file")
+            raise OnnxLrpError(f"{output}: {len(files) * ranks} heatmaps need an output folder, not a .png file")
+        if top_k and target is not None:
+            raise OnnxLrpError("--top-k and --target exclude each other")
+        if cmap is not None and cmap not in colormaps:
+            raise OnnxLrpError(f"unknown colormap '{cmap}'")
         explainer = Explainer(
             model, preset=preset, split=split, include_identity=include_identity, bias=bias, low=low,
             high=high, device=device, preprocessing=preprocess, image_size=_image_size(size), precision=precision,
         )
-        _, pixels = explainer.load_images(files)  # every image is read before anything is written
-        x = explainer.preprocessing.normalize(pixels, explainer.summary.image.layout)
-        results = []
-        with Progress(console=console, transient=True, disable=len(files) <= batch_size) as progress:
+        check_images(files)  # every image opens and verifies before anything is written
+        suffixes = [f"_top{r}_lrp" for r in range(1, ranks + 1)] if top_k else ["_lrp"]
+        stems = _unique_names([f.stem + suffix for f in files for suffix in suffixes])
+        pngs = [out_dir / f"{n}.png" for n in stems] if several else [output or Path(f"{stems[0]}.png")]
+        arrays = [npy / f"{n}.npy" for n in stems] if (npy and several) else [npy]
+        layout = explainer.summary.image.layout
+        batches = [files[i:i + batch_size] for i in range(0, len(files), batch_size)]
+        lines, writes = [], []
+        # A pipeline: the next batch is decoded and the last one written while onnxruntime runs.
+        with ThreadPoolExecutor(max_workers=4) as pool, \
+                Progress(console=console, transient=True, disable=len(batches) <= 1) as progress:
             task = progress.add_task("explaining", total=len(files))
-            for start in range(0, len(files), batch_size):
-                results.append(explainer.explain(x[start:start + batch_size], target, batch_size))
-                progress.advance(task, len(results[-1].targets))
-        heat = np.concatenate([r.heatmap() for r in results])
-        targets = np.concatenate([r.targets for r in results])
-        initial = np.concatenate([r.initial for r in results])
-        totals = np.concatenate([r.input_sum for r in results])
-        pngs = [out_dir / n for n in _unique_names(files, "_lrp.png")] if several else [output or Path(f"{files[0].stem}_lrp.png")]
-        arrays = [npy / n for n in _unique_names(files, "_lrp.npy")] if (npy and several) else [npy]
-        if cmap is not None and cmap not in colormaps:
-            raise OnnxLrpError(f"unknown colormap '{cmap}'")
-        for i, f in enumerate(files):
-            save_png(render(pixels[i], heat[i], style, heat_quantization, sign, cmap), pngs[i])
-            if npy is not None:
-                save_npy(heat[i].astype(np.float32), arrays[i])
-            console.print(
-                f"{f}: class {targets[i]}, initial relevance {initial[i]:.4g}, "
-                f"input relevance {totals[i]:.4g} -> {pngs[i]}",
-                highlight=False, soft_wrap=True,
-            )
+            upcoming = pool.submit(explainer.read_images, batches[0])
+            done = 0
+            for k in range(len(batches)):
+                pixels = upcoming.result()
+                if k + 1 < len(batches):
+                    upcoming = pool.submit(explainer.read_images, batches[k + 1])
+                result = explainer.explain(explainer.preprocessing.normalize(pixels, layout), target, batch_size, top_k)
+                for row, heat in enumerate(result.heatmap()):
+                    i = done * ranks + row
+                    writes.append(pool.submit(_write, pixels[row // ranks], heat, pngs[i], arrays[i] if npy else None,
+                                              style, heat_quantization, sign, cmap))
+                    lines.append(f"{files[done + row // ranks]}: class {result.targets[row]}, initial relevance "
+                                 f"{result.initial[row]:.4g}, input relevance {result.input_sum[row]:.4g} -> {pngs[i]}")
+                done += len(pixels)
+                progress.advance(task, len(pixels))
+            for write in writes:
+                write.result()
+        for line in lines:
+            console.print(line, highlight=False, soft_wrap=True)
         for note in explainer.summary.notes:
             typer.echo(f"note: {note}", err=True)
+
+
+def _write(pixels, heat, png, npy_path, style, levels, sign, cmap) -> None:
+    save_png(render(pixels, heat, style, levels, sign, cmap), png)
+    if npy_path is not None:
+        save_npy(heat.astype(np.float32), npy_path)
 
 
 @app.command()

@@ -11,6 +11,7 @@ The z^B rule's default box is the pixel range [0, 255] mapped through the preset
 """
 from __future__ import annotations
 
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -96,6 +97,20 @@ def image_files(paths: list[str | Path]) -> list[Path]:
         else:
             raise OnnxLrpError(f"{path}: no such file or folder")
     return files
+
+
+def check_images(files: list[Path], threads: int = 4) -> None:
+    """Every file opens as an image and passes Pillow's integrity check; else a one-line error."""
+
+    def check(path: Path) -> None:
+        try:
+            with Image.open(path) as img:
+                img.verify()
+        except (OSError, UnidentifiedImageError, ValueError, Image.DecompressionBombError) as exc:
+            raise OnnxLrpError(f"{path}: cannot read image ({first_line(exc)})") from None
+
+    with ThreadPoolExecutor(max_workers=threads) as pool:
+        list(pool.map(check, files))
 
 
 def load_image(path: str | Path, height: int, width: int, channels: int = 3) -> np.ndarray:

@@ -38,13 +38,29 @@ def session(model: onnx.ModelProto | bytes | str, device: str = "cpu", threads: 
     return sess
 
 
+def _run_bound(sess: ort.InferenceSession, names: list[str], feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
+    """One run with IO binding: inputs copied to the device once, outputs fetched after the run."""
+    device = "cuda" if sess.get_providers()[0] == "CUDAExecutionProvider" else "cpu"
+    binding = sess.io_binding()
+    for name, value in feeds.items():
+        binding.bind_cpu_input(name, np.ascontiguousarray(value))
+    for name in names:
+        binding.bind_output(name, device)
+    sess.run_with_iobinding(binding)
+    return binding.copy_outputs_to_cpu()
+
+
 def run_batched(
-    sess: ort.InferenceSession, feeds: dict[str, np.ndarray], batch_size: int, fixed_batch: int | None = None
+    sess: ort.InferenceSession, feeds: dict[str, np.ndarray], batch_size: int, fixed_batch: int | None = None,
+    io_binding: bool | None = None,
 ) -> dict[str, np.ndarray]:
-    """Run in chunks along axis 0 and concatenate; a graph with a fixed batch size gets padded chunks."""
+    """Run in chunks along axis 0 and concatenate; a graph with a fixed batch size gets padded chunks.
+    io_binding (default: on a GPU provider) binds inputs and outputs instead of plain run()."""
     n = len(next(iter(feeds.values())))
     size = fixed_batch or max(1, batch_size)
     names = [o.name for o in sess.get_outputs()]
+    if io_binding is None:
+        io_binding = sess.get_providers()[0] != "CPUExecutionProvider"
     chunks: dict[str, list[np.ndarray]] = {name: [] for name in names}
     for start in range(0, n, size):
         part = {k: v[start:start + size] for k, v in feeds.items()}
@@ -52,7 +68,7 @@ def run_batched(
         if fixed_batch and count < fixed_batch:
             part = {k: np.concatenate([v, np.repeat(v[-1:], fixed_batch - count, axis=0)]) for k, v in part.items()}
         try:
-            results = sess.run(names, part)
+            results = _run_bound(sess, names, part) if io_binding else sess.run(names, part)
         except Exception as exc:
             raise OnnxLrpError(f"onnxruntime failed on the relevance graph ({first_line(exc)})") from None
         for name, value in zip(names, results):

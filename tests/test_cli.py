@@ -133,3 +133,26 @@ def test_graph_and_compile_report_errors_too(tmp_path):
         result = run(*args)
         assert result.exit_code == 1 and result.stderr.startswith("error: ") and "act_tanh" in result.stderr
     assert not (tmp_path / "x.onnx").exists()
+
+
+def test_explain_top_k_writes_one_heatmap_per_class(demo_model, demo_image, tmp_path):
+    out = tmp_path / "out"
+    result = run("explain", demo_model, demo_image, "--top-k", "3", "-o", out)
+    assert result.exit_code == 0, result.output
+    assert sorted(p.name for p in out.iterdir()) == ["demo_top1_lrp.png", "demo_top2_lrp.png", "demo_top3_lrp.png"]
+    logits = Explainer(demo_model).explain_files([demo_image])[0].logits[0]
+    classes = [int(line.split("class ")[1].split(",")[0]) for line in result.stdout.splitlines() if "class" in line]
+    assert classes == np.argsort(-logits)[:3].tolist()
+
+
+def test_explain_many_images_in_batches(demo_model, tmp_path):
+    """Several batches through the pipeline: every image gets its own, correct heatmap."""
+    folder = Path(__file__).resolve().parent.parent / "examples" / "shapes" / "ring"
+    files = sorted(folder.glob("*.png"))[:7]
+    out, npy = tmp_path / "out", tmp_path / "npy"
+    result = run("explain", demo_model, *files, "--batch-size", "3", "-o", out, "--npy", npy)
+    assert result.exit_code == 0, result.output
+    assert len(list(out.iterdir())) == 7
+    expected, _ = Explainer(demo_model).explain_files(files)
+    for f, heat in zip(files, expected.heatmap()):
+        np.testing.assert_allclose(np.load(npy / f"{f.stem}_lrp.npy"), heat, rtol=1e-5, atol=1e-7)
