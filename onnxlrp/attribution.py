@@ -6,9 +6,7 @@ relevance graph -> onnxruntime session.
 from __future__ import annotations
 
 import json
-import os
 import shutil
-import tempfile
 import warnings
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -22,6 +20,7 @@ from . import relevance_graph as rg
 from .canonizers import canonicalize
 from .composites import Preset, get_preset
 from .errors import OnnxLrpError
+from .files import write_atomic
 from .graph import ModelGraph, build_graph
 from .merges import Merge
 from .model import (DEFAULT_IMAGE_SIZE, MIN_OPSET, ImageInput, default_opset, image_input, is_float16, load,
@@ -71,8 +70,7 @@ class Analysis:
             rule = self.rules[name]
             merge = self.graph.merge_at(name)
             describe = rule.describe(merge) if isinstance(rule, Split) else rule.describe(op)
-            info = op.describe() if hasattr(op, "describe") else ""
-            rows.append({"node": name, "op_type": op.node.op, "info": info, "rule": describe})
+            rows.append({"node": name, "op_type": op.node.op, "info": op.describe(), "rule": describe})
         return rows
 
 
@@ -263,7 +261,7 @@ class Explainer:
         else:
             self.summary, compiled = self._build(bias, low, high, trace, precision, probe)
             if entry:
-                self.model_path = cache_store.store(entry, compiled, self.summary.to_json(), write_atomic)
+                self.model_path = cache_store.store(entry, compiled, self.summary.to_json())
             else:
                 self._model_bytes = compiled.SerializeToString()
         for message in self.summary.warnings:
@@ -396,19 +394,3 @@ class Explainer:
             write_atomic(Path(path), lambda tmp: shutil.copyfile(self.model_path, tmp))
         else:
             write_atomic(Path(path), lambda tmp: Path(tmp).write_bytes(self._model_bytes))
-
-
-def write_atomic(path: Path, write) -> None:
-    """Write through a temporary file and rename: no half-written output, ever."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    os.close(fd)
-    try:
-        write(tmp)
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes files private; outputs get the usual mode
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise

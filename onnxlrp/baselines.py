@@ -73,7 +73,7 @@ def _channel_sum(relevance: np.ndarray, layout: str) -> np.ndarray:
 
 def _upsample(maps: np.ndarray, height: int, width: int) -> np.ndarray:
     """[N, h, w] -> [N, H, W], bilinear."""
-    return np.stack([np.asarray(Image.fromarray(m.astype(np.float32), mode="F").resize((width, height), Image.Resampling.BILINEAR))
+    return np.stack([np.asarray(Image.fromarray(m.astype(np.float32)).resize((width, height), Image.Resampling.BILINEAR))
                      for m in maps])
 
 
@@ -85,29 +85,27 @@ class Method:
     label: str  # for tables
     compute: Callable[[np.ndarray, np.ndarray], np.ndarray]
     explainer: Explainer | None = None  # LRP methods: for conservation statistics
-    last: list[Explanation] = field(default_factory=list)  # LRP methods: the latest explanation
+    last: list[Explanation] = field(default_factory=list)  # LRP methods: the latest explanation (one)
 
     def __call__(self, x: np.ndarray, targets: np.ndarray) -> np.ndarray:
         return self.compute(x, targets)
 
 
-def _lrp(name, label, model, black, preset, **options) -> Method:
+def _lrp(name: str, label: str, model, preset: str, **options) -> Method:
     explainer = Explainer(model, preset=preset, trace=True, **options)
-    method = Method(name, label, None, explainer)
+    last: list[Explanation] = []
 
     def compute(x, targets):
-        result = explainer.explain(x, targets)
-        method.last[:] = [result]
-        return result.heatmap()
+        last[:] = [explainer.explain(x, targets)]
+        return last[0].heatmap()
 
-    method.compute = compute
-    return method
+    return Method(name, label, compute, explainer, last)
 
 
 def methods(model: str | Path, black: np.ndarray, layout: str = "NCHW", device: str = "cpu",
             steps: int = 32, image_size=None) -> dict[str, Callable[[], Method]]:
     """Method name -> a factory (methods build their sessions only when asked for).
-    black: the model input of an all-black image, [1, ...], for Integrated Gradients and Score-CAM."""
+    black: the model input of one all-black image (no batch axis), for Integrated Gradients and Score-CAM."""
     common = dict(device=device, image_size=image_size)
 
     def gradients(preset):
@@ -175,13 +173,13 @@ def methods(model: str | Path, black: np.ndarray, layout: str = "NCHW", device: 
         "guided-backprop": guided_backprop,
         "grad-cam": grad_cam,
         "score-cam": score_cam,
-        "lrp-captum": lambda: _lrp("lrp-captum", "LRP (Captum default: epsilon, no splitting)", model, black, "captum", **common),
-        "epsilon-plus-flat": lambda: _lrp("epsilon-plus-flat", "LRP epsilon-plus-flat, ratio split", model, black,
+        "lrp-captum": lambda: _lrp("lrp-captum", "LRP (Captum default: epsilon, no splitting)", model, "captum", **common),
+        "epsilon-plus-flat": lambda: _lrp("epsilon-plus-flat", "LRP epsilon-plus-flat, ratio split", model,
                                           "epsilon-plus-flat", **common),
     }
     for variant, (split, include_identity) in PAPER_VARIANTS.items():
         registry[f"paper-{variant}"] = (
             lambda v=variant, s=split, i=include_identity: _lrp(
-                f"paper-{v}", f"LRP paper ({v})" + (", proposed" if v == "iv" else ""), model, black, "paper",
+                f"paper-{v}", f"LRP paper ({v})" + (", proposed" if v == "iv" else ""), model, "paper",
                 split=s, include_identity=i, **common))
     return registry

@@ -16,6 +16,8 @@ from pathlib import Path
 import onnx
 import onnxruntime
 
+from .files import write_atomic
+
 LIMIT_BYTES = 4 * 2**30
 
 
@@ -56,7 +58,7 @@ def lookup(entry: str) -> tuple[Path, str] | None:
     return None
 
 
-def store(entry: str, model: onnx.ModelProto, summary: str, write_atomic) -> Path:
+def store(entry: str, model: onnx.ModelProto, summary: str) -> Path:
     folder = directory()
     path = folder / f"{entry}.onnx"
     write_atomic(path, lambda tmp: onnx.save(model, tmp))

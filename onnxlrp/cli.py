@@ -1,7 +1,8 @@
 """The ``onnxlrp`` command: a thin layer over the Python API.
 
 Every user error ends as one line ``error: ...`` on stderr and a non-zero exit, before
-any output file is written (outputs are written atomically, after all inputs were read).
+any output file is written (every input is checked first; each output is written
+atomically, through a temporary file and a rename).
 """
 from __future__ import annotations
 
@@ -15,18 +16,17 @@ from typing import Annotated, Iterator, Literal, Optional
 
 import numpy as np
 import typer
+from matplotlib import colormaps
 from rich.console import Console
 from rich.progress import Progress
 from rich.table import Table
 
-from .attribution import PRECISIONS, Explainer, analyse
-from .metrics import PROTOCOLS
+from .attribution import PRECISIONS, Explainer, OnnxLrpWarning, analyse
 from .composites import PRESETS
-from .evaluate import DEFAULT_METHODS, evaluate as run_evaluation, load_dataset, method_names, write as write_results
 from .errors import OnnxLrpError
-from matplotlib import colormaps
-
+from .evaluate import DEFAULT_METHODS, evaluate as run_evaluation, load_dataset, method_names, write as write_results
 from .image import SIGNS, STYLES, render, save_npy, save_png
+from .metrics import PROTOCOLS
 from .model import first_line
 from .preprocessing import PREPROCESSING, check_images, image_files
 from .runtime import DEVICES
@@ -68,7 +68,7 @@ def _user_errors() -> Iterator[None]:
             warnings.simplefilter("always")
             yield
         for w in caught:
-            if "onnxlrp" in w.filename or w.category.__name__ == "OnnxLrpWarning":
+            if issubclass(w.category, OnnxLrpWarning):
                 typer.echo(f"warning: {w.message}", err=True)
     except OnnxLrpError as exc:
         typer.echo(f"error: {exc}", err=True)

@@ -22,7 +22,8 @@ from typing import Callable, Sequence
 import numpy as np
 
 from . import metrics
-from .attribution import analyse, write_atomic
+from .attribution import analyse
+from .files import write_atomic
 from .baselines import Forward, methods as method_registry
 from .errors import OnnxLrpError
 from .image import quantize

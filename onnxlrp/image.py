@@ -17,6 +17,8 @@ from matplotlib import colormaps
 from matplotlib.colors import LinearSegmentedColormap
 from PIL import Image
 
+from .files import write_atomic
+
 SIGNS = ("positive", "absolute", "all")
 STYLES = ("signed", "paper")
 
@@ -57,8 +59,6 @@ def normalize(heat: np.ndarray, sign: str = "positive", percent: float = 98.0) -
         raise ValueError(f"unknown sign mode '{sign}'; choose one of {', '.join(SIGNS)}")
     threshold = cumulative_threshold(np.abs(heat), percent)
     return np.clip(heat / threshold, -1, 1) if threshold > 0 else np.zeros_like(heat)
-
-from .attribution import write_atomic
 
 
 def _normalized(heat: np.ndarray, symmetric: bool) -> np.ndarray:

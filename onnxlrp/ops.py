@@ -79,6 +79,10 @@ class Op:
     def transpose(self, e: Emitter, g: gs.Tensor, weight=None) -> gs.Tensor:
         raise self.error("has no transpose")
 
+    def describe(self) -> str:
+        """Kernel, stride and channels, for `onnxlrp graph`."""
+        return ""
+
 
 class LinearOp(Op):
     """An op linear in its data input, given parameters (weight, bias)."""

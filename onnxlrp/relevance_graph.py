@@ -51,33 +51,27 @@ def _claim_name(graph: gs.Graph, tensor: gs.Tensor, name: str) -> None:
     tensor.name = name
 
 
-class _BoundsAt:
-    """The z^B box bounds (given at the image input) carried to a layer's input tensor."""
+def _bounds_at(graph: ModelGraph, box: dict[str, np.ndarray], x: gs.Tensor):
+    """The z^B box bounds, given at the image input, carried through reshapes to tensor `x`."""
 
-    def __init__(self, graph: ModelGraph, low: np.ndarray, high: np.ndarray):
-        self.graph = graph
-        self.values = {"low": low, "high": high}
+    def bound(which: str) -> np.ndarray:
+        chain, tensor = [], x
+        while tensor is not graph.canonical.input:
+            producer = tensor.inputs[0] if tensor.inputs else None
+            op = graph.ops.get(producer.name) if producer is not None else None
+            if op is None or op.kind != "reshape":
+                raise OnnxLrpError(
+                    f"z^B box bounds: the layer input '{x.name}' is not the image up to reshapes "
+                    f"(node '{producer.name if producer else '?'}' is in between)"
+                )
+            chain.append(op)
+            tensor = op.x
+        value = box[which]
+        for op in reversed(chain):  # replay the reshapes on the bound tensor, in numpy
+            value = _replay(op, value)
+        return value
 
-    def __call__(self, x: gs.Tensor):
-        def bound(which: str) -> np.ndarray:
-            chain = []
-            tensor = x
-            while tensor is not self.graph.canonical.input:
-                producer = tensor.inputs[0] if tensor.inputs else None
-                op = self.graph.ops.get(producer.name) if producer is not None else None
-                if op is None or op.kind != "reshape":
-                    raise OnnxLrpError(
-                        f"z^B box bounds: the layer input '{x.name}' is not the image up to reshapes "
-                        f"(node '{producer.name if producer else '?'}' is in between)"
-                    )
-                chain.append(op)
-                tensor = op.x
-            value = self.values[which]
-            for op in reversed(chain):  # replay the reshapes on the bound tensor, in numpy
-                value = _replay(op, value)
-            return value
-
-        return bound
+    return bound
 
 
 def _replay(op, value: np.ndarray) -> np.ndarray:
@@ -115,8 +109,8 @@ def build(
     with e.scope("output"):
         # target -r picks the r-th best class (-1: the top-1 prediction)
         _, ranked = e.op("TopK", logits, e.ints([num_classes]), axis=1, outputs=2)
-        rank = e.op("Clip", e.op("Sub", e.op("Neg", target), np.int64(1)), np.int64(0), np.int64(num_classes - 1))
-        best = e.op("Squeeze", e.op("GatherElements", ranked, e.op("Unsqueeze", rank, e.ints([1])), axis=1), e.ints([1]))
+        place = e.op("Clip", e.op("Sub", e.op("Neg", target), np.int64(1)), np.int64(0), np.int64(num_classes - 1))
+        best = e.op("Squeeze", e.op("GatherElements", ranked, e.op("Unsqueeze", place, e.ints([1])), axis=1), e.ints([1]))
         chosen = e.op("Where", e.op("Less", target, np.int64(0)), best, target)
         classes = np.arange(num_classes, dtype=np.int64).reshape(1, -1)
         onehot = e.op("CastLike", e.op("Equal", e.op("Unsqueeze", chosen, e.ints([1])), e.const(classes)), logits)
@@ -126,7 +120,7 @@ def build(
             start = e.mul(onehot, logits if initial == "logit" else e.op("Softmax", logits, axis=1))
         initial_sum = e.reduce_sum(start, [1])
 
-    bounds = _BoundsAt(graph, low, high) if low is not None else None
+    box = {"low": low, "high": high} if low is not None else None
     contributions: dict[str, list[gs.Tensor]] = defaultdict(list)
     contributions[logits.name].append(start)
     merge_sums: dict[str, gs.Tensor] = {}
@@ -149,13 +143,13 @@ def build(
                 if r_skip is not None:
                     contributions[merge.skip].append(r_skip)
                 contributions[merge.main].append(r_main)
-                rank = len(op.output.shape)
-                sums = [e.sum_per_sample(t, rank) for t in (R, r_main)]
-                skip_sum = e.sum_per_sample(r_skip, rank) if r_skip is not None else e.mul(sums[0], np.float32(0))
+                ndim = len(op.output.shape)
+                sums = [e.sum_per_sample(t, ndim) for t in (R, r_main)]
+                skip_sum = e.sum_per_sample(r_skip, ndim) if r_skip is not None else e.mul(sums[0], np.float32(0))
                 merge_sums[name] = _stack(e, [sums[0], skip_sum, sums[1]])
                 passed = [skip_sum, sums[1]]
             else:
-                ctx = RuleContext(bias=bias, x_nonneg=op.x.name in graph.nonneg, bounds=bounds(op.x) if bounds else None)
+                ctx = RuleContext(bias=bias, x_nonneg=op.x.name in graph.nonneg, bounds=_bounds_at(graph, box, op.x) if box else None)
                 r_in = rule.emit(e, op, R, ctx)
                 contributions[op.x.name].append(r_in)
                 if trace:
