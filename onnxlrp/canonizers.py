@@ -262,6 +262,28 @@ def _merge_pads(graph: gs.Graph) -> None:
     graph.cleanup()
 
 
+def _conv_bias(conv: gs.Node) -> np.ndarray:
+    """The conv's bias in float64, zeros where it has none."""
+    given = conv.inputs[2] if len(conv.inputs) > 2 and conv.inputs[2].name else None
+    bias = _const(given) if given is not None else None
+    return np.zeros(_const(conv.inputs[1]).shape[0]) if bias is None else bias.astype(np.float64)
+
+
+def _absorb(conv: gs.Node, follower: gs.Node, weight: np.ndarray, bias: np.ndarray) -> None:
+    """Give the conv new (float64) weights and bias and the follower's output: the follower drops out."""
+    dtype = _const(conv.inputs[1]).dtype
+    conv.inputs[1] = gs.Constant(f"{conv.name}/W", weight.astype(dtype))
+    new_bias = gs.Constant(f"{conv.name}/B", bias.astype(dtype))
+    if len(conv.inputs) > 2:
+        conv.inputs[2] = new_bias
+    else:
+        conv.inputs.append(new_bias)
+    out = follower.outputs[0]
+    follower.outputs.clear()
+    conv.outputs.clear()
+    conv.outputs.append(out)
+
+
 def _fold_batchnorms(graph: gs.Graph) -> int:
     """Fold BatchNormalization into a preceding Conv: W' = s W, b' = s (b - mean) + beta."""
     folded = 0
@@ -278,20 +300,8 @@ def _fold_batchnorms(graph: gs.Graph) -> int:
             continue
         gamma, beta, mean, var = (p.astype(np.float64) for p in params)
         scale = gamma / np.sqrt(var + bn.attrs.get("epsilon", 1e-5))
-        bias = _const(conv.inputs[2]) if len(conv.inputs) > 2 else None
-        bias = np.zeros_like(mean) if bias is None else bias.astype(np.float64)
         new_weight = weight.astype(np.float64) * scale.reshape((-1,) + (1,) * (weight.ndim - 1))
-        new_bias = (bias - mean) * scale + beta
-        conv.inputs[1] = gs.Constant(f"{conv.name}/W", new_weight.astype(weight.dtype))
-        new_bias = gs.Constant(f"{conv.name}/B", new_bias.astype(weight.dtype))
-        if len(conv.inputs) > 2:
-            conv.inputs[2] = new_bias
-        else:
-            conv.inputs.append(new_bias)
-        out = bn.outputs[0]
-        bn.outputs.clear()
-        conv.outputs.clear()
-        conv.outputs.append(out)
+        _absorb(conv, bn, new_weight, (_conv_bias(conv) - mean) * scale + beta)
         folded += 1
     graph.cleanup()
     return folded
@@ -328,24 +338,13 @@ def _fold_channel_affine(graph: gs.Graph) -> int:
             c = _channel_constant(values, weight.shape[0], len(out.shape))
             if c is None:
                 continue
-            bias = _const(conv.inputs[2]) if len(conv.inputs) > 2 and conv.inputs[2].name else None
-            bias = np.zeros(weight.shape[0]) if bias is None else bias.astype(np.float64)
-            w = weight.astype(np.float64)
+            bias, w = _conv_bias(conv), weight.astype(np.float64)
             if node.op in ("Mul", "Div"):
                 scale = c if node.op == "Mul" else 1.0 / c
                 w, bias = w * scale.reshape((-1,) + (1,) * (w.ndim - 1)), bias * scale
             else:
                 bias = bias + (c if node.op == "Add" else -c)
-            conv.inputs[1] = gs.Constant(f"{conv.name}/W", w.astype(weight.dtype))
-            new_bias = gs.Constant(f"{conv.name}/B", bias.astype(weight.dtype))
-            if len(conv.inputs) > 2:
-                conv.inputs[2] = new_bias
-            else:
-                conv.inputs.append(new_bias)
-            result = node.outputs[0]
-            node.outputs.clear()
-            conv.outputs.clear()
-            conv.outputs.append(result)
+            _absorb(conv, node, w, bias)
             folded += 1
             changed = True
     graph.cleanup()

@@ -213,7 +213,7 @@ def with_image_size(
     if image.batch is None:
         dims[0].dim_param = "batch"
     model = _infer_shapes(model, path)
-    if _floor_ceil_mode_pools(model):
+    while _floor_ceil_mode_pool(model):  # one pool at a time: its new size changes what follows
         model = _infer_shapes(model, path)
     return model
 
@@ -226,15 +226,15 @@ def _infer_shapes(model: onnx.ModelProto, path) -> onnx.ModelProto:
         raise OnnxLrpError(f"{path}: shape inference failed ({first_line(exc)})") from None
 
 
-def _floor_ceil_mode_pools(model: onnx.ModelProto) -> bool:
-    """Set ceil_mode=0 on pools where ceil mode adds no window that starts inside the input.
+def _floor_ceil_mode_pool(model: onnx.ModelProto) -> bool:
+    """Set ceil_mode=0 on the first pool where ceil mode adds no window that starts inside
+    the input; True if there was one.
 
     onnxruntime (like PyTorch) drops a last window that would start in the right padding;
     ONNX shape inference keeps it. Where that is the only extra window, ceil mode is floor
     mode, and saying so makes inferred and actual shapes agree.
     """
     shapes = {v.name: _dims(v) for v in list(model.graph.value_info) + list(model.graph.input)}
-    changed = False
     for node in model.graph.node:
         attrs = {a.name: a for a in node.attribute}
         if node.op_type not in ("MaxPool", "AveragePool") or "ceil_mode" not in attrs or not attrs["ceil_mode"].i:
@@ -255,5 +255,5 @@ def _floor_ceil_mode_pools(model: onnx.ModelProto) -> bool:
                 floor_is_ceil = False  # a real extra window: keep ceil mode
         if floor_is_ceil:
             attrs["ceil_mode"].i = 0
-            changed = True
-    return changed
+            return True
+    return False

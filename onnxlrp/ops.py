@@ -57,6 +57,29 @@ def transpose_padding(
     return end, 0, extra  # trailing inputs no window reads: their gradient is zero
 
 
+def window_transpose(e: Emitter, g: gs.Tensor, weight: np.ndarray, in_shape, out_shape, kernel, strides, pads,
+                     dilations, group: int) -> gs.Tensor:
+    """The VJP of a window op (convolution, or average pool as a depthwise convolution).
+
+    With stride 1 it is a convolution with the kernel flipped and its in/out channels swapped,
+    which onnxruntime runs much faster than ConvTranspose; otherwise a ConvTranspose padded to
+    the input's size."""
+    rank = len(kernel)
+    common = dict(kernel_shape=list(kernel), strides=list(strides), dilations=list(dilations), group=group)
+    reach = [d * (k - 1) for d, k in zip(dilations, kernel)] * 2
+    if all(s == 1 for s in strides) and all(p <= r for p, r in zip(pads, reach)):
+        return e.op("Conv", g, e.const(_flipped(weight, group)), pads=[r - p for p, r in zip(pads, reach)], **common)
+    ends, output_padding, extra = zip(*(
+        transpose_padding(in_shape[2 + i], out_shape[2 + i], kernel[i], strides[i], dilations[i], pads[i], pads[rank + i])
+        for i in range(rank)
+    ))
+    result = e.op("ConvTranspose", g, e.const(weight), pads=list(pads[:rank]) + list(ends),
+                  output_padding=list(output_padding), **common)
+    if any(extra):
+        result = e.op("Pad", result, e.ints([0, 0] + [0] * rank + [0, 0] + list(extra)))
+    return result
+
+
 class Op:
     """An op on the data path. Subclasses say which rules apply and emit its transpose."""
 
@@ -93,7 +116,7 @@ class LinearOp(Op):
 
     weight: np.ndarray
     bias: np.ndarray | None = None
-    has_bias = False  # forward() takes a bias of outputs_shape()
+    has_bias = False  # forward() takes a bias of forward_bias_shape()
 
     def forward(self, e: Emitter, x: gs.Tensor, weight: np.ndarray, bias: np.ndarray | None) -> gs.Tensor:
         raise NotImplementedError
@@ -102,8 +125,8 @@ class LinearOp(Op):
         """How the bias broadcasts against the output."""
         return self.bias.shape
 
-    def outputs_shape(self) -> tuple[int, ...]:
-        """The shape of a bias for forward(): one value per output channel."""
+    def forward_bias_shape(self) -> tuple[int, ...]:
+        """The shape of the bias forward() takes: one value per output channel."""
         raise NotImplementedError
 
 
@@ -138,36 +161,15 @@ class Conv(LinearOp):
 
     def transpose(self, e, g, weight=None):
         weight = self.weight if weight is None else weight
-        rank = len(self.kernel)
-        reach = [d * (k - 1) for d, k in zip(self.dilations, self.kernel)]
-        if all(s == 1 for s in self.strides) and all(p <= r for p, r in zip(self.pads, reach + reach)):
-            # With stride 1 the transpose is a convolution with the kernel flipped and its in/out
-            # channels swapped; onnxruntime runs Conv much faster than ConvTranspose.
-            pads = [r - p for p, r in zip(self.pads, reach + reach)]
-            return e.op("Conv", g, e.const(_flipped(weight, self.group)), kernel_shape=self.kernel, strides=self.strides,
-                        pads=pads, dilations=self.dilations, group=self.group)
-        ends, output_padding, extra = [], [], []
-        for i in range(rank):
-            end, out_pad, more = transpose_padding(
-                self.in_shape[2 + i], self.out_shape[2 + i], self.kernel[i], self.strides[i],
-                self.dilations[i], self.pads[i], self.pads[rank + i],
-            )
-            ends.append(end)
-            output_padding.append(out_pad)
-            extra.append(more)
-        attrs = self._attrs()
-        attrs["pads"] = self.pads[:rank] + ends
-        result = e.op("ConvTranspose", g, e.const(weight), output_padding=output_padding, **attrs)
-        if any(extra):
-            result = e.op("Pad", result, e.ints([0, 0] + [0] * rank + [0, 0] + extra))
-        return result
+        return window_transpose(e, g, weight, self.in_shape, self.out_shape, self.kernel, self.strides,
+                                self.pads, self.dilations, self.group)
 
     has_bias = True
 
     def bias_shape(self):
         return (1, self.weight.shape[0]) + (1,) * (self.weight.ndim - 2)
 
-    def outputs_shape(self):
+    def forward_bias_shape(self):
         return (self.weight.shape[0],)
 
     def describe(self) -> str:
@@ -221,7 +223,7 @@ class Gemm(LinearOp):
     def bias_shape(self):
         return (1, self.outputs)
 
-    def outputs_shape(self):
+    def forward_bias_shape(self):
         return (self.outputs,)
 
     def describe(self) -> str:
@@ -360,25 +362,10 @@ class AveragePool(LinearOp):
     def transpose(self, e, g, weight=None):
         weight = self.weight if weight is None else weight
         scale = np.float32(weight) / self._counts()
-        channels = self.in_shape[1]
-        ones = np.ones((channels, 1) + tuple(self.kernel), dtype=np.float32)
-        rank = len(self.kernel)
-        ends, output_padding, extra = [], [], []
-        for i in range(rank):
-            end, out_pad, more = transpose_padding(
-                self.in_shape[2 + i], self.out_shape[2 + i], self.kernel[i], self.strides[i], 1,
-                self.pads[i], self.pads[rank + i],
-            )
-            ends.append(end)
-            output_padding.append(out_pad)
-            extra.append(more)
-        result = e.op(
-            "ConvTranspose", e.mul(g, e.const(scale)), e.const(ones), kernel_shape=self.kernel,
-            strides=self.strides, pads=self.pads[:rank] + ends, group=channels, output_padding=output_padding,
-        )
-        if any(extra):
-            result = e.op("Pad", result, e.ints([0, 0] + [0] * rank + [0, 0] + extra))
-        return result
+        channels, rank = self.in_shape[1], len(self.kernel)
+        ones = np.ones((channels, 1) + tuple(self.kernel), dtype=np.float32)  # each channel on its own
+        return window_transpose(e, e.mul(g, e.const(scale)), ones, self.in_shape, self.out_shape, self.kernel,
+                                self.strides, self.pads, [1] * rank, channels)
 
     def describe(self) -> str:
         return f"{'x'.join(map(str, self.kernel))}/{'x'.join(map(str, self.strides))}"

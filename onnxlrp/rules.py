@@ -209,7 +209,7 @@ class LinearRule(Rule):
             forwards = []
             for k, (term, a, w, b) in enumerate(terms):
                 if in_bias and k == 0:
-                    b = np.full(op.outputs_shape(), self.stabilizer, np.float32) + (0 if b is None else b)
+                    b = np.full(op.forward_bias_shape(), self.stabilizer, np.float32) + (0 if b is None else b)
                 forwards.append(self._forward(e, op, original, term, a, w, b))
             z = _signed_sum(e, [(term.sign, zk) for (term, _, _, _), zk in zip(terms, forwards)])
             s = e.div(R, z if in_bias else stabilize(e, z, self.stabilizer, nonneg))

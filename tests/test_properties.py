@@ -8,7 +8,7 @@ relevance bookkeeping over fan-outs and merges.
 """
 import numpy as np
 import torch
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, given, reject, settings
 from hypothesis import strategies as st
 from torch import nn
 
@@ -35,6 +35,8 @@ class Block(nn.Module):
     def forward(self, x):
         h = self.conv2(torch.relu(self.conv1(x)))
         skip = x if self.skip == "identity" else self.shortcut(x)
+        if h.shape != skip.shape:  # torch would broadcast; no real ResNet does
+            reject()
         return torch.relu(h + skip)
 
 
@@ -46,7 +48,7 @@ def networks(draw):
     if pool == "max":
         layers.append(nn.MaxPool2d(draw(st.sampled_from([2, 3])), 2, padding=draw(st.integers(0, 1))))
     elif pool == "avg":
-        layers.append(nn.AvgPool2d(draw(st.sampled_from([2, 3])), 2, padding=draw(st.integers(0, 1)),
+        layers.append(nn.AvgPool2d(draw(st.sampled_from([2, 3])), draw(st.sampled_from([1, 2])), padding=draw(st.integers(0, 1)),
                                    ceil_mode=draw(st.booleans()), count_include_pad=draw(st.booleans())))
     for _ in range(draw(st.integers(1, 3))):
         stride = draw(st.sampled_from([1, 2]))
@@ -66,6 +68,18 @@ def exported(model, size, path):
     return path
 
 
+def prepared(net, folder):
+    """Seeded weights, the exported model and two input images."""
+    model, size, seed = net
+    torch.manual_seed(seed)
+    for p in model.parameters():
+        nn.init.normal_(p, std=0.5)
+    x = np.random.RandomState(seed).randn(2, 3, size, size).astype(np.float32)
+    with torch.no_grad():
+        model(torch.from_numpy(x))  # rejects networks whose merges would broadcast
+    return model, exported(model, size, folder / "net.onnx"), x
+
+
 def gradient_times_input(model, x):
     inputs = torch.tensor(x, dtype=torch.float64, requires_grad=True)
     logits = model.double()(inputs)
@@ -76,38 +90,32 @@ def gradient_times_input(model, x):
     return (inputs * grad).detach().numpy(), target.numpy()
 
 
-@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(net=networks())
 def test_lrp0_equals_gradient_times_input(net, tmp_path):
-    model, size, seed = net
-    torch.manual_seed(seed)
-    for p in model.parameters():
-        nn.init.normal_(p, std=0.5)
-    x = np.random.RandomState(seed).randn(2, 3, size, size).astype(np.float32)
-    path = exported(model, size, tmp_path / "net.onnx")
+    model, path, x = prepared(net, tmp_path)
     # LRP-0 also at merges: the proportional split without a stabiliser
     result = Explainer(path, preset="epsilon", rules=LRP0_RULES, split=Split("proportional", stabilizer=0.0)).explain(x)
     reference, targets = gradient_times_input(model, x)
     np.testing.assert_array_equal(result.targets, targets)
-    error = np.linalg.norm(result.relevance - reference) / np.linalg.norm(reference)
+    scale = np.linalg.norm(reference)
+    if scale == 0:  # a network whose activations all die: nothing to attribute
+        assert not result.relevance.any()
+        return
+    error = np.linalg.norm(result.relevance - reference) / scale
     assert error < 1e-3, error
 
 
 ZPLUS_RULES = {"Conv": R.zplus(), "Gemm": R.zplus(), "AveragePool": R.norm(), "GlobalAveragePool": R.norm()}
 
 
-@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@settings(max_examples=80, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(net=networks(), split=st.sampled_from(["symmetric", "ratio"]))
 def test_zplus_never_creates_or_negates_relevance(net, split, tmp_path):
     """z+ everywhere with a ratio or symmetric split: relevance keeps the sign of the initial
     relevance (the target logit), is never created (z+ may only absorb what a split sends
     where no positive contribution exists), and every merge splits exactly."""
-    model, size, seed = net
-    torch.manual_seed(seed)
-    for p in model.parameters():
-        nn.init.normal_(p, std=0.5)
-    x = np.random.RandomState(seed).randn(2, 3, size, size).astype(np.float32)
-    path = exported(model, size, tmp_path / "net.onnx")
+    model, path, x = prepared(net, tmp_path)
     result = Explainer(path, preset="epsilon", rules=ZPLUS_RULES, split=split).explain(x)
     sign = np.sign(result.initial).reshape(-1, 1, 1, 1)
     assert (result.relevance * sign).min() >= 0
