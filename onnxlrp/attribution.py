@@ -25,7 +25,7 @@ from .graph import ModelGraph, build_graph
 from .merges import Merge
 from .model import (DEFAULT_IMAGE_SIZE, MIN_OPSET, ImageInput, default_opset, image_input, is_float16, load,
                     to_float32, with_image_size)
-from .preprocessing import Preprocessing, get_preprocessing, image_files, load_image
+from .preprocessing import Preprocessing, get_preprocessing, image_files, load_images
 from .rules import Rule
 from .runtime import run_batched, session
 from .splitting import Split
@@ -380,7 +380,7 @@ class Explainer:
     def read_images(self, files: Sequence[Path]) -> np.ndarray:
         """uint8 [N, H, W, C] as the model sees them (scaled, centre-cropped)."""
         summary = self.summary
-        return np.stack([load_image(f, summary.height, summary.width, summary.image.channels) for f in files])
+        return load_images(list(files), summary.height, summary.width, summary.image.channels)
 
     def explain_files(self, paths: Sequence[str | Path], target=None, batch_size: int = 16) -> tuple[Explanation, np.ndarray]:
         """Explain image files: (explanation, the uint8 images as the model saw them)."""

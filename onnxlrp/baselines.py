@@ -56,11 +56,12 @@ class Forward:
         graph.cleanup()
         self.session = session(gs.export_onnx(graph, do_type_check=False, ir_version=analysis.ir_version), device)
         self.input_name = canonical.input.name
-        self.fixed_batch = analysis.image.batch
+        self.image, self.height, self.width = analysis.image, analysis.height, analysis.width
+        self.num_classes = analysis.num_classes
         self.probe = probe
 
     def __call__(self, x: np.ndarray, batch_size: int = 64) -> list[np.ndarray]:
-        out = run_batched(self.session, {self.input_name: x}, batch_size, self.fixed_batch)
+        out = run_batched(self.session, {self.input_name: x}, batch_size, self.image.batch)
         return list(out.values())
 
     def probabilities(self, x: np.ndarray, batch_size: int = 64) -> np.ndarray:

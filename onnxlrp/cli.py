@@ -134,11 +134,11 @@ def explain(
             raise OnnxLrpError("--top-k and --target exclude each other")
         if cmap is not None and cmap not in colormaps:
             raise OnnxLrpError(f"unknown colormap '{cmap}'")
+        check_images(files)  # every image opens and verifies before anything is built or written
         explainer = Explainer(
             model, preset=preset, split=split, include_identity=include_identity, bias=bias, low=low,
             high=high, device=device, preprocessing=preprocess, image_size=_image_size(size), precision=precision,
         )
-        check_images(files)  # every image opens and verifies before anything is written
         suffixes = [f"_top{r}_lrp" for r in range(1, ranks + 1)] if top_k else ["_lrp"]
         stems = _unique_names([f.stem + suffix for f in files for suffix in suffixes])
         pngs = [out_dir / f"{n}.png" for n in stems] if several else [output or Path(f"{stems[0]}.png")]

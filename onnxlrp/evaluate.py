@@ -22,12 +22,11 @@ from typing import Callable, Sequence
 import numpy as np
 
 from . import metrics
-from .attribution import analyse
 from .files import write_atomic
 from .baselines import Forward, methods as method_registry
 from .errors import OnnxLrpError
 from .image import quantize
-from .preprocessing import IMAGE_SUFFIXES, get_preprocessing, load_image
+from .preprocessing import IMAGE_SUFFIXES, get_preprocessing, load_image, load_images
 
 METRICS = ("insertion", "deletion", "id")
 MASK_METRICS = ("mass_accuracy", "rank_accuracy", "pointing_game")
@@ -146,27 +145,26 @@ def evaluate(
     limit: int | None = None, batch_size: int = 16, device: str = "cpu",
     progress: Callable[[int], None] | None = None,
 ) -> Results:
-    analysis = analyse(model)
-    image = analysis.image
+    forward = Forward(model, device=device)  # the model's own forward pass scores the curves
+    image, height, width = forward.image, forward.height, forward.width
     prep = get_preprocessing(preprocessing)
     count = min(limit or len(dataset.files), len(dataset.files))
     files, labels = dataset.files[:count], dataset.labels[:count]
-    if labels.max(initial=0) >= analysis.num_classes:
-        raise OnnxLrpError(f"label {labels.max()} out of range: the model has {analysis.num_classes} classes")
-    black = prep.normalize(np.zeros((1, analysis.height, analysis.width, image.channels), np.uint8), image.layout)[0]
+    if labels.max(initial=0) >= forward.num_classes:
+        raise OnnxLrpError(f"label {labels.max()} out of range: the model has {forward.num_classes} classes")
+    black = prep.normalize(np.zeros((1, height, width, image.channels), np.uint8), image.layout)[0]
     registry = method_registry(model, black, image.layout, device)
     unknown = [m for m in method_names if m not in registry]
     if unknown:
         raise OnnxLrpError(f"unknown method(s) {', '.join(unknown)}; choose from {', '.join(registry)}")
     chosen = {name: registry[name]() for name in method_names}
-    forward = Forward(model, device=device)
     results = Results(str(model), count, tuple(protocols), levels, {n: m.label for n, m in chosen.items()})
     correct = 0
     for start in range(0, count, batch_size):
-        pixels = np.stack([load_image(f, analysis.height, analysis.width, image.channels) for f in files[start:start + batch_size]])
+        pixels = load_images(files[start:start + batch_size], height, width, image.channels)
         x = prep.normalize(pixels, image.layout)
         y = labels[start:start + batch_size]
-        masks = [_mask(m, analysis.height, analysis.width) for m in dataset.masks[start:start + batch_size]]
+        masks = [_mask(m, height, width) for m in dataset.masks[start:start + batch_size]]
         correct += int((forward.probabilities(x).argmax(axis=1) == y).sum())
         for name, method in chosen.items():
             maps = method(x, y)

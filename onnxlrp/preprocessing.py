@@ -128,3 +128,8 @@ def load_image(path: str | Path, height: int, width: int, channels: int = 3) -> 
     except (OSError, UnidentifiedImageError, ValueError, Image.DecompressionBombError) as exc:
         raise OnnxLrpError(f"{path}: cannot read image ({first_line(exc)})") from None
     return pixels.reshape(height, width, channels)
+
+
+def load_images(files: list[Path], height: int, width: int, channels: int = 3) -> np.ndarray:
+    """load_image for each file: uint8 [N, H, W, C]."""
+    return np.stack([load_image(f, height, width, channels) for f in files])

@@ -205,7 +205,7 @@ class LinearRule(Rule):
             nonneg = all(self._nonneg(term, w, b, ctx) for term, _, w, b in terms)
             # A non-negative denominator is stabilised by z + eps; where the first term's forward
             # is a layer with a bias input, eps goes into that bias (one op and layout change fewer).
-            in_bias = nonneg and self.stabilizer > 0 and op.has_bias and not self._reuses(op, original, *terms[0][:3])
+            in_bias = nonneg and self.stabilizer > 0 and op.has_bias and not self._reuses(op, original, *terms[0][:2])
             forwards = []
             for k, (term, a, w, b) in enumerate(terms):
                 if in_bias and k == 0:
@@ -239,13 +239,14 @@ class LinearRule(Rule):
         return term.sign > 0 and input_sign * weight_sign > 0 and (b is None or bool(np.all(b >= 0)))
 
     @staticmethod
-    def _reuses(op, original, term, a, w) -> bool:
+    def _reuses(op, original, term, a) -> bool:
+        """Whether the term's forward is the layer's own (its output can stand in for it)."""
         return op is original and a is op.x and term.weight is identity
 
-    @staticmethod
-    def _forward(e, op, original, term, a, w, b):
+    @classmethod
+    def _forward(cls, e, op, original, term, a, w, b):
         """The term's forward output, reusing the layer's own output where it is the same tensor."""
-        if op is original and a is op.x and term.weight is identity:
+        if cls._reuses(op, original, term, a):
             if b is op.bias:  # the layer as it is
                 return op.output
             if b is None:  # the layer without its bias
@@ -332,21 +333,3 @@ def zbox(stabilizer: float = 1e-6) -> LinearRule:
 def avg2x2(stabilizer: float = 1e-5) -> LinearRule:
     """The paper's MaxPool rule: relevance as through a 2x2 average pool with stride 2."""
     return LinearRule("avg2x2", (Group((Term("x", identity, identity),)),), stabilizer, view="avg2x2")
-
-
-#: Rules by name, for the CLI and `rules=` overrides: name -> factory taking keyword parameters.
-RULES: dict[str, Callable[..., Rule]] = {
-    "epsilon": epsilon,
-    "lrp0": lambda: epsilon(0.0),
-    "norm": norm,
-    "zplus": zplus,
-    "alpha-beta": alpha_beta,
-    "gamma": gamma,
-    "flat": flat,
-    "w2": wsquare,
-    "zbox": zbox,
-    "avg2x2": avg2x2,
-    "pass": lambda: PASS,
-    "gradient": lambda: GRADIENT,
-    "guided": lambda: GUIDED,
-}
