@@ -6,7 +6,6 @@ relevance graph -> onnxruntime session.
 from __future__ import annotations
 
 import json
-import shutil
 import warnings
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -390,7 +389,8 @@ class Explainer:
 
     def save(self, path: str | Path) -> None:
         """Write the explainer as an ONNX model that runs in plain onnxruntime."""
-        if self.model_path:
-            write_atomic(Path(path), lambda tmp: shutil.copyfile(self.model_path, tmp))
+        if self.model_path:  # a cache entry keeps its weights apart; the saved file holds them
+            model = self.onnx
+            write_atomic(Path(path), lambda tmp: onnx.save(model, tmp))
         else:
             write_atomic(Path(path), lambda tmp: Path(tmp).write_bytes(self._model_bytes))

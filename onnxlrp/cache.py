@@ -1,8 +1,8 @@
 """An on-disk cache of compiled explainers, so that a second run does not rebuild the graph.
 
-An entry is the compiled ONNX model plus a JSON summary, keyed by a hash of the model file's
-content, every option that shapes the relevance graph, onnxlrp's own source and the
-onnxruntime version. The folder is $ONNXLRP_CACHE, else $XDG_CACHE_HOME/onnxlrp, else
+An entry is the compiled ONNX model (graph file, weights as external data) plus a JSON
+summary, keyed by a hash of the model file's content, every option that shapes the relevance
+graph, onnxlrp's own source and the onnxruntime version. The folder is $ONNXLRP_CACHE, else $XDG_CACHE_HOME/onnxlrp, else
 ~/.cache/onnxlrp; the oldest entries go when it holds more than 4 GB.
 """
 from __future__ import annotations
@@ -10,6 +10,8 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import shutil
+import tempfile
 from functools import lru_cache
 from pathlib import Path
 
@@ -59,19 +61,33 @@ def lookup(entry: str) -> tuple[Path, str] | None:
 
 
 def store(entry: str, model: onnx.ModelProto, summary: str) -> Path:
+    """Save an entry. The weights go to an external-data file next to the graph: onnxruntime
+    reads those without keeping a second copy of them, which saves about the weights' size in
+    memory for as long as the session lives. Both files are staged in a temporary folder and
+    renamed into place, the graph last, so lookup() never finds a half-written entry."""
     folder = directory()
-    path = folder / f"{entry}.onnx"
-    write_atomic(path, lambda tmp: onnx.save(model, tmp))
+    folder.mkdir(parents=True, exist_ok=True)
     write_atomic(folder / f"{entry}.json", lambda tmp: Path(tmp).write_text(summary))
+    staging = Path(tempfile.mkdtemp(prefix=f".{entry}.", dir=folder))
+    try:
+        onnx.save(model, staging / f"{entry}.onnx", save_as_external_data=True, location=f"{entry}.data",
+                  size_threshold=1024)
+        if (staging / f"{entry}.data").exists():  # a tiny model keeps all its weights inline
+            os.replace(staging / f"{entry}.data", folder / f"{entry}.data")
+        os.replace(staging / f"{entry}.onnx", folder / f"{entry}.onnx")
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
     _prune(folder)
-    return path
+    return folder / f"{entry}.onnx"
 
 
 def _prune(folder: Path) -> None:
     entries = sorted(folder.glob("*.onnx"), key=lambda p: p.stat().st_mtime, reverse=True)
     total = 0
     for path in entries:
-        total += path.stat().st_size
+        data = path.with_suffix(".data")
+        total += path.stat().st_size + (data.stat().st_size if data.exists() else 0)
         if total > LIMIT_BYTES:
             path.unlink(missing_ok=True)
+            data.unlink(missing_ok=True)
             path.with_suffix(".json").unlink(missing_ok=True)

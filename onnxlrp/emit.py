@@ -21,6 +21,7 @@ class Emitter:
         self._scope = "lrp"
         self._consts: dict[int, tuple[np.ndarray, gs.Constant]] = {}
         self._scalars: dict[tuple, gs.Constant] = {}
+        self._waits: dict[tuple, gs.Variable] = {}  # after()'s nodes, shared per dependency
 
     @contextmanager
     def scope(self, name: str) -> Iterator[None]:
@@ -51,7 +52,12 @@ class Emitter:
         return self._scalars[key]
 
     def ints(self, values) -> gs.Constant:
-        return gs.Constant(self._name("ints"), np.asarray(values, dtype=np.int64))
+        """An int64 constant (axes, shapes, indices); equal values share one initializer."""
+        array = np.asarray(values, dtype=np.int64)
+        key = ("ints", array.shape, tuple(array.reshape(-1).tolist()))
+        if key not in self._scalars:
+            self._scalars[key] = gs.Constant(self._name("ints"), array)
+        return self._scalars[key]
 
     def _tensor(self, value: TensorLike) -> gs.Tensor:
         return value if isinstance(value, gs.Tensor) else self.const(value)
@@ -81,6 +87,25 @@ class Emitter:
 
     def reduce_sum(self, x: gs.Tensor, axes, keepdims: int = 0) -> gs.Variable:
         return self.op("ReduceSum", x, self.ints(axes), keepdims=keepdims)
+
+    def after(self, x: gs.Tensor, x_rank: int, dependency: gs.Tensor) -> gs.Variable:
+        """`x` itself, but not available before `dependency` is computed.
+
+        onnxruntime runs a node as soon as its inputs exist. A rule's modified forward pass
+        (z+ = W+ x, ...) needs only forward tensors, so it would run during the forward pass and
+        its output would stay in memory until the backward pass divides by it; on ResNet50 that
+        is a third of the working memory. Reshaping x to its own shape, with the shape computed
+        as zeros from one element of `dependency`, delays it at no cost (Reshape aliases x).
+        The few nodes this takes are shared between tensors waiting for the same dependency."""
+        key = (dependency.name, x_rank)
+        if key not in self._waits:
+            flag = self._waits.get((dependency.name,))
+            if flag is None:
+                first = self.op("Slice", self.op("Reshape", dependency, self.ints([-1])), self.ints([0]), self.ints([1]))
+                flag = self._waits[dependency.name,] = self.op("IsNaN", first)
+            zeros = self.ints([0] * x_rank)  # as a Reshape shape, 0 keeps the input's size on that axis
+            self._waits[key] = self.op("Where", flag, zeros, zeros)  # zeros whatever the value, even NaN
+        return self.op("Reshape", x, self._waits[key])
 
     def sum_per_sample(self, x: gs.Tensor, rank: int) -> gs.Variable:
         """Sum over every axis but the batch axis: shape [N]."""

@@ -161,6 +161,14 @@ class Conv(LinearOp):
 
     def transpose(self, e, g, weight=None):
         weight = self.weight if weight is None else weight
+        if self.group == 1 and np.all(weight == weight.flat[0]):
+            # A constant kernel (the flat rule's ones) treats every channel alike: sum g over the
+            # output channels first and transpose one channel, C_out times fewer operations.
+            total = e.reduce_sum(g, [1], keepdims=1)
+            one = np.full((1, 1) + weight.shape[2:], weight.flat[0], dtype=weight.dtype)
+            single = window_transpose(e, total, one, self.in_shape, self.out_shape, self.kernel, self.strides,
+                                      self.pads, self.dilations, 1)
+            return e.op("Expand", single, e.ints([1, weight.shape[1]] + [1] * len(self.kernel)))
         return window_transpose(e, g, weight, self.in_shape, self.out_shape, self.kernel, self.strides,
                                 self.pads, self.dilations, self.group)
 
@@ -390,7 +398,9 @@ class GlobalAveragePool(LinearOp):
         count = int(np.prod([self.in_shape[a] for a in self.axes]))
         if not self.keepdims:
             g = e.op("Unsqueeze", g, e.ints(self.axes))
-        return e.op("Expand", e.mul(g, np.float32(weight) / count), e.op("Shape", self.x))
+        # Broadcast over the averaged axes; a static shape, so the input need not stay in memory.
+        spread = [self.in_shape[a] if a in self.axes else 1 for a in range(len(self.in_shape))]
+        return e.op("Expand", e.mul(g, np.float32(weight) / count), e.ints(spread))
 
     def describe(self) -> str:
         return "mean over " + ",".join(map(str, self.axes))
@@ -439,12 +449,14 @@ class MaxPool(Op):
             node.outputs.append(gs.Variable(f"{node.name}/indices", dtype=np.int64))
         indices = node.outputs[1]
         flat = e.ints([-1])
-        zeros = e.op("ConstantOfShape", e.op("Reshape", e.op("Size", self.x), e.ints([1])))
+        # Sizes from the static input shape and g's batch axis: the input need not stay in memory.
+        batch = e.op("Slice", e.op("Shape", g), e.ints([0]), e.ints([1]))
+        zeros = e.op("ConstantOfShape", e.mul(batch, e.ints([int(np.prod(self.in_shape[1:]))])))
         # Scattered in float32 whatever the graph's precision (no CPU float16 kernel for it);
         # in a float32 graph onnxruntime drops the two casts.
         updates = e.op("Cast", e.op("Reshape", g, flat), to=onnx.TensorProto.FLOAT)
         scattered = e.op("ScatterElements", zeros, e.op("Reshape", indices, flat), updates, axis=0, reduction="add")
-        return e.op("CastLike", e.op("Reshape", scattered, e.op("Shape", self.x)), g)
+        return e.op("CastLike", e.op("Reshape", scattered, e.ints([-1] + self.in_shape[1:])), g)
 
     def average_view(self, size: int = 2) -> AveragePool:
         """The paper's stand-in for relevance: a size x size average pool with stride size, no padding."""

@@ -210,7 +210,7 @@ class LinearRule(Rule):
             for k, (term, a, w, b) in enumerate(terms):
                 if in_bias and k == 0:
                     b = np.full(op.forward_bias_shape(), self.stabilizer, np.float32) + (0 if b is None else b)
-                forwards.append(self._forward(e, op, original, term, a, w, b))
+                forwards.append(self._forward(e, op, original, term, a, w, b, R))
             z = _signed_sum(e, [(term.sign, zk) for (term, _, _, _), zk in zip(terms, forwards)])
             s = e.div(R, z if in_bias else stabilize(e, z, self.stabilizer, nonneg))
             if group.gate:
@@ -244,13 +244,16 @@ class LinearRule(Rule):
         return op is original and a is op.x and term.weight is identity
 
     @classmethod
-    def _forward(cls, e, op, original, term, a, w, b):
-        """The term's forward output, reusing the layer's own output where it is the same tensor."""
+    def _forward(cls, e, op, original, term, a, w, b, R):
+        """The term's forward output, reusing the layer's own output where it is the same tensor.
+        A new forward on data waits for R, so that it runs in the backward pass (see Emitter.after)."""
         if cls._reuses(op, original, term, a):
             if b is op.bias:  # the layer as it is
                 return op.output
             if b is None:  # the layer without its bias
                 return e.sub(op.output, e.const(op.bias.reshape(op.bias_shape())))
+        if isinstance(a, gs.Variable):
+            a = e.after(a, len(op.x.shape), R)
         return op.forward(e, a, w, b)
 
 

@@ -23,6 +23,10 @@ def session(model: onnx.ModelProto | bytes | str, device: str = "cpu", threads: 
     options = ort.SessionOptions()
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     options.log_severity_level = 3  # onnxruntime's warnings are not the user's business
+    # A relevance graph holds many tensors from the forward pass to the backward pass; the
+    # memory pattern (one block laid out from the first run) fragments around them and needs
+    # about twice the memory of plain arena allocation, at no measurable gain in speed.
+    options.enable_mem_pattern = False
     if threads:
         options.intra_op_num_threads = threads
     data = model.SerializeToString() if isinstance(model, onnx.ModelProto) else model

@@ -72,5 +72,8 @@ class Split(Rule):
             share = e.op("Where", empty, np.float32(0.5), share)
             r_skip = e.mul(R, share)
             return r_skip, e.sub(R, r_skip)
-        s = e.div(R, stabilize(e, op.output, self.stabilizer))  # op.output is y = h_s + h_m
+        # y = h_s + h_m, recomputed in the backward pass: cheaper than keeping the forward's y in memory.
+        rank = len(op.output.shape)
+        y = e.add(e.after(h_s, rank, R), h_m)
+        s = e.div(R, stabilize(e, y, self.stabilizer))
         return e.mul(h_s, s), e.mul(h_m, s)

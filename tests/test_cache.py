@@ -64,3 +64,34 @@ def test_io_binding_gives_the_same_result(demo_model):
     assert plain.keys() == bound.keys()
     for name in plain:
         np.testing.assert_array_equal(plain[name], bound[name])
+
+
+def test_cache_entry_keeps_weights_apart_and_save_is_self_contained(demo_model, tmp_path):
+    explainer = Explainer(demo_model, preset="epsilon-plus-flat")
+    assert explainer.model_path.with_suffix(".data").is_file()  # onnxruntime then holds one copy
+    explainer.save(tmp_path / "e.onnx")
+    saved = onnx.load(str(tmp_path / "e.onnx"), load_external_data=False)
+    assert not any(t.data_location == onnx.TensorProto.EXTERNAL for t in saved.graph.initializer)
+    x = np.random.RandomState(4).randn(2, 3, 64, 64).astype(np.float32)
+    session = ort.InferenceSession(str(tmp_path / "e.onnx"), providers=["CPUExecutionProvider"])
+    relevance, = session.run(["relevance"], {"images": x, "target": np.full(2, -1)})
+    np.testing.assert_array_equal(relevance, explainer.explain(x).relevance)
+
+
+def test_modified_forwards_wait_for_the_backward_pass(resnet18, tmp_path):
+    """z+ convolutions (W+ x) need only forward tensors; onnxruntime would run them during the
+    forward pass and keep their outputs until the backward pass, unless they wait for it."""
+    import json
+    explainer = Explainer(resnet18.folded, preset="epsilon-plus-flat", split="proportional")
+    options = ort.SessionOptions()
+    options.enable_profiling = True
+    options.profile_file_prefix = str(tmp_path / "profile")
+    session = ort.InferenceSession(str(explainer.model_path), options, providers=["CPUExecutionProvider"])
+    session.run(None, {"images": np.ones((1, 3, 64, 64), np.float32), "target": np.full(1, -1)})
+    events = json.loads(open(session.end_profiling()).read())
+    order = [e["name"][:-len("_kernel_time")] for e in events
+             if e.get("cat") == "Node" and e["name"].endswith("_kernel_time")]
+    backward_starts = next(i for i, name in enumerate(order) if name.startswith("lrp/output/TopK"))
+    convs = [i for i, name in enumerate(order) if name.startswith("lrp/") and "/Conv_" in name]
+    assert len(convs) > 19  # one W+ x per z+ conv (19; the stem is flat), and stride-1 transposes
+    assert min(convs) > backward_starts
