@@ -260,6 +260,8 @@ def main() -> None:
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--retries", type=int, default=2, help="reruns of a measurement disturbed by other processes")
     p.add_argument("--device", choices=["cpu", "cuda"], default="cpu", help="for onnxlrp and the ORT forward")
+    p.add_argument("--skip-zennit", action="store_true",
+                   help="leave Zennit out (resnet50 at batch 32 needs about 25 GB with it)")
     p.add_argument("--worker", help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.worker:
@@ -284,7 +286,9 @@ def main() -> None:
                     builds[arch, preset] = run_job(what="build", **job)["setup_s"]
                 lrp = run_job(what="onnxlrp", **job)  # a later call, as it finds the cache
                 loads.setdefault((arch, preset), lrp["setup_s"])
-                zen = run_job(what="zennit", arch=arch, batch=batch, preset=preset, **common) if preset in ZENNIT else {}
+                zen = {}
+                if preset in ZENNIT and not args.skip_zennit:
+                    zen = run_job(what="zennit", arch=arch, batch=batch, preset=preset, **common)
                 results += [r for r in (ort, fwd, lrp, zen) if r]
                 methods.update(r["peak_method"] for r in results)
                 z = zen.get("seconds")

@@ -2,8 +2,9 @@
 
 An entry is the compiled ONNX model (graph file, weights as external data) plus a JSON
 summary, keyed by a hash of the model file's content, every option that shapes the relevance
-graph, onnxlrp's own source and the onnxruntime version. The folder is $ONNXLRP_CACHE, else $XDG_CACHE_HOME/onnxlrp, else
-~/.cache/onnxlrp; the oldest entries go when it holds more than 4 GB.
+graph, onnxlrp's own source and the onnxruntime version. The folder is $ONNXLRP_CACHE, else
+$XDG_CACHE_HOME/onnxlrp, else ~/.cache/onnxlrp; the oldest entries go when it holds more
+than 4 GB.
 """
 from __future__ import annotations
 

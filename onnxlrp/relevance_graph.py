@@ -136,17 +136,17 @@ def build(
             R = e.sum(parts)
             if op.output.name == probe:
                 probed = (op.output, R)
-            passed: list[gs.Tensor] = []  # relevance handed to the op's inputs
+            # Totals are taken as soon as the relevance exists, and the relevance goes on only
+            # afterwards, so that no map stays in memory until the end of the pass (Emitter.after).
             if isinstance(rule, Split):
                 merge = graph.merge_at(name)
                 r_skip, r_main = rule.emit(e, op, merge, R)
                 ndim = len(op.output.shape)
-                sums = [e.sum_per_sample(t, ndim) for t in (R, r_main)]
-                skip_sum = e.sum_per_sample(r_skip, ndim) if r_skip is not None else e.mul(sums[0], np.float32(0))
-                merge_sums[name] = _stack(e, [sums[0], skip_sum, sums[1]])
-                passed = [skip_sum, sums[1]]
-                # The relevance goes on only once its totals are taken, so that these maps need
-                # not stay in memory until the end of the pass (see Emitter.after).
+                total, main_sum = (e.sum_per_sample(t, ndim) for t in (R, r_main))
+                skip_sum = e.sum_per_sample(r_skip, ndim) if r_skip is not None else e.mul(total, np.float32(0))
+                merge_sums[name] = _stack(e, [total, skip_sum, main_sum])
+                if trace:
+                    layer_sums[name] = _stack(e, [total, e.sum([skip_sum, main_sum])])
                 if r_skip is not None:
                     contributions[merge.skip].append(e.after(r_skip, ndim, merge_sums[name]))
                 contributions[merge.main].append(e.after(r_main, ndim, merge_sums[name]))
@@ -154,12 +154,9 @@ def build(
                 ctx = RuleContext(bias=bias, x_nonneg=op.x.name in graph.nonneg, bounds=_bounds_at(graph, box, op.x) if box else None)
                 r_in = rule.emit(e, op, R, ctx)
                 if trace:
-                    passed = [e.sum_per_sample(r_in, len(op.x.shape))]
-            if trace:
-                layer_sums[name] = _stack(e, [e.sum_per_sample(R, len(op.output.shape)), e.sum(passed)])
-                if not isinstance(rule, Split):
-                    r_in = e.after(r_in, len(op.x.shape), layer_sums[name])
-            if not isinstance(rule, Split):
+                    rank = len(op.x.shape)
+                    layer_sums[name] = _stack(e, [e.sum_per_sample(R, len(op.output.shape)), e.sum_per_sample(r_in, rank)])
+                    r_in = e.after(r_in, rank, layer_sums[name])
                 contributions[op.x.name].append(r_in)
 
     parts = contributions.pop(images.name, None)
