@@ -227,6 +227,14 @@ def graph(
         console.print(rules)
 
 
+def _list_methods(value: bool) -> None:
+    """--list-methods runs before the arguments are checked, so it needs none."""
+    if value:
+        for name in method_names():
+            typer.echo(name)
+        raise typer.Exit()
+
+
 @app.command()
 def evaluate(
     model: Model,
@@ -240,14 +248,11 @@ def evaluate(
     preprocess: Annotated[PreprocessName, typer.Option("--preprocess", help="Input normalisation the model expects.")] = "imagenet",
     device: Annotated[DeviceName, typer.Option("--device", help="onnxruntime execution provider.")] = "cpu",
     batch_size: Annotated[int, typer.Option("--batch-size", min=1, help="Images per batch.")] = 16,
-    list_methods: Annotated[bool, typer.Option("--list-methods", help="List the methods and exit.")] = False,
+    list_methods: Annotated[bool, typer.Option("--list-methods", is_eager=True, callback=_list_methods,
+                                               help="List the methods and exit (no MODEL or DATA needed).")] = False,
 ) -> None:
     """Compare attribution methods on a labelled image folder: Insertion, Deletion, ID, ground-truth metrics."""
     with _user_errors():
-        if list_methods:
-            for name in method_names():
-                typer.echo(name)
-            return
         dataset = load_dataset(data, labels)
         total = min(limit or len(dataset.files), len(dataset.files))
         chosen = [m.strip() for m in methods.split(",") if m.strip()]

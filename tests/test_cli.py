@@ -156,3 +156,9 @@ def test_explain_many_images_in_batches(demo_model, tmp_path):
     expected, _ = Explainer(demo_model).explain_files(files)
     for f, heat in zip(files, expected.heatmap()):
         np.testing.assert_allclose(np.load(npy / f"{f.stem}_lrp.npy"), heat, rtol=1e-5, atol=1e-7)
+
+
+def test_list_methods_needs_no_model():
+    result = run("evaluate", "--list-methods")
+    assert result.exit_code == 0, result.output
+    assert "lrp-captum" in result.output.split() and "grad-cam" in result.output.split()
