@@ -1,5 +1,7 @@
 """The on-disk cache of compiled explainers, and explaining several classes per image at once."""
+import json
 import shutil
+from pathlib import Path
 
 import numpy as np
 import onnx
@@ -81,14 +83,13 @@ def test_cache_entry_keeps_weights_apart_and_save_is_self_contained(demo_model, 
 def test_modified_forwards_wait_for_the_backward_pass(resnet18, tmp_path):
     """z+ convolutions (W+ x) need only forward tensors; onnxruntime would run them during the
     forward pass and keep their outputs until the backward pass, unless they wait for it."""
-    import json
     explainer = Explainer(resnet18.folded, preset="epsilon-plus-flat", split="proportional")
     options = ort.SessionOptions()
     options.enable_profiling = True
     options.profile_file_prefix = str(tmp_path / "profile")
     session = ort.InferenceSession(str(explainer.model_path), options, providers=["CPUExecutionProvider"])
     session.run(None, {"images": np.ones((1, 3, 64, 64), np.float32), "target": np.full(1, -1)})
-    events = json.loads(open(session.end_profiling()).read())
+    events = json.loads(Path(session.end_profiling()).read_text())
     order = [e["name"][:-len("_kernel_time")] for e in events
              if e.get("cat") == "Node" and e["name"].endswith("_kernel_time")]
     backward_starts = next(i for i, name in enumerate(order) if name.startswith("lrp/output/TopK"))
