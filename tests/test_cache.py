@@ -1,4 +1,5 @@
-"""The on-disk cache of compiled explainers, and explaining several classes per image at once."""
+"""The on-disk cache of compiled explainers, several classes per image at once, and how the
+relevance pass runs in onnxruntime (IO binding, scheduling)."""
 import json
 import shutil
 from pathlib import Path
