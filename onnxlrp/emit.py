@@ -99,10 +99,10 @@ class Emitter:
         The few nodes this takes are shared between tensors waiting for the same dependency."""
         key = (dependency.name, x_rank)
         if key not in self._waits:
-            flag = self._waits.get((dependency.name,))
+            flag = self._waits.get((dependency.name, "flag"))
             if flag is None:
                 first = self.op("Slice", self.op("Reshape", dependency, self.ints([-1])), self.ints([0]), self.ints([1]))
-                flag = self._waits[dependency.name,] = self.op("IsNaN", first)
+                flag = self._waits[dependency.name, "flag"] = self.op("IsNaN", first)
             zeros = self.ints([0] * x_rank)  # as a Reshape shape, 0 keeps the input's size on that axis
             self._waits[key] = self.op("Where", flag, zeros, zeros)  # zeros whatever the value, even NaN
         return self.op("Reshape", x, self._waits[key])

@@ -161,16 +161,16 @@ class Conv(LinearOp):
 
     def transpose(self, e, g, weight=None):
         weight = self.weight if weight is None else weight
-        if self.group == 1 and np.all(weight == weight.flat[0]):
-            # A constant kernel (the flat rule's ones) treats every channel alike: sum g over the
-            # output channels first and transpose one channel, C_out times fewer operations.
-            total = e.reduce_sum(g, [1], keepdims=1)
-            one = np.full((1, 1) + weight.shape[2:], weight.flat[0], dtype=weight.dtype)
-            single = window_transpose(e, total, one, self.in_shape, self.out_shape, self.kernel, self.strides,
-                                      self.pads, self.dilations, 1)
-            return e.op("Expand", single, e.ints([1, weight.shape[1]] + [1] * len(self.kernel)))
-        return window_transpose(e, g, weight, self.in_shape, self.out_shape, self.kernel, self.strides,
-                                self.pads, self.dilations, self.group)
+        # A constant kernel (the flat rule's ones) treats every channel alike: sum g over the
+        # output channels first and transpose one channel, C_out times fewer operations.
+        constant = self.group == 1 and bool(np.all(weight == weight.flat[0]))
+        channels = weight.shape[1]
+        if constant:
+            g = e.reduce_sum(g, [1], keepdims=1)
+            weight = np.full((1, 1) + weight.shape[2:], weight.flat[0], dtype=weight.dtype)
+        result = window_transpose(e, g, weight, self.in_shape, self.out_shape, self.kernel, self.strides,
+                                  self.pads, self.dilations, self.group)
+        return e.op("Expand", result, e.ints([1, channels] + [1] * len(self.kernel))) if constant else result
 
     has_bias = True
 
