@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import warnings
+from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Mapping, Sequence
@@ -15,10 +16,13 @@ import numpy as np
 import onnx
 
 from . import cache as cache_store
+from . import explosion as explode
+from . import fingerprint
 from . import relevance_graph as rg
 from .canonizers import canonicalize
 from .composites import Preset, get_preset
-from .errors import OnnxLrpError
+from .errors import OnnxLrpError, OnnxLrpWarning
+from .explosion import Explosion
 from .files import write_atomic
 from .graph import ModelGraph, build_graph
 from .merges import Merge
@@ -31,10 +35,6 @@ from .splitting import Split
 
 
 PRECISIONS = ("fp32", "fp16")
-
-
-class OnnxLrpWarning(UserWarning):
-    """The explanation is computed, but not quite as asked (e.g. ``paper`` on a BN-folded graph)."""
 
 
 @dataclass
@@ -73,6 +73,48 @@ class Analysis:
         return rows
 
 
+def resolve_split(preset: Preset, split: str | Split | None, include_identity: bool | None) -> Split:
+    """The Split rule asked for: a Split as given, else by name, with the preset's defaults."""
+    if isinstance(split, Split):
+        return split
+    try:
+        return Split(split or preset.split, preset.include_identity if include_identity is None else include_identity)
+    except ValueError as exc:
+        raise OnnxLrpError(str(exc)) from None
+
+
+@dataclass(frozen=True)
+class Options:
+    """Everything that shapes the compiled relevance graph, resolved (a Split, not a name).
+
+    Frozen and made of plain values, so it pickles and travels; its fingerprint, with the
+    model file's content, is the cache key: anything that changes the graph changes the key.
+    """
+
+    preset: Preset
+    split: Split
+    bias: bool = True
+    low: tuple[float, ...] | None = None  # z^B box bounds as given (per channel or one value)
+    high: tuple[float, ...] | None = None
+    preprocessing: Preprocessing = field(default_factory=lambda: get_preprocessing("imagenet"))
+    image_size: tuple[int, int] | None = None
+    rules: tuple[tuple[str, Rule], ...] = ()  # overrides, by node name or op type
+    trace: bool = False
+    precision: str = "fp32"
+    probe: str | None = None
+
+    def digest(self) -> str | None:
+        """A digest of every field, or None where one cannot be described (a callable object as modifier)."""
+        try:
+            return fingerprint.digest(self)
+        except fingerprint.Unfingerprintable:
+            return None
+
+
+def _bound(value) -> tuple[float, ...] | None:
+    return None if value is None else tuple(float(v) for v in np.asarray(value, dtype=np.float64).reshape(-1))
+
+
 def analyse(
     model: str | Path,
     preset: str | Preset = "epsilon-plus-flat",
@@ -83,13 +125,7 @@ def analyse(
 ) -> Analysis:
     path = str(model)
     preset = get_preset(preset)
-    if isinstance(split, Split):
-        split_rule = split
-    else:
-        try:
-            split_rule = Split(split or preset.split, preset.include_identity if include_identity is None else include_identity)
-        except ValueError as exc:
-            raise OnnxLrpError(str(exc)) from None
+    split_rule = resolve_split(preset, split, include_identity)
     proto = load(path)
     notes = []
     if is_float16(proto):
@@ -128,6 +164,7 @@ class Explanation:
     layer_sums: np.ndarray | None = None  # [N, L, 2] with trace=True: per op, relevance out and in
     layer_names: list[str] = field(default_factory=list)  # the L ops, in forward order
     probe: tuple[np.ndarray, np.ndarray] | None = None  # with probe=: (activation, relevance) there
+    explosion: Explosion | None = None  # images whose relevance exploded (NaN/Inf are set to 0)
 
     def layer_report(self, index: int = 0) -> list[dict]:
         """With trace=True: per op (forward order), the relevance at its output, what it passed
@@ -238,49 +275,59 @@ class Explainer:
         """
         if precision not in PRECISIONS:
             raise OnnxLrpError(f"unknown precision '{precision}'; choose one of {', '.join(PRECISIONS)}")
-        self.preprocessing = get_preprocessing(preprocessing)
+        preset = get_preset(preset)
+        self.options = Options(
+            preset, resolve_split(preset, split, include_identity), bias, _bound(low), _bound(high),
+            get_preprocessing(preprocessing), tuple(image_size) if image_size else None,
+            tuple((rules or {}).items()), trace, precision, probe,
+        )
+        self.preprocessing = self.options.preprocessing
         self.device = device
         self.bias = bias
-        self._arguments = (model, preset, split, include_identity, image_size, rules)
+        self.model_file = Path(model)
         self._analysis: Analysis | None = None
         self._model_bytes: bytes | None = None
         self.model_path: Path | None = None
-        entry = None
-        if cache and rules is None and not isinstance(preset, Preset) and Path(model).is_file():
-            options = dict(preset=preset, split=repr(split), include_identity=include_identity, bias=bias,
-                           low=np.asarray(low).tolist() if low is not None else None,
-                           high=np.asarray(high).tolist() if high is not None else None,
-                           preprocessing=self.preprocessing.name, image_size=image_size, trace=trace,
-                           precision=precision, probe=probe)
-            entry = cache_store.key(model, options)
-        found = cache_store.lookup(entry) if entry else None
-        if found:
-            self.model_path, text = found
-            self.summary = Summary.from_json(text)
-        else:
-            self.summary, compiled = self._build(bias, low, high, trace, precision, probe)
+        digest = self.options.digest() if cache and self.model_file.is_file() else None
+        entry = cache_store.key(self.model_file, digest) if digest else None
+        found = None
+        if entry:  # held while the session loads: no other process prunes the entry meanwhile
+            with cache_store.reading(cache_store.directory() / f"{entry}.onnx"):
+                found = cache_store.lookup(entry)
+                if found:
+                    self.model_path, text = found
+                    self.summary = Summary.from_json(text)
+                    try:  # an entry damaged on disk is a miss
+                        self.session = session(str(self.model_path), device, threads)
+                    except OnnxLrpError:
+                        found, self.model_path = None, None
+        if not found:
+            self.summary, compiled = self._build()
             if entry:
                 self.model_path = cache_store.store(entry, compiled, self.summary.to_json())
-            else:
+            if self.model_path is None:  # no cache, or one that cannot be written
                 self._model_bytes = compiled.SerializeToString()
+            del compiled
+            with cache_store.reading(self.model_path) if self.model_path else nullcontext():
+                self.session = session(str(self.model_path) if self.model_path else self._model_bytes, device, threads)
         for message in self.summary.warnings:
             warnings.warn(message, OnnxLrpWarning, stacklevel=2)
-        self.session = session(str(self.model_path) if self.model_path else self._model_bytes, device, threads)
         image = self.summary.image
         self.input_shape = image.shape(image.batch or 1, self.summary.height, self.summary.width)
 
-    def _build(self, bias, low, high, trace, precision, probe) -> tuple[Summary, onnx.ModelProto]:
-        analysis = self.analysis
-        bounds = self._bounds(low, high)
+    def _build(self) -> tuple[Summary, onnx.ModelProto]:
+        options, analysis = self.options, self.analysis
+        bounds = self._bounds(options.low, options.high)
+        probe = options.probe
         if probe == "last":
             probe = analysis.graph.last_feature_map()
             if probe is None:
                 raise OnnxLrpError(f"{analysis.path}: no global average pool, so no last conv block to probe")
         compiled = rg.build(
-            analysis.graph, analysis.rules, initial=analysis.preset.initial, bias=bias, low=bounds[0],
-            high=bounds[1], ir_version=analysis.ir_version, opset=analysis.opset, trace=trace, probe=probe,
+            analysis.graph, analysis.rules, initial=analysis.preset.initial, bias=options.bias, low=bounds[0],
+            high=bounds[1], ir_version=analysis.ir_version, opset=analysis.opset, trace=options.trace, probe=probe,
         )
-        if precision == "fp16":
+        if options.precision == "fp16":
             compiled = rg.to_float16(compiled)
         props = {p.key: p.value for p in compiled.metadata_props}
         summary = Summary(
@@ -294,7 +341,8 @@ class Explainer:
     def analysis(self) -> Analysis:
         """The model's analysis (graph, merges, rules); recomputed on demand for a cached explainer."""
         if self._analysis is None:
-            self._analysis = analyse(*self._arguments)
+            o = self.options
+            self._analysis = analyse(self.model_file, o.preset, o.split, None, o.image_size, dict(o.rules) or None)
         return self._analysis
 
     @property
@@ -332,7 +380,8 @@ class Explainer:
     def trace_nodes(self) -> list[str]:
         return self.summary.trace_nodes
 
-    def _targets(self, target, n: int) -> np.ndarray:
+    def targets(self, target, n: int) -> np.ndarray:
+        """The int64 target per image (-1: the top-1 class); a one-line error for a class out of range."""
         if target is None:
             return np.full(n, -1, dtype=np.int64)  # -1: the graph picks the top-1 class
         targets = np.asarray(target, dtype=np.int64).reshape(-1)
@@ -348,10 +397,13 @@ class Explainer:
             )
         return targets.copy()
 
-    def explain(self, x: np.ndarray, target=None, batch_size: int = 16, top_k: int | None = None) -> Explanation:
+    def explain(self, x: np.ndarray, target=None, batch_size: int = 16, top_k: int | None = None,
+                warn: bool = True) -> Explanation:
         """Explain a preprocessed batch. target: None (top-1), a class for all, or one per image.
         top_k: explain each image's k best classes instead, in one batched run; the result then
-        has k rows per image (image 0's best, second best, ..., then image 1's)."""
+        has k rows per image (image 0's best, second best, ..., then image 1's).
+        Relevance that exploded (NaN/Inf, set to 0, or totals far beyond the initial relevance)
+        is in Explanation.explosion, and warned about unless warn=False."""
         x = np.asarray(x, dtype=np.float32)
         expected = self.input_shape[1:]
         if x.ndim != 4 or tuple(x.shape[1:]) != tuple(expected):
@@ -362,13 +414,20 @@ class Explainer:
             targets = np.tile(-np.arange(1, top_k + 1, dtype=np.int64), len(x))  # -r: the r-th best class
             x = np.repeat(x, top_k, axis=0)
         else:
-            targets = self._targets(target, len(x))
+            targets = self.targets(target, len(x))
         out = run_batched(self.session, {rg.INPUT: x, rg.TARGET: targets}, batch_size, self.summary.image.batch)
         merges = out.get(rg.MERGE_SUMS, np.zeros((len(x), 0, 3), np.float32))
         probe = (out[rg.PROBE_ACTIVATION], out[rg.PROBE_RELEVANCE]) if self.summary.probe else None
+        preset = self.options.preset
+        conserving = preset.initial != "one" and self.options.split.method != "copy"
+        relevance, explosion = explode.check(out[rg.RELEVANCE], out[rg.INITIAL], merges,
+                                             [m.node for m in self.merges], conserving)
+        if explosion.images and warn:
+            warnings.warn(explode.message(explosion, preset.name, self.options.bias), OnnxLrpWarning, stacklevel=2)
         return Explanation(
-            out[rg.RELEVANCE], out[rg.LOGITS], out[rg.TARGETS], out[rg.INITIAL], merges,
+            relevance, out[rg.LOGITS], out[rg.TARGETS], out[rg.INITIAL], merges,
             self.merges, self.summary.image.layout, out.get(rg.LAYER_SUMS), list(self.trace_nodes), probe,
+            explosion,
         )
 
     def load_images(self, paths: Sequence[str | Path]) -> tuple[list[Path], np.ndarray]:

@@ -80,10 +80,17 @@ def canonicalize(
 
 def _name_nodes(graph: gs.Graph) -> None:
     """Give every node a unique name: errors and `onnxlrp graph` refer to nodes by name."""
+    taken = {node.name for node in graph.nodes if node.name}
     seen: set[str] = set()
     for i, node in enumerate(graph.nodes):
         if not node.name or node.name in seen:
-            node.name = f"{node.op}_{i}"
+            # A generated name must not be one the model already uses (a node called Relu_1
+            # elsewhere): two nodes of one name would merge into one DAG vertex.
+            name, k = f"{node.op}_{i}", 1
+            while name in taken:
+                name, k = f"{node.op}_{i}_{k}", k + 1
+            node.name = name
+            taken.add(name)
         seen.add(node.name)
 
 
@@ -136,12 +143,15 @@ def _normalise_gemm(graph: gs.Graph) -> None:
         weight = _const(node.inputs[1])
         alpha, beta = node.attrs.get("alpha", 1.0), node.attrs.get("beta", 1.0)
         if weight is not None and alpha != 1.0:
-            node.inputs[1] = gs.Constant(f"{node.name}/W", (weight * alpha).astype(weight.dtype))
+            node.inputs[1] = gs.Constant(f"{node.name}/W", np.asarray(weight * alpha, dtype=weight.dtype))
             node.attrs["alpha"] = 1.0
-        if len(node.inputs) > 2 and beta != 1.0:
+        if beta != 1.0 and (len(node.inputs) < 3 or not node.inputs[2].name):
+            node.attrs["beta"] = 1.0  # no C (absent or the empty optional input): beta scales nothing
+        elif beta != 1.0:
             bias = _const(node.inputs[2])
             if bias is not None:
-                node.inputs[2] = gs.Constant(f"{node.name}/B", (bias * beta).astype(bias.dtype))
+                # np.asarray: a 0-d C (valid ONNX) times a float is a numpy scalar, which gs.Constant refuses
+                node.inputs[2] = gs.Constant(f"{node.name}/B", np.asarray(bias * beta, dtype=bias.dtype))
                 node.attrs["beta"] = 1.0
 
 

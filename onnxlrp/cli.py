@@ -1,45 +1,88 @@
 """The ``onnxlrp`` command: a thin layer over the Python API.
 
-Every user error ends as one line ``error: ...`` on stderr and a non-zero exit, before
-any output file is written (every input is checked first; each output is written
-atomically, through a temporary file and a rename).
+Every user error ends as one line ``error: ...`` on stderr and exit 1, before any output
+file is written: every input and every destination is checked first, and a command's
+outputs are staged and published together (files.Outputs), so a failure leaves none.
 """
 from __future__ import annotations
 
 import json
 import os
+import re
 import warnings
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import Annotated, Iterator, Literal, Optional
 
 import numpy as np
 import typer
+from typer.core import TyperGroup
+
+try:  # typer >= 0.29 vendors click and does not re-export its exceptions
+    from typer._click.exceptions import ClickException, UsageError
+except ImportError:  # pragma: no cover - typer on the real click
+    from click.exceptions import ClickException, UsageError
 from matplotlib import colormaps
+from rich import box
 from rich.console import Console
-from rich.progress import Progress
+from rich.progress import BarColumn, Progress, TaskProgressColumn, TextColumn, TimeRemainingColumn
 from rich.table import Table
 
-from .attribution import PRECISIONS, Explainer, OnnxLrpWarning, analyse
+from . import explosion as explode
+from .attribution import PRECISIONS, Explainer, analyse
 from .composites import PRESETS
-from .errors import OnnxLrpError
-from .evaluate import DEFAULT_METHODS, evaluate as run_evaluation, load_dataset, method_names, write as write_results
-from .image import SIGNS, STYLES, render, save_npy, save_png
+from .errors import OnnxLrpError, OnnxLrpWarning
+from .evaluate import DEFAULT_METHODS, RESULT_FILES, evaluate as run_evaluation, load_dataset, method_names, write as write_results
+from .files import Outputs, check_writable
+from .image import SIGNS, STYLES, render, write_npy, write_png
 from .metrics import PROTOCOLS
 from .model import first_line
-from .preprocessing import PREPROCESSING, check_images, image_files
+from .preprocessing import PREPROCESSING, check_images, image_sources
 from .runtime import DEVICES
 from .splitting import SPLITS
 
+class _OneLineUsageError(ClickException):
+    exit_code = 1
+
+    def show(self, file=None) -> None:
+        typer.echo(f"error: {self.format_message()}", err=True)
+
+
+def _one_line(exc: UsageError) -> ClickException:
+    if type(exc).__name__ == "NoArgsIsHelpError":  # `onnxlrp explain` alone: the help, as asked
+        return exc
+    command = exc.ctx.command_path if exc.ctx is not None else "onnxlrp"
+    return _OneLineUsageError(f"{exc.format_message()} (see {command} --help)")
+
+
+class _Commands(TyperGroup):
+    """Usage errors (an unknown option or value, a missing argument) are one line and exit 1,
+    like every other error of the command."""
+
+    def make_context(self, *args, **kwargs):
+        try:
+            return super().make_context(*args, **kwargs)
+        except UsageError as exc:
+            raise _one_line(exc) from None
+
+    def invoke(self, ctx):
+        try:
+            return super().invoke(ctx)
+        except UsageError as exc:
+            raise _one_line(exc) from None
+
+
 app = typer.Typer(
+    cls=_Commands,
     add_completion=False,
     no_args_is_help=True,
+    rich_markup_mode=None,
     help="Layer-wise Relevance Propagation with Relevance Splitting for ResNet-family ONNX classifiers.",
 )
 console = Console()
 
-Model = Annotated[Path, typer.Argument(help="ONNX classifier (.onnx).", show_default=False)]
+Model = Annotated[Path, typer.Argument(help="ONNX classifier (.onnx).", show_default=False, metavar="MODEL")]
 PresetName = Literal[tuple(PRESETS)]  # type: ignore[valid-type]
 SplitName = Literal[SPLITS]  # type: ignore[valid-type]
 PreprocessName = Literal[tuple(PREPROCESSING)]  # type: ignore[valid-type]
@@ -49,16 +92,23 @@ StyleName = Literal[STYLES]  # type: ignore[valid-type]
 SignName = Literal[SIGNS]  # type: ignore[valid-type]
 ProtocolName = Literal[PROTOCOLS + ("both",)]  # type: ignore[valid-type]
 
-Preset = Annotated[PresetName, typer.Option("--preset", "-p", help="Rule preset.")]
+Preset = Annotated[PresetName, typer.Option("--preset", "-p", metavar="PRESET",
+                                            help=f"Rule preset: {', '.join(PRESETS)}.")]
 SplitOpt = Annotated[
     Optional[SplitName],
-    typer.Option("--split", "-s", help="Relevance Splitting at residual merges [default: preset's, ratio]."),
+    typer.Option("--split", "-s", help="Relevance Splitting at residual merges.", show_default="the preset's, ratio"),
 ]
 IncludeIdentity = Annotated[
     Optional[bool],
-    typer.Option("--include-identity/--exclude-identity", help="Whether identity skips take part in the split [default: include]."),
+    typer.Option("--include-identity/--exclude-identity", show_default="include",
+                 help="Whether identity skips take part in the split."),
 ]
-Size = Annotated[Optional[int], typer.Option("--size", help="Input height and width where the model leaves them open [default: 224].")]
+Size = Annotated[Optional[int], typer.Option("--size", min=1, help="Input height and width where the model leaves them open.",
+                                             show_default="224")]
+Preprocess = Annotated[PreprocessName, typer.Option("--preprocess", metavar="NAME",
+                                                    help=f"Input normalisation: {', '.join(PREPROCESSING)}.")]
+#: progress bars go to stderr, so that stdout holds only results
+progress_console = Console(stderr=True)
 
 
 @contextmanager
@@ -86,69 +136,102 @@ def _image_size(size: int | None) -> tuple[int, int] | None:
     return (size, size) if size else None
 
 
-def _unique_names(stems: list[str]) -> list[str]:
-    """The stems, numbered where two images of different folders share a name."""
-    names, seen = [], set()
-    for stem in stems:
+def _unique(names: list[str]) -> list[str]:
+    """The names, numbered where two images from different arguments would share one."""
+    result, seen = [], set()
+    for stem in names:
         name, k = stem, 1
         while name in seen:
             name, k = f"{stem}_{k}", k + 1
         seen.add(name)
-        names.append(name)
-    return names
+        result.append(name)
+    return result
+
+
+def _destinations(sources: list[tuple[Path, PurePosixPath]], suffixes: list[str], output: Path | None,
+                  npy: Path | None) -> list[tuple[Path | None, Path | None]]:
+    """(PNG, NPY) per image and rank. One heatmap: -o is the PNG (or a folder to put it in),
+    default ./<image>_lrp.png; several: -o is a folder, default ./lrp_out/, mirroring the
+    images' subfolders. --npy alone writes only the .npy files."""
+    several = len(sources) * len(suffixes) > 1
+    names = _unique([str(rel.parent / f"{rel.stem}{suffix}") for _, rel in sources for suffix in suffixes])
+    png_dir = output if several else (output if output is not None and output.is_dir() else None)
+    if several and output is None and npy is None:
+        png_dir = Path("lrp_out")
+    npy_dir = npy if several or (npy is not None and npy.is_dir()) else None
+    result = []
+    for name in names:
+        if png_dir is not None:
+            png = png_dir / f"{name}.png"
+        elif output is not None:
+            png = output
+        else:
+            png = None if npy is not None else Path(f"{Path(name).name}.png")
+        array = npy_dir / f"{name}.npy" if npy_dir is not None else npy
+        result.append((png, array))
+    return result
 
 
 @app.command()
 def explain(
     model: Model,
-    images: Annotated[list[Path], typer.Argument(help="Image files or folders of images.", show_default=False)],
+    images: Annotated[list[Path], typer.Argument(help="Image files or folders of images (subfolders too).",
+                                                 show_default=False, metavar="IMAGES...")],
     preset: Preset = "epsilon-plus-flat",
     split: SplitOpt = None,
     include_identity: IncludeIdentity = None,
     bias: Annotated[bool, typer.Option("--bias/--no-bias", help="Keep biases in the rules (--no-bias: Zennit's zero_params=['bias']).")] = True,
-    target: Annotated[Optional[int], typer.Option("--target", "-t", help="Class to explain [default: top-1 per image].")] = None,
-    output: Annotated[Optional[Path], typer.Option("--output", "-o", help="Heatmap PNG (one image) or folder (several) [default: <image>_lrp.png, or lrp_out/].")] = None,
-    npy: Annotated[Optional[Path], typer.Option("--npy", help="Also save the raw channel-summed map (float32 H x W) as .npy: a file (one image) or folder (several).")] = None,
-    preprocess: Annotated[PreprocessName, typer.Option("--preprocess", help="Input normalisation the model expects.")] = "imagenet",
+    target: Annotated[Optional[int], typer.Option("--target", "-t", help="Class to explain.", show_default="top-1 per image")] = None,
+    output: Annotated[Optional[Path], typer.Option("--output", "-o", help="Heatmap PNG for one image; a folder for several (subfolders mirrored).",
+                                                   show_default="./<image>_lrp.png; several: ./lrp_out/")] = None,
+    npy: Annotated[Optional[Path], typer.Option("--npy", help="Save the raw channel-summed map (float32 H x W) as .npy: a file for one image, a folder for several. Alone (no -o), no PNG is written.")] = None,
+    preprocess: Preprocess = "imagenet",
     device: Annotated[DeviceName, typer.Option("--device", help="onnxruntime execution provider.")] = "cpu",
     batch_size: Annotated[int, typer.Option("--batch-size", min=1, help="Images per onnxruntime run.")] = 16,
     size: Size = None,
     precision: Annotated[PrecisionName, typer.Option("--precision", help="Precision of the relevance pass (fp16: for GPUs; inputs and outputs stay float32).")] = "fp32",
     style: Annotated[StyleName, typer.Option("--style", help="signed: diverging colormap over the image; paper: quantized, normalised, jet at alpha 0.4.")] = "signed",
-    heat_quantization: Annotated[Optional[int], typer.Option("--heat-quantization", min=0, help="Quantize the map to this many levels (0: off) [default: 8 for --style paper, else 0].")] = None,
+    heat_quantization: Annotated[Optional[int], typer.Option("--heat-quantization", min=0, metavar="LEVELS", help="Quantize the map to this many levels (0: off).", show_default="8 for --style paper, else 0")] = None,
     sign: Annotated[SignName, typer.Option("--sign", help="--style paper: which relevance to show.")] = "positive",
-    cmap: Annotated[Optional[str], typer.Option("--cmap", help="Matplotlib colormap [default: coldnhot, or jet for --style paper].")] = None,
-    top_k: Annotated[Optional[int], typer.Option("--top-k", min=1, help="Explain each image's k best classes (one heatmap each, <image>_top<r>_lrp.png).")] = None,
-    low: Annotated[Optional[float], typer.Option(help="z^B lower box bound [default: pixel 0 after preprocessing].")] = None,
-    high: Annotated[Optional[float], typer.Option(help="z^B upper box bound [default: pixel 255 after preprocessing].")] = None,
+    cmap: Annotated[Optional[str], typer.Option("--cmap", help="Matplotlib colormap.", show_default="coldnhot; jet for --style paper")] = None,
+    top_k: Annotated[Optional[int], typer.Option("--top-k", min=1, metavar="K", help="Explain each image's K best classes (<image>_top<r>_lrp.png).")] = None,
+    low: Annotated[Optional[float], typer.Option(help="z^B lower box bound.", show_default="pixel 0 after preprocessing")] = None,
+    high: Annotated[Optional[float], typer.Option(help="z^B upper box bound.", show_default="pixel 255 after preprocessing")] = None,
 ) -> None:
-    """Explain images: write a heatmap PNG per image (relevance over the image)."""
+    """Explain images: a heatmap PNG per image (relevance over the image)."""
     with _user_errors():
-        files = image_files(images)
+        sources = image_sources(images)
+        files = [path for path, _ in sources]
         ranks = top_k or 1
         several = len(files) * ranks > 1
-        out_dir = (output or Path("lrp_out")) if several else None
-        if several and output is not None and output.suffix.lower() == ".png":
-            raise OnnxLrpError(f"{output}: {len(files) * ranks} heatmaps need an output folder, not a .png file")
         if top_k and target is not None:
             raise OnnxLrpError("--top-k and --target exclude each other")
+        for option, path, suffix in (("--output", output, ".png"), ("--npy", npy, ".npy")):
+            if several and path is not None and path.suffix.lower() == suffix:
+                raise OnnxLrpError(f"{path}: {len(files) * ranks} heatmaps need an output folder for {option}, not a {suffix} file")
         if cmap is not None and cmap not in colormaps:
             raise OnnxLrpError(f"unknown colormap '{cmap}'")
-        check_images(files)  # every image opens and verifies before anything is built or written
+        suffixes = [f"_top{r}_lrp" for r in range(1, ranks + 1)] if top_k else ["_lrp"]
+        destinations = _destinations(sources, suffixes, output, npy)
+        if output is not None and npy is not None and output.resolve() == npy.resolve() and not several:
+            raise OnnxLrpError(f"{output}: --output and --npy name the same file")
+        # Every destination and every image is checked before anything is built or written.
+        check_writable(p for pair in destinations for p in pair if p is not None)
+        check_images(files)
         explainer = Explainer(
             model, preset=preset, split=split, include_identity=include_identity, bias=bias, low=low,
             high=high, device=device, preprocessing=preprocess, image_size=_image_size(size), precision=precision,
         )
-        suffixes = [f"_top{r}_lrp" for r in range(1, ranks + 1)] if top_k else ["_lrp"]
-        stems = _unique_names([f.stem + suffix for f in files for suffix in suffixes])
-        pngs = [out_dir / f"{n}.png" for n in stems] if several else [output or Path(f"{stems[0]}.png")]
-        arrays = [npy / f"{n}.npy" for n in stems] if (npy and several) else [npy]
+        explainer.targets(target, 1)  # a bad --target is an error before anything is said or run
+        for note in explainer.summary.notes:  # before the results: they say what was explained
+            typer.echo(f"note: {note}", err=True)
         layout = explainer.summary.image.layout
         batches = [files[i:i + batch_size] for i in range(0, len(files), batch_size)]
-        lines, writes = [], []
+        lines, writes, explosion = [], [], None
         # A pipeline: the next batch is decoded and the last one written while onnxruntime runs.
-        with ThreadPoolExecutor(max_workers=4) as pool, \
-                Progress(console=console, transient=True, disable=len(batches) <= 1) as progress:
+        # Outputs are staged and appear together at the end: a failure leaves none behind.
+        with Outputs() as outputs, ThreadPoolExecutor(max_workers=4) as pool, \
+                _progress(disable=len(batches) <= 1) as progress:
             task = progress.add_task("explaining", total=len(files))
             upcoming = pool.submit(explainer.read_images, batches[0])
             done = 0
@@ -156,27 +239,39 @@ def explain(
                 pixels = upcoming.result()
                 if k + 1 < len(batches):
                     upcoming = pool.submit(explainer.read_images, batches[k + 1])
-                result = explainer.explain(explainer.preprocessing.normalize(pixels, layout), target, batch_size, top_k)
+                result = explainer.explain(explainer.preprocessing.normalize(pixels, layout), target, batch_size, top_k,
+                                           warn=False)
+                explosion = result.explosion if explosion is None else explosion + result.explosion
                 for row, heat in enumerate(result.heatmap()):
                     i = done * ranks + row
-                    writes.append(pool.submit(_write, pixels[row // ranks], heat, pngs[i], arrays[i] if npy else None,
+                    png, array = destinations[i]
+                    writes.append(pool.submit(_write, outputs, pixels[row // ranks], heat, png, array,
                                               style, heat_quantization, sign, cmap))
+                    written = ", ".join(str(p) for p in (png, array) if p is not None)
                     lines.append(f"{files[done + row // ranks]}: class {result.targets[row]}, initial relevance "
-                                 f"{result.initial[row]:.4g}, input relevance {result.input_sum[row]:.4g} -> {pngs[i]}")
+                                 f"{result.initial[row]:.4g}, input relevance {result.input_sum[row]:.4g} -> {written}")
                 done += len(pixels)
                 progress.advance(task, len(pixels))
             for write in writes:
                 write.result()
         for line in lines:
             console.print(line, highlight=False, soft_wrap=True)
-        for note in explainer.summary.notes:
-            typer.echo(f"note: {note}", err=True)
+        if explosion is not None and explosion.images:
+            typer.echo(f"warning: {explode.message(explosion, preset, bias)}", err=True)
 
 
-def _write(pixels, heat, png, npy_path, style, levels, sign, cmap) -> None:
-    save_png(render(pixels, heat, style, levels, sign, cmap), png)
+def _progress(disable: bool = False) -> Progress:
+    """A bar with the time left, on stderr, only where a person watches a terminal."""
+    return Progress(TextColumn("{task.description}"), BarColumn(), TaskProgressColumn(), TimeRemainingColumn(),
+                    console=progress_console, transient=True, disable=disable or not progress_console.is_terminal)
+
+
+def _write(outputs: Outputs, pixels, heat, png, npy_path, style, levels, sign, cmap) -> None:
+    if png is not None:
+        picture = render(pixels, heat, style, levels, sign, cmap)
+        outputs.write(png, lambda tmp: write_png(picture, tmp))
     if npy_path is not None:
-        save_npy(heat.astype(np.float32), npy_path)
+        outputs.write(npy_path, lambda tmp: write_npy(heat.astype(np.float32), tmp))
 
 
 @app.command()
@@ -211,20 +306,47 @@ def graph(
             typer.echo(json.dumps(payload, indent=2))
             return
         for note in analysis.notes:
-            console.print(f"note: {note}", highlight=False)
-        table = Table(title=f"{len(merges)} residual merges ({kinds['identity']} identity, "
-                            f"{kinds['projection']} projection, {kinds['other']} other)")
-        for column in ("merge node", "skip", "skip branch", "main branch"):
-            table.add_column(column, overflow="fold")
+            typer.echo(f"note: {note}", err=True)
+        width = max(16, console.width // 3)  # node names get a third of the terminal
+        console.print(f"{len(merges)} residual merges ({kinds['identity']} identity, {kinds['projection']} "
+                      f"projection, {kinds['other']} other)", highlight=False)
+        table = Table(box=box.SIMPLE_HEAD)
+        table.add_column("merge node", overflow="fold", min_width=_fitting([m.node for m in merges], width))
+        table.add_column("skip", overflow="fold")
+        table.add_column("skip branch", overflow="fold",
+                         min_width=_fitting([n for m in merges for n in m.skip_branch], width))
+        table.add_column("main", overflow="fold")
         for m in merges:
-            table.add_row(m.node, m.kind, "\n".join(m.skip_branch) or "-", f"{len(m.main_branch)} ops")
+            kind = f"{m.kind} ({m.detail})" if m.detail else m.kind
+            table.add_row(_breakable(m.node, width), kind, "\n".join(_breakable(n, width) for n in m.skip_branch) or "-",
+                          f"{len(m.main_branch)} ops")
         console.print(table)
-        rules = Table(title=f"rules under preset '{analysis.preset.name}': {analysis.preset.summary}")
-        for column in ("node", "op", "", "rule"):
-            rules.add_column(column, overflow="fold")
-        for row in analysis.rule_table():
-            rules.add_row(row["node"], row["op_type"], row["info"], row["rule"])
+        console.print(f"rules under preset '{analysis.preset.name}': {analysis.preset.summary}", highlight=False)
+        rules = Table(box=box.SIMPLE_HEAD)
+        rows = analysis.rule_table()
+        rules.add_column("node", overflow="fold", min_width=_fitting([row["node"] for row in rows], width))
+        rules.add_column("op", overflow="fold")
+        rules.add_column("rule", overflow="fold")
+        for row in rows:
+            rules.add_row(_breakable(row["node"], width), f"{row['op_type']} {row['info']}".strip(), row["rule"])
         console.print(rules)
+
+
+def _breakable(name: str, width: int) -> str:
+    """A node name broken into lines before its '/' separators, each at most `width` wide where
+    the parts allow: a table then wraps names where they divide, not mid-word."""
+    lines = [""]
+    for part in filter(None, re.split(r"(?=/)", name)):
+        if lines[-1] and len(lines[-1]) + len(part) > width:
+            lines.append(part)
+        else:
+            lines[-1] += part
+    return "\n".join(lines)
+
+
+def _fitting(names: list[str], width: int) -> int:
+    """The column width the broken names need (at most `width` where the parts allow)."""
+    return max((len(line) for name in names for line in _breakable(name, width).splitlines()), default=0)
 
 
 def _list_methods(value: bool) -> None:
@@ -238,14 +360,14 @@ def _list_methods(value: bool) -> None:
 @app.command()
 def evaluate(
     model: Model,
-    data: Annotated[Path, typer.Argument(help="Image folder: one subfolder per class (order: classes.txt, else by name), optional masks/.", show_default=False)],
+    data: Annotated[Path, typer.Argument(help="Image folder: one subfolder per class (order: classes.txt, else by name), optional masks/.", show_default=False, metavar="DATA")],
     methods: Annotated[str, typer.Option("--methods", "-m", help="Comma-separated methods (see --list-methods).")] = ",".join(DEFAULT_METHODS),
     labels: Annotated[Optional[Path], typer.Option("--labels", help="CSV of 'path,label' lines instead of class subfolders.")] = None,
     limit: Annotated[Optional[int], typer.Option("--limit", min=1, help="Evaluate the first N images only.")] = None,
     protocol: Annotated[ProtocolName, typer.Option("--protocol", help="Insertion/Deletion protocol: paper (>= thresholds), exact (tie-robust), or both.")] = "both",
     heat_quantization: Annotated[int, typer.Option("--heat-quantization", min=0, help="Quantize maps to this many levels before the metrics (0: off).")] = 8,
     output: Annotated[Path, typer.Option("--output", "-o", help="Folder for results.md, results.json and conservation.png.")] = Path("evaluation"),
-    preprocess: Annotated[PreprocessName, typer.Option("--preprocess", help="Input normalisation the model expects.")] = "imagenet",
+    preprocess: Preprocess = "imagenet",
     device: Annotated[DeviceName, typer.Option("--device", help="onnxruntime execution provider.")] = "cpu",
     batch_size: Annotated[int, typer.Option("--batch-size", min=1, help="Images per batch.")] = 16,
     list_methods: Annotated[bool, typer.Option("--list-methods", is_eager=True, callback=_list_methods,
@@ -257,7 +379,8 @@ def evaluate(
         total = min(limit or len(dataset.files), len(dataset.files))
         chosen = [m.strip() for m in methods.split(",") if m.strip()]
         protocols = PROTOCOLS if protocol == "both" else (protocol,)
-        with Progress(console=console, transient=True) as progress:
+        check_writable(output / name for name in RESULT_FILES)  # before the run, not after it
+        with _progress() as progress:
             task = progress.add_task(f"evaluating {len(chosen)} methods", total=total)
             results = run_evaluation(model, dataset, chosen, protocols, heat_quantization, preprocess, limit,
                                      batch_size, device, progress=lambda n: progress.advance(task, n))
@@ -274,16 +397,21 @@ def compile_model(
     split: SplitOpt = None,
     include_identity: IncludeIdentity = None,
     bias: Annotated[bool, typer.Option("--bias/--no-bias", help="Keep biases in the rules.")] = True,
-    preprocess: Annotated[PreprocessName, typer.Option("--preprocess", help="Preprocessing that defines the z^B box.")] = "imagenet",
+    preprocess: Preprocess = "imagenet",
     precision: Annotated[PrecisionName, typer.Option("--precision", help="Precision of the relevance pass.")] = "fp32",
     size: Size = None,
 ) -> None:
     """Save the explainer as an ONNX model (inputs images, target; outputs logits, relevance, ...)."""
     with _user_errors():
+        check_writable([output])
         explainer = Explainer(model, preset=preset, split=split, include_identity=include_identity, bias=bias,
                               preprocessing=preprocess, image_size=_image_size(size), precision=precision)
+        for note in explainer.summary.notes:
+            typer.echo(f"note: {note}", err=True)
         explainer.save(output)
-        console.print(f"wrote {output}: inputs images {list(explainer.input_shape)}, target [N]; "
+        shape = ["N" if explainer.summary.image.batch is None else explainer.summary.image.batch,
+                 *explainer.input_shape[1:]]
+        console.print(f"wrote {output}: inputs images [{', '.join(map(str, shape))}], target [N]; "
                       "outputs logits, relevance, targets, initial_relevance"
                       + (", merge_relevance" if explainer.merges else ""), highlight=False, soft_wrap=True)
 

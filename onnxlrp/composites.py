@@ -39,15 +39,17 @@ class Preset:
         """The rule for every op of the graph, by node name. Overrides key by node name or op type."""
         overrides = overrides or {}
         assigned: dict[str, Rule] = {}
-        first_done = False
+        # The first layer is a property of the graph, not of the overrides: an override that
+        # takes it (by name or op type) takes it away from the preset, and no other op inherits it.
+        first = next((name for name, op in graph.ops.items() if op.node.op in self.first), None)
         for name, op in graph.ops.items():
             op_type = op.node.op
             if op.kind == "merge":
                 rule = split
             elif name in overrides or op_type in overrides:
                 rule = overrides.get(name, overrides.get(op_type))
-            elif not first_done and op_type in self.first:
-                rule, first_done = self.first[op_type], True
+            elif name == first:
+                rule = self.first[op_type]
             elif op_type in self.layers:
                 rule = self.layers[op_type]
             elif self.fallback is not None:

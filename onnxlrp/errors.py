@@ -1,4 +1,4 @@
-"""The one exception type that users see."""
+"""The one exception type that users see, and the one warning category."""
 
 
 class OnnxLrpError(Exception):
@@ -7,3 +7,8 @@ class OnnxLrpError(Exception):
     The message names what is wrong and where: the file, the node name, the op type,
     the shape. The CLI prints it as ``error: <message>`` and exits non-zero.
     """
+
+
+class OnnxLrpWarning(UserWarning):
+    """The explanation is computed, but not quite as asked (e.g. ``paper`` on a BN-folded graph,
+    relevance that exploded, a cache that cannot be written)."""

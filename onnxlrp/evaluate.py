@@ -1,10 +1,11 @@
 """Pipeline stage 7: evaluate attribution methods on a labelled image folder, as the paper does.
 
-Data: an ImageFolder layout (one subfolder per class; their order from ``classes.txt`` if
-present, else sorted by name) or a CSV labels file (``path,label`` per line, label an index
-or a class name). Ground-truth masks are optional: ``masks/<same relative path>`` (non-zero =
-object). Every method explains the image's label; maps are channel sums, heat-quantized
-(8 levels, as the paper evaluates) unless asked otherwise.
+Data: an ImageFolder layout (one subfolder per class) or a CSV labels file (``path,label`` per
+line, label an index or a class name). Either way the class order comes from ``classes.txt``
+(one name per line) if present, else from the class subfolders sorted by name. Ground-truth
+masks are optional: ``masks/<same relative path>`` (non-zero = object). Every method explains
+the image's label; maps are channel sums, heat-quantized (8 levels, as the paper evaluates)
+unless asked otherwise.
 
 Per method: Insertion, Deletion and ID under both protocols (``paper``: the published
 thresholds, ``exact``: tie-robust), with masks the relevance mass and rank accuracies and the
@@ -15,6 +16,7 @@ from __future__ import annotations
 import csv
 import json
 import math
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Sequence
@@ -22,7 +24,7 @@ from typing import Callable, Sequence
 import numpy as np
 
 from . import metrics
-from .files import write_atomic
+from .files import Outputs
 from .baselines import Forward, methods as method_registry
 from .errors import OnnxLrpError
 from .image import quantize
@@ -47,15 +49,20 @@ def method_names() -> list[str]:
 
 
 def load_dataset(root: str | Path, labels_file: str | Path | None = None) -> Dataset:
+    """The images of `root` with their labels and masks.
+
+    The class list (Dataset.classes) comes from ``root/classes.txt`` (one name per line) when
+    present, else from the class subfolders sorted by name (``masks/`` excluded). Without a
+    labels file every class subfolder holds that class's images; with one, each ``path,label``
+    line gives a path relative to `root` and a label: a class index, or a class name (which
+    needs the class list). Blank lines and lines starting with ``#`` are skipped."""
     root = Path(root)
     if not root.is_dir():
         raise OnnxLrpError(f"{root}: no such folder")
+    classes, source = _class_list(root)
     if labels_file is not None:
-        files, labels, classes = _from_labels(root, Path(labels_file))
+        files, labels = _from_labels(root, Path(labels_file), classes, source)
     else:
-        names = root / "classes.txt"
-        classes = names.read_text().split() if names.is_file() else sorted(
-            p.name for p in root.iterdir() if p.is_dir() and p.name != "masks")
         if not classes:
             raise OnnxLrpError(f"{root}: no class folders (ImageFolder layout) and no labels file")
         files, labels = [], []
@@ -65,26 +72,72 @@ def load_dataset(root: str | Path, labels_file: str | Path | None = None) -> Dat
             labels += [index] * len(found)
     if not files:
         raise OnnxLrpError(f"{root}: no images")
-    masks = [root / "masks" / f.relative_to(root) for f in files]
-    masks = [m if m.is_file() else None for m in masks]
-    return Dataset(files, np.asarray(labels, dtype=np.int64), masks, classes)
+    return Dataset(files, np.asarray(labels, dtype=np.int64), [_mask_path(root, f) for f in files], classes)
 
 
-def _from_labels(root: Path, labels_file: Path) -> tuple[list[Path], list[int], list[str]]:
+def _class_list(root: Path) -> tuple[list[str], str]:
+    """The class names in index order, and where they come from (for messages)."""
+    listing = root / "classes.txt"
+    if listing.is_file():
+        classes = [line.strip() for line in listing.read_text(encoding="utf-8-sig").splitlines() if line.strip()]
+        if not classes:
+            raise OnnxLrpError(f"{listing}: no class names (one per line)")
+        twice = sorted({c for c in classes if classes.count(c) > 1})
+        if twice:
+            raise OnnxLrpError(f"{listing}: class {twice[0]!r} listed more than once")
+        return classes, str(listing)
+    classes = sorted(p.name for p in root.iterdir() if p.is_dir() and p.name != "masks")
+    return classes, f"the class subfolders of {root}"
+
+
+def _from_labels(root: Path, labels_file: Path, classes: list[str], source: str) -> tuple[list[Path], list[int]]:
     if not labels_file.is_file():
         raise OnnxLrpError(f"{labels_file}: no such file")
-    rows = [row for row in csv.reader(labels_file.read_text().splitlines()) if row and not row[0].startswith("#")]
-    names = sorted({r[1] for r in rows if not r[1].strip().lstrip("-").isdigit()})
     files, labels = [], []
-    for number, row in enumerate(rows, 1):
+    reader = csv.reader(labels_file.read_text(encoding="utf-8-sig").splitlines())
+    for row in reader:
+        where = f"{labels_file} line {reader.line_num}"
+        if not any(cell.strip() for cell in row) or row[0].lstrip().startswith("#"):
+            continue
         if len(row) < 2:
-            raise OnnxLrpError(f"{labels_file} line {number}: expected 'path,label', got {','.join(row)!r}")
-        files.append(root / row[0].strip())
-        if not files[-1].is_file():
-            raise OnnxLrpError(f"{labels_file} line {number}: no such image {files[-1]}")
-        label = row[1].strip()
-        labels.append(int(label) if label.lstrip("-").isdigit() else names.index(label))
-    return files, labels, names
+            raise OnnxLrpError(f"{where}: expected 'path,label', got {','.join(row)!r}")
+        path = root / row[0].strip()
+        if not path.is_file():
+            raise OnnxLrpError(f"{where}: no such image {path}")
+        files.append(path)
+        labels.append(_label(row[1].strip(), classes, source, where, root))
+    return files, labels
+
+
+def _label(text: str, classes: list[str], source: str, where: str, root: Path) -> int:
+    """A class index or a class name -> the class index; anything else is an OnnxLrpError at `where`."""
+    if not text:
+        raise OnnxLrpError(f"{where}: empty label")
+    if re.fullmatch(r"[+-]?[0-9]+", text):
+        index = int(text)
+        if index < 0:
+            raise OnnxLrpError(f"{where}: negative label {index}")
+        # An index is checked against an explicit classes.txt here, and against the model's
+        # classes in evaluate(); subfolders in a CSV layout need not be classes.
+        if source.endswith("classes.txt") and index >= len(classes):
+            raise OnnxLrpError(f"{where}: label {index} out of range: {len(classes)} classes ({source})")
+        return index
+    if not classes:
+        raise OnnxLrpError(f"{where}: class name {text!r} but no class list: put the class order in "
+                           f"{root / 'classes.txt'} (one name per line)")
+    if text not in classes:
+        shown = ", ".join(classes[:8]) + (", ..." if len(classes) > 8 else "")
+        raise OnnxLrpError(f"{where}: unknown class {text!r}; the classes in {source}: {shown}")
+    return classes.index(text)
+
+
+def _mask_path(root: Path, image: Path) -> Path | None:
+    """masks/<the image's path relative to root>, if that file exists."""
+    try:
+        mask = root / "masks" / image.relative_to(root)
+    except ValueError:  # an absolute path outside root in a labels file
+        return None
+    return mask if mask.is_file() else None
 
 
 def mean_and_error(values: Sequence[float]) -> tuple[float, float]:
@@ -143,13 +196,17 @@ def evaluate(
     model: str | Path, dataset: Dataset, method_names: Sequence[str] = DEFAULT_METHODS,
     protocols: Sequence[str] = metrics.PROTOCOLS, levels: int = 8, preprocessing: str = "imagenet",
     limit: int | None = None, batch_size: int = 16, device: str = "cpu",
-    progress: Callable[[int], None] | None = None,
+    progress: Callable[[float], None] | None = None,
 ) -> Results:
+    """progress(n) is called as the work goes on, n in images (fractions of one: each method's
+    maps for a batch, then each image's metrics); the calls add up to the number of images."""
     forward = Forward(model, device=device)  # the model's own forward pass scores the curves
     image, height, width = forward.image, forward.height, forward.width
     prep = get_preprocessing(preprocessing)
     count = min(limit or len(dataset.files), len(dataset.files))
     files, labels = dataset.files[:count], dataset.labels[:count]
+    if labels.min(initial=0) < 0:
+        raise OnnxLrpError(f"label {labels.min()} is negative")
     if labels.max(initial=0) >= forward.num_classes:
         raise OnnxLrpError(f"label {labels.max()} out of range: the model has {forward.num_classes} classes")
     black = prep.normalize(np.zeros((1, height, width, image.channels), np.uint8), image.layout)[0]
@@ -159,6 +216,14 @@ def evaluate(
         raise OnnxLrpError(f"unknown method(s) {', '.join(unknown)}; choose from {', '.join(registry)}")
     chosen = {name: registry[name]() for name in method_names}
     results = Results(str(model), count, tuple(protocols), levels, {n: m.label for n, m in chosen.items()})
+    reported = 0.0  # images' worth of work passed to progress so far
+
+    def advance(to: float) -> None:
+        nonlocal reported
+        if progress is not None and to > reported:
+            progress(to - reported)
+            reported = to
+
     correct = 0
     for start in range(0, count, batch_size):
         pixels = load_images(files[start:start + batch_size], height, width, image.channels)
@@ -166,8 +231,10 @@ def evaluate(
         y = labels[start:start + batch_size]
         masks = [_mask(m, height, width) for m in dataset.masks[start:start + batch_size]]
         correct += int((forward.probabilities(x).argmax(axis=1) == y).sum())
-        for name, method in chosen.items():
+        share = 1 / len(chosen) if chosen else 0.0  # of one image, per method: half maps, half metrics
+        for k, (name, method) in enumerate(chosen.items()):
             maps = method(x, y)
+            advance(start + len(x) * (k + 0.5) * share)
             for i in range(len(x)):
                 saliency = quantize(maps[i], levels) if levels else maps[i]
                 for protocol in protocols:
@@ -179,10 +246,10 @@ def evaluate(
                     results.add(name, "mass_accuracy", metrics.mass_accuracy(saliency, masks[i]))
                     results.add(name, "rank_accuracy", metrics.rank_accuracy(saliency, masks[i]))
                     results.add(name, "pointing_game", metrics.pointing_game(saliency, masks[i]))
+                advance(start + len(x) * (k + 0.5) * share + (i + 1) * share / 2)
             if method.explainer is not None:
                 _conservation(results, name, method)
-        if progress:
-            progress(len(x))
+        advance(start + len(x))
     results.accuracy = correct / count
     return results
 
@@ -208,16 +275,23 @@ def _conservation(results: Results, name: str, method) -> None:
         results.add(name, "conservation_error", value)
 
 
+#: what write() puts into the output folder (the plot only when LRP methods ran)
+RESULT_FILES = ("results.md", "results.json", "conservation.png")
+
+
 def write(results: Results, folder: str | Path) -> dict[str, Path]:
-    """results.md, results.json and conservation.png (when LRP methods ran) into `folder`."""
+    """results.md, results.json and conservation.png (when LRP methods ran) into `folder`,
+    published together: all of them or, on failure, none."""
     folder = Path(folder)
-    paths = {"markdown": folder / "results.md", "json": folder / "results.json"}
-    write_atomic(paths["markdown"], lambda tmp: Path(tmp).write_text(results.markdown()))
+    markdown, table, plot = (folder / name for name in RESULT_FILES)
+    paths = {"markdown": markdown, "json": table}
     payload = {**results.summary(), "per_image": results.values, "conservation": results.conservation}
-    write_atomic(paths["json"], lambda tmp: Path(tmp).write_text(json.dumps(payload, indent=1)))
-    if results.conservation:
-        paths["plot"] = folder / "conservation.png"
-        write_atomic(paths["plot"], lambda tmp: _plot_conservation(results, tmp))
+    with Outputs() as outputs:
+        outputs.write(markdown, lambda tmp: Path(tmp).write_text(results.markdown()))
+        outputs.write(table, lambda tmp: Path(tmp).write_text(json.dumps(payload, indent=1)))
+        if results.conservation:
+            paths["plot"] = plot
+            outputs.write(plot, lambda tmp: _plot_conservation(results, tmp))
     return paths
 
 

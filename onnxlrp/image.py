@@ -118,13 +118,18 @@ def render(image: np.ndarray, heat: np.ndarray, style: str = "signed", levels: i
     raise ValueError(f"unknown style '{style}'; choose one of {', '.join(STYLES)}")
 
 
+def write_png(picture: Image.Image, path: str | Path) -> None:
+    picture.save(path, format="PNG")
+
+
+def write_npy(array: np.ndarray, path: str | Path) -> None:
+    with open(path, "wb") as f:
+        np.save(f, array)
+
+
 def save_png(picture: Image.Image, path: str | Path) -> None:
-    write_atomic(Path(path), lambda tmp: picture.save(tmp, format="PNG"))
+    write_atomic(Path(path), lambda tmp: write_png(picture, tmp))
 
 
 def save_npy(array: np.ndarray, path: str | Path) -> None:
-    def write(tmp):
-        with open(tmp, "wb") as f:
-            np.save(f, array)
-
-    write_atomic(Path(path), write)
+    write_atomic(Path(path), lambda tmp: write_npy(array, tmp))

@@ -6,8 +6,10 @@ merge start where they fork: the latest common ancestor in the DAG (the block in
 The branch with fewer ops is the skip. Its kind:
 
 - ``identity``: no ops, the block input itself;
-- ``projection``: one 1x1 Conv, possibly with BatchNorm or a constant scale/shift;
-- ``other``: anything else on the skip (pooling in ResNet-D or pre-activation V2 blocks).
+- ``projection``: one 1x1 Conv, possibly with BatchNorm or a constant scale/shift, and
+  possibly after a pooling (ResNet-D's AvgPool + 1x1 conv: detail ``pooled``);
+- ``other``: a skip without weights that is not the identity (pooling alone, as in
+  pre-activation V2 blocks).
 """
 from __future__ import annotations
 
@@ -21,6 +23,7 @@ if TYPE_CHECKING:
 
 SKIP_KINDS = ("identity", "projection", "other")
 _PROJECTION_EXTRAS = {"BatchNormalization", "Add", "Sub", "Mul", "Div"}
+_POOLS = {"AveragePool", "MaxPool"}
 
 
 @dataclass(frozen=True)
@@ -32,6 +35,7 @@ class Merge:
     fork: str  # the vertex both branches start from (the block input's producer)
     skip_branch: tuple[str, ...]  # op names on the skip branch, in order
     main_branch: tuple[str, ...]
+    detail: str = ""  # "pooled": a projection after a pooling (ResNet-D)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -44,7 +48,7 @@ def _producer(dag: nx.DiGraph, node: str, tensor: str) -> str:
 def _is_projection(branch: tuple[str, ...], ops: dict[str, Op]) -> bool:
     convs = [ops[name] for name in branch if ops[name].node.op == "Conv"]
     others = [ops[name] for name in branch if ops[name].node.op != "Conv"]
-    if len(convs) != 1 or any(op.node.op not in _PROJECTION_EXTRAS for op in others):
+    if len(convs) != 1 or any(op.node.op not in _PROJECTION_EXTRAS | _POOLS for op in others):
         return False
     kernel = convs[0].node.inputs[1].shape[2:]
     return all(k == 1 for k in kernel)
@@ -76,11 +80,13 @@ def find_merges(dag: nx.DiGraph, ops: dict[str, Op]) -> list[Merge]:
         )
         skip, main = (a, b) if a_is_skip else (b, a)
         skip_branch, main_branch = (branch_a, branch_b) if a_is_skip else (branch_b, branch_a)
+        detail = ""
         if not skip_branch:
             kind = "identity"
         elif _is_projection(skip_branch, ops):
             kind = "projection"
+            detail = "pooled" if any(ops[n].node.op in _POOLS for n in skip_branch) else ""
         else:
             kind = "other"
-        merges.append(Merge(name, skip, main, kind, fork, skip_branch, main_branch))
+        merges.append(Merge(name, skip, main, kind, fork, skip_branch, main_branch, detail))
     return merges

@@ -35,6 +35,8 @@ def first_line(exc: BaseException) -> str:
 def load(path: str | Path) -> onnx.ModelProto:
     """Read, validate and (if needed) opset-convert an ONNX model."""
     path = Path(path)
+    if path.is_dir():
+        raise OnnxLrpError(f"{path}: is a folder; expected an ONNX model file")
     if not path.is_file():
         raise OnnxLrpError(f"{path}: no such file")
     try:

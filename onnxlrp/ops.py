@@ -210,8 +210,15 @@ class Gemm(LinearOp):
         self.bias = _const(bias) if bias is not None else None
         if bias is not None and self.bias is None:
             raise self.error("its bias is computed at run time; onnxlrp needs a constant bias")
+        if node.attrs.get("alpha", 1.0) != 1.0 or node.attrs.get("beta", 1.0) != 1.0:
+            raise self.error("alpha and beta could not be folded into constant weights and bias")
         if self.bias is not None:
-            self.bias = np.broadcast_to(self.bias, (self.outputs,)).copy()
+            # ONNX lets C broadcast to [batch, outputs]: [N], [1, N] and a scalar all mean one value
+            # per output; a bias that differs per row of the batch has no per-output reading.
+            if self.bias.size not in (1, self.outputs) or (self.bias.ndim == 2 and self.bias.shape[0] != 1):
+                raise self.error(f"its bias has shape {list(self.bias.shape)}; onnxlrp needs one value per output "
+                                 f"([{self.outputs}] or [1, {self.outputs}])")
+            self.bias = np.broadcast_to(self.bias.reshape(-1), (self.outputs,)).copy()
 
     @property
     def outputs(self) -> int:
@@ -522,6 +529,11 @@ class Pad(Reshape):
             pads = _const(node.inputs[1]) if _given(node, 1) is not None else None
         if pads is None or _given(node, 3) is not None:
             raise self.error("only constant pads over all axes are supported")
+        value = _const(_given(node, 2)) if _given(node, 2) is not None else node.attrs.get("value", 0.0)
+        if value is None:
+            raise self.error("its fill value is computed at run time; onnxlrp needs a constant")
+        # The padding is part of the output: non-negative inputs stay non-negative only if it is too.
+        self.keeps_sign = bool(np.all(np.asarray(value) >= 0))
         self.shape = _static(self.x, node, path)
         rank = len(self.shape)
         self.begins = [int(p) for p in pads[:rank]]

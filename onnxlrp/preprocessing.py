@@ -11,12 +11,13 @@ The z^B rule's default box is the pixel range [0, 255] mapped through the preset
 """
 from __future__ import annotations
 
+import os
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 
 import numpy as np
-from PIL import Image, UnidentifiedImageError
+from PIL import Image
 
 from .errors import OnnxLrpError
 from .model import first_line
@@ -83,31 +84,93 @@ def get_preprocessing(name: str | Preprocessing) -> Preprocessing:
         raise OnnxLrpError(f"unknown preprocessing '{name}'; choose one of {', '.join(PREPROCESSING)}") from None
 
 
-def image_files(paths: list[str | Path]) -> list[Path]:
-    """Expand folders (their image files, sorted) and check every path exists."""
-    files: list[Path] = []
+def _walk(folder: Path) -> list[PurePosixPath]:
+    """Image files under `folder`, recursively, relative to it and sorted; hidden names skipped."""
+    found, seen = [], set()
+    for parent, dirs, names in os.walk(folder, followlinks=True):
+        real = os.path.realpath(parent)
+        if real in seen:  # a symlink loop, or a folder reached twice
+            dirs[:] = []
+            continue
+        seen.add(real)
+        dirs[:] = sorted(d for d in dirs if not d.startswith("."))  # sorted: deterministic
+        for name in names:
+            path = Path(parent, name)
+            if not name.startswith(".") and path.suffix.lower() in IMAGE_SUFFIXES and path.is_file():
+                found.append(PurePosixPath(*path.relative_to(folder).parts))
+    return sorted(found)
+
+
+def image_sources(paths: list[str | Path]) -> list[tuple[Path, PurePosixPath]]:
+    """Every image and its path relative to the argument that named it.
+
+    Folders are searched recursively (photos/cats/a.png -> cats/a.png), sorted, skipping
+    names that start with "."; a file argument stands for itself (-> its file name).
+    """
+    sources: list[tuple[Path, PurePosixPath]] = []
     for path in map(Path, paths):
         if path.is_dir():
-            found = sorted(p for p in path.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
+            found = _walk(path)
             if not found:
                 raise OnnxLrpError(f"{path}: folder holds no image files ({', '.join(sorted(IMAGE_SUFFIXES))})")
-            files.extend(found)
+            sources.extend((path.joinpath(*rel.parts), rel) for rel in found)
         elif path.is_file():
-            files.append(path)
+            sources.append((path, PurePosixPath(path.name)))
         else:
             raise OnnxLrpError(f"{path}: no such file or folder")
-    return files
+    return sources
+
+
+def image_files(paths: list[str | Path]) -> list[Path]:
+    """Expand folders (their image files, recursively and sorted) and check every path exists."""
+    return [path for path, _ in image_sources(paths)]
+
+
+BACKGROUND = 255  # transparent pixels are composited on white
+
+
+def _to_8bit(img: Image.Image, channels: int) -> Image.Image:
+    """Any mode Pillow reads -> 8-bit RGB, or L when channels == 1.
+
+    16-bit grey: times 255/65535, rounded. I (32-bit int): 8-, 16- or 32-bit data by its largest
+    value. F (float): [0, 1] if every value lies in [0, 1], else 0..255; clipped. Alpha and
+    transparent colours: composited on BACKGROUND.
+    """
+    if img.mode in ("I;16", "I;16L", "I;16B", "I;16N", "I", "F"):
+        a = np.nan_to_num(np.asarray(img, dtype=np.float64))
+        if img.mode == "F":
+            top = 1.0 if a.min() >= 0 and a.max() <= 1 else 255.0
+        elif img.mode == "I":
+            top = next(2.0**bits - 1 for bits in (8, 16, 32) if a.max() < 2**bits)
+        else:
+            top = 65535.0
+        img = Image.fromarray(np.rint(np.clip(a, 0, top) * (255 / top)).astype(np.uint8))
+    elif img.mode == "LAB":  # Pillow converts LAB to RGB (D65 sRGB), but not to L
+        img = img.convert("RGB")
+    elif img.has_transparency_data:  # an alpha channel, or a palette's / tRNS transparent colour
+        rgba = np.asarray(img.convert("RGBA"), dtype=np.float64)
+        alpha = rgba[..., 3:] / 255
+        img = Image.fromarray(np.rint(rgba[..., :3] * alpha + BACKGROUND * (1 - alpha)).astype(np.uint8))
+    return img.convert("L" if channels == 1 else "RGB")
+
+
+def _read(path: str | Path, channels: int = 3) -> Image.Image:
+    """Open, check (PNG chunk checksums), fully decode and convert to 8 bits; else a one-line error."""
+    try:
+        with Image.open(path) as img:
+            img.verify()
+        with Image.open(path) as img:
+            img.load()
+            return _to_8bit(img, channels)
+    except Exception as exc:  # Pillow raises OSError, SyntaxError, ValueError, DecompressionBombError, ...
+        raise OnnxLrpError(f"{path}: cannot read image ({first_line(exc)})") from None
 
 
 def check_images(files: list[Path], threads: int = 4) -> None:
-    """Every file opens as an image and passes Pillow's integrity check; else a one-line error."""
-
-    def check(path: Path) -> None:
-        try:
-            with Image.open(path) as img:
-                img.verify()
-        except (OSError, UnidentifiedImageError, ValueError, Image.DecompressionBombError) as exc:
-            raise OnnxLrpError(f"{path}: cannot read image ({first_line(exc)})") from None
+    """Every file opens, passes Pillow's integrity check and decodes in full (pixels discarded);
+    else a one-line error."""
+    def check(path: Path) -> None:  # returns nothing: finished futures must not hold pixels
+        _read(path)
 
     with ThreadPoolExecutor(max_workers=threads) as pool:
         list(pool.map(check, files))
@@ -115,19 +178,14 @@ def check_images(files: list[Path], threads: int = 4) -> None:
 
 def load_image(path: str | Path, height: int, width: int, channels: int = 3) -> np.ndarray:
     """Read an image, scale its shorter side to fit, centre-crop to height x width: uint8 [H, W, C]."""
-    try:
-        with Image.open(path) as img:
-            img = img.convert("L" if channels == 1 else "RGB")
-            scale = max(height / img.height, width / img.width)
-            size = (max(width, round(img.width * scale)), max(height, round(img.height * scale)))
-            if size != img.size:
-                img = img.resize(size, Image.Resampling.BILINEAR)
-            left, top = (img.width - width) // 2, (img.height - height) // 2
-            img = img.crop((left, top, left + width, top + height))
-            pixels = np.asarray(img, dtype=np.uint8)
-    except (OSError, UnidentifiedImageError, ValueError, Image.DecompressionBombError) as exc:
-        raise OnnxLrpError(f"{path}: cannot read image ({first_line(exc)})") from None
-    return pixels.reshape(height, width, channels)
+    img = _read(path, channels)
+    scale = max(height / img.height, width / img.width)
+    size = (max(width, round(img.width * scale)), max(height, round(img.height * scale)))
+    if size != img.size:
+        img = img.resize(size, Image.Resampling.BILINEAR)
+    left, top = (img.width - width) // 2, (img.height - height) // 2
+    img = img.crop((left, top, left + width, top + height))
+    return np.asarray(img, dtype=np.uint8).reshape(height, width, channels)
 
 
 def load_images(files: list[Path], height: int, width: int, channels: int = 3) -> np.ndarray:

@@ -19,6 +19,8 @@ winner-take-all). Splits at residual merges live in :mod:`onnxlrp.splitting`.
 """
 from __future__ import annotations
 
+import math
+from functools import partial
 from dataclasses import dataclass, field
 from typing import Callable
 
@@ -165,7 +167,7 @@ class LinearRule(Rule):
         return None if op.linear else f"{self.name} needs a linear layer"
 
     def describe(self, op=None):
-        args = ", ".join(f"{k}={v:g}" for k, v in self.params + (("stabilizer", self.stabilizer),))
+        args = ", ".join(f"{k}={v:g}" for k, v in self.params + (("eps", self.stabilizer),))
         extra = "" if self.use_bias else ", no bias"
         return f"{self.name}({args}{extra})"
 
@@ -292,7 +294,8 @@ def zplus(stabilizer: float = 1e-6, use_bias: bool = True, ones_input: bool = Fa
 
 
 def alpha_beta(alpha: float = 2.0, beta: float = 1.0, stabilizer: float = 1e-6) -> LinearRule:
-    if alpha < 0 or beta < 0 or alpha - beta != 1:
+    # alpha - beta = 1 up to rounding: 1.4 - 0.4 is 0.9999999999999999 in floating point.
+    if alpha < 0 or beta < 0 or not math.isclose(alpha - beta, 1.0, rel_tol=0, abs_tol=1e-9):
         raise ValueError("alpha-beta needs alpha, beta >= 0 and alpha - beta = 1")
     positive_part = Group((Term("pos", positive, positive), Term("neg", negative, None)), coef=alpha)
     negative_part = Group((Term("pos", negative, negative), Term("neg", positive, None)), coef=-beta)
@@ -300,15 +303,18 @@ def alpha_beta(alpha: float = 2.0, beta: float = 1.0, stabilizer: float = 1e-6) 
                       params=(("alpha", alpha), ("beta", beta)))
 
 
+def _more_positive(a: np.ndarray, gamma: float) -> np.ndarray:
+    return (a + gamma * np.maximum(a, 0)).astype(a.dtype)
+
+
+def _more_negative(a: np.ndarray, gamma: float) -> np.ndarray:
+    return (a + gamma * np.minimum(a, 0)).astype(a.dtype)
+
+
 def gamma(gamma: float = 0.25, stabilizer: float = 1e-6) -> LinearRule:
     """Generalised gamma: favour positive contributions where the output is positive, and vice versa."""
-
-    def more_positive(a):
-        return (a + gamma * np.maximum(a, 0)).astype(a.dtype)
-
-    def more_negative(a):
-        return (a + gamma * np.minimum(a, 0)).astype(a.dtype)
-
+    # partials of module-level functions, not closures: a rule pickles and fingerprints as data
+    more_positive, more_negative = partial(_more_positive, gamma=gamma), partial(_more_negative, gamma=gamma)
     up = Group((Term("pos", more_positive, more_positive), Term("neg", more_negative, None)), gate="positive")
     down = Group((Term("pos", more_negative, more_negative), Term("neg", more_positive, None)), gate="negative")
     return LinearRule("gamma", (up, down), stabilizer, params=(("gamma", gamma),))

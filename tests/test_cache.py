@@ -43,6 +43,8 @@ def test_top_k_classes_in_one_run(demo_model):
     np.testing.assert_array_equal(result.targets.reshape(2, 3), order)
     for row in range(6):
         single = explainer.explain(x[row // 3:row // 3 + 1], target=int(result.targets[row]))
+        # a batch of 6 rows against batches of 1: another order of float32 sums (1e-5 is ~100 units of rounding;
+        # atol for values near 0, ~1e-4 of a typical pixel's relevance on the demo model)
         np.testing.assert_allclose(result.relevance[row], single.relevance[0], rtol=1e-5, atol=1e-7)
 
 
@@ -97,3 +99,55 @@ def test_modified_forwards_wait_for_the_backward_pass(resnet18, tmp_path):
     convs = [i for i, name in enumerate(order) if name.startswith("lrp/") and "/Conv_" in name]
     assert len(convs) > 19  # one W+ x per z+ conv (19; the stem is flat), and stride-1 transposes
     assert min(convs) > backward_starts
+
+
+def test_cache_key_is_every_option_that_shapes_the_graph(demo_model, explainer_cache, tmp_path):
+    """A preprocessing that shares ImageNet's name but not its statistics moves the z^B box:
+    it must not find ImageNet's explainer. The key comes from the whole options object."""
+    import pickle
+
+    from onnxlrp import rules as R
+    from onnxlrp.attribution import Options
+    from onnxlrp.preprocessing import Preprocessing
+
+    model = tmp_path / "model.onnx"
+    shutil.copyfile(demo_model, model)
+    x = np.random.RandomState(5).randn(2, 3, 64, 64).astype(np.float32)
+    imagenet = Explainer(model, preset="epsilon-gamma-box")
+    impostor = Preprocessing("imagenet", 1 / 255, (0.5, 0.5, 0.5), (0.5, 0.5, 0.5))
+    cached = Explainer(model, preset="epsilon-gamma-box", preprocessing=impostor)
+    assert cached.model_path != imagenet.model_path
+    fresh = Explainer(model, preset="epsilon-gamma-box", preprocessing=impostor, cache=False)
+    np.testing.assert_array_equal(cached.explain(x).relevance, fresh.explain(x).relevance)
+    assert np.abs(cached.explain(x).relevance - imagenet.explain(x).relevance).max() > 0
+
+    # Equal options, however spelled, share an entry; rule overrides and their parameters are keyed.
+    same = Explainer(model, preset="epsilon-gamma-box", split="ratio", include_identity=True)
+    assert same.model_path == imagenet.model_path
+    gamma_a = Explainer(model, preset="epsilon-gamma-box", rules={"Conv": R.gamma(0.5)})
+    gamma_b = Explainer(model, preset="epsilon-gamma-box", rules={"Conv": R.gamma(0.1)})
+    assert len({gamma_a.model_path, gamma_b.model_path, imagenet.model_path}) == 3
+    assert Explainer(model, preset="epsilon-gamma-box", rules={"Conv": R.gamma(0.5)}).model_path == gamma_a.model_path
+    np.testing.assert_array_equal(gamma_b.explain(x).relevance, Explainer(
+        model, preset="epsilon-gamma-box", rules={"Conv": R.gamma(0.1)}, cache=False).explain(x).relevance)
+
+    # The options object travels: it pickles, and its digest survives the trip.
+    options = gamma_a.options
+    assert pickle.loads(pickle.dumps(options)).digest() == options.digest()
+    # A user's modifier is keyed by its code and the values it closes over ...
+    scale = 2.0
+    custom = R.LinearRule("custom", (R.Group((R.Term("x", lambda w: w * scale, None),)),))
+    before = set(explainer_cache.glob("*.onnx"))
+    Explainer(model, preset="epsilon-gamma-box", rules={"Conv": custom})
+    scale = 3.0  # noqa: F841 -- the lambda's cell changed: a new key
+    Explainer(model, preset="epsilon-gamma-box", rules={"Conv": custom})
+    assert len(set(explainer_cache.glob("*.onnx")) - before) == 2
+
+    # ... and one that cannot be described (a callable object) means no cache, not a wrong hit.
+    class Scale:
+        def __call__(self, w):
+            return w * 2
+
+    opaque = R.LinearRule("opaque", (R.Group((R.Term("x", Scale(), None),)),))
+    assert Options(options.preset, options.split, rules=(("Conv", opaque),)).digest() is None
+    assert Explainer(model, preset="epsilon-gamma-box", rules={"Conv": opaque}).model_path is None

@@ -12,7 +12,7 @@ from onnx import TensorProto, helper
 from typer.testing import CliRunner
 
 import tiny_graphs as tg
-from onnxlrp import Explainer
+from onnxlrp import Explainer, OnnxLrpError
 from onnxlrp.cli import app
 
 
@@ -27,6 +27,8 @@ def test_explain_one_image(demo_model, demo_image, tmp_path):
     assert Image.open(png).size == (256, 256)  # 64x64 input, enlarged for viewing
     heat = np.load(npy)
     explanation, _ = Explainer(demo_model).explain_files([demo_image])
+    # the same compiled graph on the same one-image batch: only thread scheduling may reorder float32 sums
+    # (1e-6 is ~10 units of float32 rounding)
     np.testing.assert_allclose(heat, explanation.heatmap()[0], rtol=1e-6)
     assert "class" in result.stdout and str(png) in result.stdout
 
@@ -53,6 +55,7 @@ def test_compiled_explainer_runs_in_plain_onnxruntime(demo_model, tmp_path):
     x = np.random.RandomState(0).randn(3, 3, 64, 64).astype(np.float32)
     logits, relevance = session.run(["logits", "relevance"], {"images": x, "target": np.array([-1, 0, 5])})
     expected = Explainer(demo_model, preset="epsilon-gamma-box", split="proportional").explain(x, target=[logits[0].argmax(), 0, 5])
+    # the saved file is the same graph on the same batch: equal up to thread scheduling (~10 units of rounding)
     np.testing.assert_allclose(relevance, expected.relevance, rtol=1e-6)
     np.testing.assert_allclose(logits, expected.logits, rtol=1e-6)
 
@@ -155,6 +158,8 @@ def test_explain_many_images_in_batches(demo_model, tmp_path):
     assert len(list(out.iterdir())) == 7
     expected, _ = Explainer(demo_model).explain_files(files)
     for f, heat in zip(files, expected.heatmap()):
+        # batches of 3 against one of 7: the batch size changes the order of float32 sums (1e-5 is ~100 units of
+        # rounding); atol for values near 0, 1e-7 is ~1e-4 of a typical pixel's relevance on the demo model
         np.testing.assert_allclose(np.load(npy / f"{f.stem}_lrp.npy"), heat, rtol=1e-5, atol=1e-7)
 
 
@@ -162,3 +167,188 @@ def test_list_methods_needs_no_model():
     result = run("evaluate", "--list-methods")
     assert result.exit_code == 0, result.output
     assert "lrp-captum" in result.output.split() and "grad-cam" in result.output.split()
+
+
+# Destinations, staged outputs, and what users read.
+
+@pytest.fixture
+def read_only(tmp_path):
+    """A folder nothing can be written to, root included: an immutable folder (chattr +i) where
+    the file system allows it, else permission bits for other users."""
+    import os
+    import shutil
+    import subprocess
+    folder = tmp_path / "read_only"
+    folder.mkdir()
+    if os.geteuid() != 0:
+        folder.chmod(0o555)
+    elif not shutil.which("chattr") or subprocess.run(["chattr", "+i", str(folder)], capture_output=True).returncode:
+        pytest.skip("running as root and chattr +i is not available here: no way to make a folder read-only")
+    try:
+        (folder / "probe").touch()
+        (folder / "probe").unlink()
+        pytest.skip("the folder stayed writable")
+    except OSError:
+        pass
+    yield folder
+    if os.geteuid() == 0:
+        subprocess.run(["chattr", "-i", str(folder)], check=True)
+    folder.chmod(0o755)
+
+
+def _one_error_line(result, pattern: str) -> None:
+    assert result.exit_code == 1, result.output
+    lines = [line for line in result.stderr.splitlines() if not line.startswith("note: ")]  # notes come first
+    assert len(lines) == 1 and lines[0].startswith("error: ") and re.search(pattern, lines[0]), result.stderr
+    assert "Traceback" not in result.output
+
+
+@pytest.mark.parametrize("where", ["png", "npy", "both"])
+def test_read_only_destination_is_an_error_before_any_work(where, read_only, demo_model, demo_image, tmp_path):
+    png = read_only / "a.png" if where in ("png", "both") else tmp_path / "a.png"
+    npy = read_only / "a.npy" if where in ("npy", "both") else tmp_path / "a.npy"
+    result = run("explain", demo_model, demo_image, "-o", png, "--npy", npy)
+    _one_error_line(result, r"read_only/a\.(png|npy): cannot write there")
+    assert not (tmp_path / "a.png").exists() and not (tmp_path / "a.npy").exists()
+    assert list(read_only.iterdir()) == []
+
+
+def test_read_only_destination_for_compile_and_evaluate(read_only, demo_model, explainer_cache):
+    before = set(explainer_cache.iterdir())
+    _one_error_line(run("compile", demo_model, "-o", read_only / "e.onnx"), r"e\.onnx: cannot write there")
+    assert set(explainer_cache.iterdir()) == before  # refused before anything was built
+    shapes = Path(__file__).resolve().parent.parent / "examples" / "shapes"
+    _one_error_line(run("evaluate", demo_model, shapes, "-o", read_only / "eval", "--limit", "1", "--methods", "gradient"),
+                    r"eval/results\.md: cannot write there")
+    assert list(read_only.iterdir()) == []
+
+
+def test_a_failure_late_in_a_folder_run_leaves_no_output(demo_model, monkeypatch, tmp_path):
+    """Outputs are staged and published together: if the third batch fails, the heatmaps of the
+    first two never appear (nor the folders made for them)."""
+    files = sorted((Path(__file__).resolve().parent.parent / "examples" / "shapes" / "ring").glob("*.png"))[:5]
+    calls = []
+    original = Explainer.explain
+
+    def failing(self, *args, **kwargs):
+        calls.append(1)
+        if len(calls) == 3:
+            raise OnnxLrpError("onnxruntime failed on the relevance graph (out of memory)")
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(Explainer, "explain", failing)
+    out = tmp_path / "out" / "deeper"
+    result = run("explain", demo_model, *files, "--batch-size", "2", "-o", out, "--npy", out)
+    _one_error_line(result, r"out of memory")
+    assert len(calls) == 3 and not (tmp_path / "out").exists()
+
+
+def test_a_truncated_jpeg_late_in_a_folder_stops_before_any_output(demo_model, demo_image, tmp_path):
+    folder = tmp_path / "images"
+    folder.mkdir()
+    for k in range(4):
+        Image.open(demo_image).convert("RGB").resize((256, 256)).save(folder / f"{k}.jpg", quality=95)
+    data = (folder / "3.jpg").read_bytes()
+    (folder / "3.jpg").write_bytes(data[: len(data) * 2 // 3])  # the header verifies, the pixels do not decode
+    out = tmp_path / "out"
+    result = run("explain", demo_model, folder, "--batch-size", "2", "-o", out)
+    _one_error_line(result, r"3\.jpg: cannot read image")
+    assert not out.exists()
+
+
+def test_npy_alone_writes_only_npy_and_every_file_is_named(demo_model, demo_image, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    result = run("explain", demo_model, demo_image, "--npy", "heat.npy")
+    assert result.exit_code == 0, result.output
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["heat.npy"]
+    assert result.stdout.strip().endswith("-> heat.npy")
+    result = run("explain", demo_model, demo_image, demo_image, "--npy", "maps")  # several: a folder, still no PNG
+    assert result.exit_code == 0, result.output
+    assert sorted(p.name for p in (tmp_path / "maps").iterdir()) == ["demo_lrp.npy", "demo_lrp_1.npy"]
+    assert not (tmp_path / "lrp_out").exists()
+    result = run("explain", demo_model, demo_image, "-o", "h.png", "--npy", "h.npy")
+    assert result.exit_code == 0 and "-> h.png, h.npy" in result.stdout, result.output
+    result = run("explain", demo_model, demo_image, demo_image)  # several, no -o: the documented ./lrp_out/
+    assert result.exit_code == 0 and sorted(p.name for p in (tmp_path / "lrp_out").iterdir()) == [
+        "demo_lrp.png", "demo_lrp_1.png"]
+
+
+def test_subfolders_are_walked_and_mirrored(demo_model, demo_image, tmp_path):
+    """The ImageFolder layout: two images of one name in different class folders never collide."""
+    data = tmp_path / "data"
+    for cls in ("circle", "ring"):
+        (data / cls).mkdir(parents=True)
+        Image.open(demo_image).save(data / cls / "0001.png")
+    out = tmp_path / "out"
+    result = run("explain", demo_model, data, "-o", out, "--npy", out)
+    assert result.exit_code == 0, result.output
+    written = sorted(str(p.relative_to(out)) for p in out.rglob("*") if p.is_file())
+    assert written == ["circle/0001_lrp.npy", "circle/0001_lrp.png", "ring/0001_lrp.npy", "ring/0001_lrp.png"]
+
+
+def test_output_and_npy_must_differ(demo_model, demo_image, tmp_path):
+    _one_error_line(run("explain", demo_model, demo_image, "-o", tmp_path / "h.png", "--npy", tmp_path / "h.png"),
+                    r"h\.png: --output and --npy name the same file")
+    assert not (tmp_path / "h.png").exists()
+
+
+def test_usage_errors_are_one_line_too(demo_model, demo_image):
+    _one_error_line(run("explain", demo_model, demo_image, "--preset", "nope"),
+                    r"Invalid value for '--preset'.*'nope' is not one of .*\(see .* explain --help\)")
+    _one_error_line(run("explain", demo_model), r"Missing argument 'IMAGES\.\.\.'")
+    _one_error_line(run("graph", demo_model, "--bogus"), r"No such option: --bogus")
+
+
+def test_compile_says_the_batch_is_dynamic(demo_model, tmp_path):
+    result = run("compile", demo_model, "-o", tmp_path / "e.onnx")
+    assert result.exit_code == 0, result.output
+    assert "inputs images [N, 3, 64, 64], target [N]" in result.stdout
+
+
+def test_notes_come_before_the_results(demo_model, demo_image, tmp_path):
+    result = run("explain", demo_model, demo_image, "-o", tmp_path / "h.png")
+    assert result.exit_code == 0, result.output
+    assert result.output.index("note: folded") < result.output.index("class ")
+
+
+@pytest.mark.parametrize("command", ["explain", "graph", "compile", "evaluate"])
+def test_help_reads_well_at_80_columns(command, monkeypatch):
+    monkeypatch.setenv("COLUMNS", "80")
+    result = run(command, "--help")
+    assert result.exit_code == 0, result.output
+    lines = result.output.splitlines()
+    assert max(len(line) for line in lines) <= 80, [line for line in lines if len(line) > 80]
+    assert "…" not in result.output
+    if command == "explain":
+        text = " ".join(result.output.split())
+        for option, default in (("--split", "the preset's, ratio"), ("--cmap", "coldnhot; jet for --style paper"),
+                                ("--target", "top-1 per image")):
+            assert f"[default: ({default})]" in text, option
+
+
+def test_graph_table_fits_80_columns_and_breaks_names_at_slashes(monkeypatch):
+    monkeypatch.setenv("COLUMNS", "80")
+    fixture = Path(__file__).resolve().parent / "fixtures" / "keras_resnet50.onnx"
+    result = run("graph", fixture)
+    assert result.exit_code == 0, result.output
+    lines = result.stdout.splitlines()
+    assert max(len(line) for line in lines) <= 80
+    header = next(line for line in lines if line.split()[:1] == ["node"])
+    assert header.split() == ["node", "op", "rule"]
+    # every name of the graph can be read back from the table, broken only before a '/'
+    node = "resnet50/conv2_block1_1_conv/BiasAdd"
+    rows = [line.split()[0] for line in lines if line.strip() and not line.startswith("─")]
+    assert any(row.startswith("resnet50/") or row == "resnet50" for row in rows)
+    assert "/conv2_block1_1_conv" in result.stdout and "conv2_bl\n" not in result.stdout
+    assert node.replace("/", "") not in result.stdout
+
+
+def test_unwritable_cache_warns_once_and_runs(demo_model, demo_image, tmp_path, monkeypatch):
+    blocker = tmp_path / "a_file"
+    blocker.write_text("")
+    monkeypatch.setenv("ONNXLRP_CACHE", str(blocker / "cache"))  # below a regular file: not even root can
+    result = run("explain", demo_model, demo_image, demo_image, "-o", tmp_path / "out", "--preset", "epsilon-gamma-box")
+    assert result.exit_code == 0, result.output
+    warnings = [line for line in result.stderr.splitlines() if line.startswith("warning:")]
+    assert len(warnings) == 1 and "cache" in warnings[0], result.stderr
+    assert len(list((tmp_path / "out").iterdir())) == 2
