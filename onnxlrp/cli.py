@@ -222,7 +222,9 @@ def explain(
             model, preset=preset, split=split, include_identity=include_identity, bias=bias, low=low,
             high=high, device=device, preprocessing=preprocess, image_size=_image_size(size), precision=precision,
         )
-        explainer.targets(target, 1)  # a bad --target is an error before anything is said or run
+        explainer.targets(target, 1)  # a bad --target or --top-k is an error before anything is said or run
+        if top_k and top_k > explainer.num_classes:
+            raise OnnxLrpError(f"--top-k {top_k}: the model has {explainer.num_classes} classes")
         for note in explainer.summary.notes:  # before the results: they say what was explained
             typer.echo(f"note: {note}", err=True)
         layout = explainer.summary.image.layout
@@ -378,6 +380,8 @@ def evaluate(
         dataset = load_dataset(data, labels)
         total = min(limit or len(dataset.files), len(dataset.files))
         chosen = [m.strip() for m in methods.split(",") if m.strip()]
+        if not chosen:
+            raise OnnxLrpError("--methods names no method (see --list-methods)")
         protocols = PROTOCOLS if protocol == "both" else (protocol,)
         check_writable(output / name for name in RESULT_FILES)  # before the run, not after it
         with _progress() as progress:

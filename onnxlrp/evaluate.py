@@ -58,7 +58,7 @@ def load_dataset(root: str | Path, labels_file: str | Path | None = None) -> Dat
     needs the class list). Blank lines and lines starting with ``#`` are skipped."""
     root = Path(root)
     if not root.is_dir():
-        raise OnnxLrpError(f"{root}: no such folder")
+        raise OnnxLrpError(f"{root}: {'not a folder' if root.exists() else 'no such folder'}")
     classes, source = _class_list(root)
     if labels_file is not None:
         files, labels = _from_labels(root, Path(labels_file), classes, source)

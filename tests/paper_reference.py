@@ -8,6 +8,8 @@ was written without looking at onnxlrp's code.  It works directly on a
 torchvision ResNet (BasicBlock or Bottleneck) in eval mode with its BatchNorm
 layers NOT folded, walking stem -> layer1..layer4 -> avgpool -> fc block by
 block.  Everything is computed in float64 on a deep copy of the model.
+A model whose BatchNorms were fused into their convs and replaced by nn.Identity
+(as an exporter folds them) runs the same walk: the BN steps pass unchanged.
 
 Rules (eps = 1e-5 by default):
   * Conv (incl. downsample[0]) and the final Linear: z+ rule,
@@ -135,6 +137,8 @@ def _block_relevance(block, rec, R, split, include_identity, eps, trace):
         trace["merge_rel_err"].append(
             float(((R_s + R_m - R).sum(dim=(1, 2, 3)).abs()
                    / R.sum(dim=(1, 2, 3)).abs().clamp(min=1e-300)).max()))
+        trace["merge_sums"].append(   # per image: totals of R, R_s, R_m
+            torch.stack([t.sum(dim=(1, 2, 3)) for t in (R, R_s, R_m)], dim=1))
 
     # main branch: BN and ReLU pass, each conv by z+
     pairs = _main_branch(block)
@@ -186,6 +190,7 @@ def _paper_lrp_impl(model, x, split, include_identity, eps, trace):
         trace["probabilities"] = probs.clone()
         trace["merge_max_abs_err"] = []
         trace["merge_rel_err"] = []
+        trace["merge_sums"] = []         # in backward order (last block first)
         trace["block_input_sums"] = []   # in backward order (last block first)
         trace["output"] = per_image(R)
 
@@ -217,3 +222,12 @@ def paper_lrp(model, x, split="ratio", include_identity=True, eps=1e-5):
     x: float tensor [N,3,H,W]. Returns (relevance [N,3,H,W] float64 tensor, targets [N] long,
     probabilities [N] float64: the softmax probability of each target)."""
     return _paper_lrp_impl(model, x, split, include_identity, eps, None)
+
+
+def paper_lrp_traced(model, x, split="ratio", include_identity=True, eps=1e-5):
+    """paper_lrp, plus a dict of per-image relevance totals along the way: "output" (the
+    initial relevance), "layer1_input", "maxpool_input", "input", "block_input_sums" and
+    "merge_sums" ([N, 3]: R, R_s, R_m at each merge), both lists in backward order."""
+    trace = {}
+    relevance, targets, probabilities = _paper_lrp_impl(model, x, split, include_identity, eps, trace)
+    return relevance, targets, probabilities, trace

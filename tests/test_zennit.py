@@ -2,7 +2,10 @@
 
 Same rules, BatchNorm merged (Zennit's ResNetCanonizer), our `proportional` split
 (Zennit's Sum gets Norm), output relevance one-hot(target) x target logit. Zennit runs
-in float64, so the error measured is ours (float32 onnxruntime).
+in float64, so the error measured is ours (float32 onnxruntime). Each test's bound is
+that problem's own sensitivity to float32-sized perturbations, measured in float64
+(float32_bounds.py): the same on every machine, tight where the problem is
+well-conditioned and wide only where it is not.
 """
 import copy
 
@@ -13,6 +16,7 @@ from zennit.attribution import Gradient
 from zennit.composites import EpsilonAlpha2Beta1, EpsilonGammaBox, EpsilonPlusFlat
 from zennit.torchvision import ResNetCanonizer
 
+import float32_bounds
 from conftest import relative_error
 from onnxlrp import Explainer
 
@@ -21,7 +25,6 @@ COMPOSITES = {
     "epsilon-gamma-box": lambda zp: EpsilonGammaBox(low=-3.0, high=3.0, canonizers=[ResNetCanonizer()], zero_params=zp),
     "epsilon-alpha2-beta1": lambda zp: EpsilonAlpha2Beta1(canonizers=[ResNetCanonizer()], zero_params=zp),
 }
-TOLERANCE = {"resnet18": 1e-3, "resnet50": 1e-2}
 
 
 def zennit(model, x, preset, bias=True, dtype=torch.float64):
@@ -37,6 +40,30 @@ def zennit(model, x, preset, bias=True, dtype=torch.float64):
     return relevance.detach().double().numpy(), target.numpy()
 
 
+_CACHE = {}
+
+
+def reference_and_bound(model, x, preset, bias=True):
+    """Zennit's float64 relevance, its targets, and how far a float32 pass may land from it:
+    bounds on the relative error of the map and of its per-image totals."""
+    key = (id(model), id(x), preset, bias)
+    if key not in _CACHE:
+        reference, targets = zennit(model, x, preset, bias)
+
+        def run(perturbed):
+            relevance, perturbed_targets = zennit(perturbed, x, preset, bias)
+            np.testing.assert_array_equal(perturbed_targets, targets)  # else the spread measures a class change
+            return relevance, totals(relevance)
+
+        bound, total_bound = float32_bounds.bounds(run, model, [reference, totals(reference)])
+        _CACHE[key] = reference, targets, bound, total_bound
+    return _CACHE[key]
+
+
+def totals(relevance):
+    return relevance.reshape(len(relevance), -1).sum(axis=1)
+
+
 def ours(path, x, preset, bias=True):
     return Explainer(path, preset=preset, split="proportional", bias=bias, low=-3.0, high=3.0).explain(x)
 
@@ -45,22 +72,20 @@ def ours(path, x, preset, bias=True):
 @pytest.mark.parametrize("arch", ["resnet18", "resnet50"])
 def test_matches_zennit(arch, preset, images, request):
     net = request.getfixturevalue(arch)
-    reference, targets = zennit(net.model, images, preset)
+    reference, targets, bound, _ = reference_and_bound(net.model, images, preset)
     result = ours(net.folded, images, preset)
     np.testing.assert_array_equal(result.targets, targets)
-    assert relative_error(result.relevance, reference) <= TOLERANCE[arch]
+    error = relative_error(result.relevance, reference)
+    assert error <= bound, (error, bound)
 
 
-@pytest.mark.parametrize("preset", ["epsilon-plus-flat", "epsilon-alpha2-beta1"])
+@pytest.mark.parametrize("preset", sorted(COMPOSITES))
 def test_matches_zennit_without_bias(preset, resnet18, images):
-    reference, _ = zennit(resnet18.model, images, preset, bias=False)
-    assert relative_error(ours(resnet18.folded, images, preset, bias=False).relevance, reference) <= 1e-3
-
-
-def test_gamma_without_bias_is_as_accurate_as_zennit_float32(resnet18, images):
-    """Gamma with biases dropped divides by near-zero sums: ill-conditioned in any float32
-    implementation. We must be no further from the float64 result than Zennit's own float32."""
-    reference, _ = zennit(resnet18.model, images, "epsilon-gamma-box", bias=False)
-    zennit32, _ = zennit(resnet18.model, images, "epsilon-gamma-box", bias=False, dtype=torch.float32)
-    result = ours(resnet18.folded, images, "epsilon-gamma-box", bias=False)
-    assert relative_error(result.relevance, reference) <= relative_error(zennit32, reference)
+    """epsilon-gamma-box without biases divides by near-zero sums: ill-conditioned in any
+    float32 implementation (float64 Zennit moves by about 6 % under float32-sized weight
+    noise), so its bound is wide; the other two stay well-conditioned, so theirs is tight."""
+    reference, targets, bound, _ = reference_and_bound(resnet18.model, images, preset, bias=False)
+    result = ours(resnet18.folded, images, preset, bias=False)
+    np.testing.assert_array_equal(result.targets, targets)
+    error = relative_error(result.relevance, reference)
+    assert error <= bound, (error, bound)
