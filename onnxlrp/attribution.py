@@ -68,8 +68,7 @@ class Analysis:
         for name, op in self.graph.ops.items():
             rule = self.rules[name]
             merge = self.graph.merge_at(name)
-            describe = rule.describe(merge) if isinstance(rule, Split) else rule.describe(op)
-            rows.append({"node": name, "op_type": op.node.op, "info": op.describe(), "rule": describe})
+            rows.append({"node": name, "op_type": op.node.op, "info": op.describe(), "rule": rule.describe(op, merge)})
         return rows
 
 

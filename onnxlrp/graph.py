@@ -37,7 +37,7 @@ class ModelGraph:
         """Tensors known to be >= 0 (ReLU outputs and what pools and reshapes make of them)."""
         known: set[str] = set()
         for op in self.ops.values():
-            if op.node.op == "Relu" or (op.keeps_sign and all(t.name in known for t in op.data_inputs)):
+            if op.makes_nonneg or (op.keeps_sign and all(t.name in known for t in op.data_inputs)):
                 known.add(op.output.name)
         return known
 

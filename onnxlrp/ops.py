@@ -87,6 +87,7 @@ class Op:
     linear = False  # forward/transpose take (modified) parameters: LRP rules apply
     shape_preserving = False  # output shape == input shape: the pass rule applies
     keeps_sign = False  # output >= 0 whenever every data input is >= 0
+    makes_nonneg = False  # output >= 0 whatever the input (ReLU, ReLU6)
     default_rule = "pass"  # rule used where a preset names none
 
     def __init__(self, node: gs.Node, is_data: IsData, path: str = "model"):
@@ -490,9 +491,54 @@ class MaxPool(Op):
 class Relu(Op):
     kind = "activation"
     shape_preserving = True
+    makes_nonneg = True
 
     def transpose(self, e, g, weight=None):
         return e.op("Where", e.op("Greater", self.x, np.float32(0)), g, np.float32(0))
+
+
+class LeakyRelu(Op):
+    """y = x, or alpha x below 0. Relevance passes as through a ReLU: under LRP-0 (gradient x
+    input) the relevance at x is g * alpha * x = g * y, the relevance at y."""
+
+    kind = "activation"
+    shape_preserving = True
+
+    def transpose(self, e, g, weight=None):
+        alpha = np.float32(self.node.attrs.get("alpha", 0.01))
+        return e.op("Where", e.op("Greater", self.x, np.float32(0)), g, e.mul(g, alpha))
+
+
+class Clip(Op):
+    """ReLU6 and other clips. Where the clip holds the output constant, the output no longer
+    depends on the input (as with a bias): that relevance is absorbed; inside the range it
+    passes. This is the op's gradient, the reading under which LRP-0 is gradient x input."""
+
+    kind = "activation"
+    shape_preserving = True
+    default_rule = "gradient"
+
+    def __init__(self, node, is_data, path="model"):
+        super().__init__(node, is_data, path)
+        if len(self.data_inputs) != 1 or node.inputs[0] is not self.x:
+            raise self.error("its bounds are computed from the image; onnxlrp needs constant bounds")
+        bounds = []
+        for index in (1, 2):
+            given = _given(node, index)
+            value = _const(given) if given is not None else None
+            if given is not None and value is None:
+                raise self.error("its bounds are computed at run time; onnxlrp needs constant bounds")
+            bounds.append(None if value is None else float(value))
+        self.low, self.high = bounds
+        self.makes_nonneg = self.low is not None and self.low >= 0
+
+    def transpose(self, e, g, weight=None):
+        inside = None
+        for bound, compare in ((self.low, "Greater"), (self.high, "Less")):
+            if bound is not None:
+                test = e.op(compare, self.x, np.float32(bound))
+                inside = test if inside is None else e.op("And", inside, test)
+        return g if inside is None else e.op("Where", inside, g, np.float32(0))
 
 
 class Reshape(Op):
@@ -572,6 +618,8 @@ OPS: dict[str, type[Op]] = {
     "ReduceMean": ReduceMean,
     "MaxPool": MaxPool,
     "Relu": Relu,
+    "LeakyRelu": LeakyRelu,
+    "Clip": Clip,
     "Flatten": Reshape,
     "Reshape": Reshape,
     "Squeeze": Reshape,

@@ -22,6 +22,7 @@ It runs in onnxruntime on any execution provider, without onnxlrp installed.
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 from collections import defaultdict
 
@@ -31,9 +32,8 @@ import onnx_graphsurgeon as gs
 
 from .emit import Emitter
 from .errors import OnnxLrpError
-from .graph import ModelGraph
+from .graph import ModelGraph, build_graph
 from .rules import Rule, RuleContext
-from .splitting import Split
 
 INPUT, TARGET = "images", "target"
 LOGITS, RELEVANCE, TARGETS, INITIAL, MERGE_SUMS, LAYER_SUMS = (
@@ -95,7 +95,9 @@ def build(
     trace: bool = False,
     probe: str | None = None,
 ) -> onnx.ModelProto:
-    """Extend the model graph with its relevance pass. Consumes `graph` (its nodes are reused)."""
+    """The model graph extended with its relevance pass, as a new ONNX model. `graph` itself
+    is not changed: the builder works on its own copy."""
+    graph = _own_copy(graph)
     canonical = graph.canonical
     g = canonical.graph
     e = Emitter(g)
@@ -131,33 +133,29 @@ def build(
         parts = contributions.pop(op.output.name, None)
         if not parts:
             continue
-        rule = rules[name]
+        merge = graph.merge_at(name)
         with e.scope(name):
             R = e.sum(parts)
             if op.output.name == probe:
                 probed = (op.output, R)
+            ctx = RuleContext(bias=bias, x_nonneg=op.x.name in graph.nonneg,
+                              bounds=_bounds_at(graph, box, op.x) if box else None, merge=merge)
+            inputs = rules[name].relevance(e, op, R, ctx)
+            ranks = {t.name: len(t.shape) for t in op.data_inputs}
             # Totals are taken as soon as the relevance exists, and the relevance goes on only
             # afterwards, so that no map stays in memory until the end of the pass (Emitter.after).
-            if isinstance(rule, Split):
-                merge = graph.merge_at(name)
-                r_skip, r_main = rule.emit(e, op, merge, R)
-                ndim = len(op.output.shape)
-                total, main_sum = (e.sum_per_sample(t, ndim) for t in (R, r_main))
-                skip_sum = e.sum_per_sample(r_skip, ndim) if r_skip is not None else e.mul(total, np.float32(0))
-                merge_sums[name] = _stack(e, [total, skip_sum, main_sum])
+            wait = None
+            if merge is not None or trace:
+                total = e.sum_per_sample(R, len(op.output.shape))
+                sums = {t: e.sum_per_sample(r, ranks[t]) for t, r in inputs.items()}
+                if merge is not None:  # R, R_skip, R_main (a skip that gets nothing, or y = x + x: R_skip 0)
+                    own_skip = merge.skip in sums and merge.skip != merge.main
+                    skip_sum = sums[merge.skip] if own_skip else e.mul(total, np.float32(0))
+                    wait = merge_sums[name] = _stack(e, [total, skip_sum, sums[merge.main]])
                 if trace:
-                    layer_sums[name] = _stack(e, [total, e.sum([skip_sum, main_sum])])
-                if r_skip is not None:
-                    contributions[merge.skip].append(e.after(r_skip, ndim, merge_sums[name]))
-                contributions[merge.main].append(e.after(r_main, ndim, merge_sums[name]))
-            else:
-                ctx = RuleContext(bias=bias, x_nonneg=op.x.name in graph.nonneg, bounds=_bounds_at(graph, box, op.x) if box else None)
-                r_in = rule.emit(e, op, R, ctx)
-                if trace:
-                    rank = len(op.x.shape)
-                    layer_sums[name] = _stack(e, [e.sum_per_sample(R, len(op.output.shape)), e.sum_per_sample(r_in, rank)])
-                    r_in = e.after(r_in, rank, layer_sums[name])
-                contributions[op.x.name].append(r_in)
+                    wait = layer_sums[name] = _stack(e, [total, e.sum(list(sums.values()))])
+            for tensor, r in inputs.items():
+                contributions[tensor].append(e.after(r, ranks[tensor], wait) if wait is not None else r)
 
     parts = contributions.pop(images.name, None)
     if not parts:
@@ -197,6 +195,18 @@ def build(
     if trace:
         onnx.helper.set_model_props(model, {TRACE_KEY: json.dumps(traced)})
     return model
+
+
+def _own_copy(graph: ModelGraph) -> ModelGraph:
+    """A copy of the analysed graph for the builder to extend (its nodes and tensors are new;
+    weights are shared, never written): the analysis stays as it was, whether an explainer
+    was built or found in the cache."""
+    copy = graph.canonical.graph.copy()
+    tensors = copy.tensors()
+    canonical = dataclasses.replace(graph.canonical, graph=copy, input=tensors[graph.canonical.input.name],
+                                    logits=tensors[graph.canonical.logits.name])
+    path = next(iter(graph.ops.values())).path if graph.ops else "model"
+    return build_graph(canonical, path)
 
 
 def _stack(e: Emitter, sums: list[gs.Tensor]) -> gs.Tensor:

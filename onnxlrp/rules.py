@@ -16,6 +16,12 @@ the rules below reproduce Zennit 1.0's, bias handling included.
 Other rules: ``Pass`` hands relevance through unchanged (ReLU, BatchNorm in the
 paper); ``Gradient`` applies the op's transpose (reshapes; MaxPool, where it is
 winner-take-all). Splits at residual merges live in :mod:`onnxlrp.splitting`.
+
+Every rule answers one question, whatever the op and however many inputs it has:
+``relevance(e, op, R, ctx) -> {input tensor name: relevance there}``. A rule of a
+one-input op writes ``emit`` (the relevance at ``op.x``); a rule of several inputs (a
+residual split) overrides ``relevance`` itself. The builder sums what every consumer
+hands a tensor before it visits the tensor's producer.
 """
 from __future__ import annotations
 
@@ -28,6 +34,7 @@ import numpy as np
 import onnx_graphsurgeon as gs
 
 from .emit import Emitter
+from .merges import Merge
 from .ops import LinearOp, MaxPool, Op
 
 Modifier = Callable[[np.ndarray], np.ndarray]
@@ -78,6 +85,7 @@ class RuleContext:
     bias: bool  # the user's switch: False drops every bias (Zennit's zero_params=['bias'])
     x_nonneg: bool  # the layer input is known to be >= 0
     bounds: Callable[[str], np.ndarray] | None = None  # "low"/"high" -> box bound at the layer input
+    merge: Merge | None = None  # at a residual merge: which input is the skip, which the main branch
 
 
 class Rule:
@@ -87,8 +95,16 @@ class Rule:
         """None if the rule can explain this op, else why not."""
         return None
 
-    def describe(self, op: Op | None = None) -> str:
+    def describe(self, op: Op | None = None, merge: Merge | None = None) -> str:
         return self.name
+
+    def relevance(self, e: Emitter, op: Op, R: gs.Tensor, ctx: RuleContext) -> dict[str, gs.Tensor]:
+        """The relevance at each data input of `op`, by tensor name, given R at its output."""
+        return {op.x.name: self.emit(e, op, R, ctx)}
+
+    def emit(self, e: Emitter, op: Op, R: gs.Tensor, ctx: RuleContext) -> gs.Tensor:
+        """A one-input op's relevance at op.x."""
+        raise NotImplementedError
 
 
 @dataclass(frozen=True)
@@ -114,7 +130,7 @@ class Gradient(Rule):
     def emit(self, e, op, R, ctx):
         return op.transpose(e, R)
 
-    def describe(self, op=None):
+    def describe(self, op=None, merge=None):
         if op is not None and op.kind == "maxpool":
             return "winner-take-all (gradient)"
         if op is not None and op.kind == "reshape":
@@ -166,7 +182,7 @@ class LinearRule(Rule):
             return None if isinstance(op, MaxPool) else "the 2x2-average rule is for MaxPool"
         return None if op.linear else f"{self.name} needs a linear layer"
 
-    def describe(self, op=None):
+    def describe(self, op=None, merge=None):
         args = ", ".join(f"{k}={v:g}" for k, v in self.params + (("eps", self.stabilizer),))
         extra = "" if self.use_bias else ", no bias"
         return f"{self.name}({args}{extra})"

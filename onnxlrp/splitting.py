@@ -26,7 +26,7 @@ import onnx_graphsurgeon as gs
 from .emit import Emitter
 from .merges import Merge
 from .ops import Op
-from .rules import Rule, stabilize
+from .rules import Rule, RuleContext, stabilize
 
 SPLITS = ("symmetric", "ratio", "proportional", "copy")
 
@@ -48,12 +48,20 @@ class Split(Rule):
     def applies_to(self, op: Op):
         return None if op.kind == "merge" else "splitting is for residual merges"
 
-    def describe(self, merge: Merge | None = None) -> str:
+    def describe(self, op: Op | None = None, merge: Merge | None = None) -> str:
         if merge is not None and merge.kind == "identity" and not self.include_identity:
             return "all to main (identity skip excluded)"
         return f"{self.method} split"
 
-    def emit(self, e: Emitter, op: Op, merge: Merge, R: gs.Tensor) -> tuple[gs.Tensor | None, gs.Tensor]:
+    def relevance(self, e: Emitter, op: Op, R: gs.Tensor, ctx: RuleContext) -> dict[str, gs.Tensor]:
+        """{skip: R_skip, main: R_main}; the skip is left out where it gets nothing."""
+        merge = ctx.merge
+        r_skip, r_main = self.split(e, op, merge, R)
+        if merge.skip == merge.main:  # y = x + x: both shares reach the one tensor
+            return {merge.main: r_main if r_skip is None else e.add(r_skip, r_main)}
+        return {merge.main: r_main} if r_skip is None else {merge.skip: r_skip, merge.main: r_main}
+
+    def split(self, e: Emitter, op: Op, merge: Merge, R: gs.Tensor) -> tuple[gs.Tensor | None, gs.Tensor]:
         """(R_skip, R_main); R_skip is None where the skip gets nothing."""
         h = {t.name: t for t in op.data_inputs}
         h_s, h_m = h[merge.skip], h[merge.main]

@@ -202,3 +202,25 @@ def test_pad_with_a_negative_fill_is_not_non_negative(fill, tmp_path):
     expected = r_in[:, 1:-1, 1:-1]  # the Pad's transpose drops what fell on the padding
     # float32 against float64 over 27-term sums: 1e-5 relative is ~100 units of float32 rounding
     np.testing.assert_allclose(result.relevance[0], expected, rtol=1e-5, atol=1e-6 * np.abs(expected).max())
+
+
+def test_building_the_relevance_graph_leaves_the_analysis_as_it_was(demo_model, tmp_path):
+    """The builder works on its own copy: no renamed tensors, no extra MaxPool output, and the
+    same analysis whether the explainer was built or found in the cache."""
+    import shutil
+    model = tmp_path / "model.onnx"
+    shutil.copyfile(demo_model, model)
+
+    def snapshot(analysis):
+        graph = analysis.graph.canonical.graph
+        return ([(n.name, n.op, [t.name for t in n.inputs], [t.name for t in n.outputs]) for n in graph.nodes],
+                [t.name for t in graph.inputs], [t.name for t in graph.outputs])
+
+    before = snapshot(analyse(model, preset="paper"))
+    built = Explainer(model, preset="paper", cache=False)  # builds from its analysis
+    assert built._analysis is not None and snapshot(built.analysis) == before
+    pools = [n for n in built.analysis.graph.canonical.graph.nodes if n.op == "MaxPool"]
+    assert pools and all(len(n.outputs) == 1 for n in pools)
+    Explainer(model, preset="paper")  # in the cache now, if it was not already
+    found = Explainer(model, preset="paper")  # a cache hit: analyses on demand
+    assert found._analysis is None and snapshot(found.analysis) == before
