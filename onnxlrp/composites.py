@@ -20,7 +20,7 @@ from .graph import ModelGraph
 from .rules import Rule
 from .splitting import Split
 
-DEFAULTS: dict[str, Rule] = {"pass": R.PASS, "gradient": R.GRADIENT}
+DEFAULTS: dict[str, Rule] = {"pass": R.PASS, "gradient": R.GRADIENT, "gate": R.GATE}
 
 
 @dataclass(frozen=True)

@@ -103,6 +103,11 @@ class Op:
     def transpose(self, e: Emitter, g: gs.Tensor, weight=None) -> gs.Tensor:
         raise self.error("has no transpose")
 
+    def vjp(self, e: Emitter, g: gs.Tensor) -> dict[str, gs.Tensor]:
+        """The vector-Jacobian product at every data input, by tensor name (one input here;
+        ops of several inputs override it)."""
+        return {self.x.name: self.transpose(e, g)}
+
     def describe(self) -> str:
         """Kernel, stride and channels, for `onnxlrp graph`."""
         return ""
@@ -541,6 +546,71 @@ class Clip(Op):
         return g if inside is None else e.op("Where", inside, g, np.float32(0))
 
 
+class Sigmoid(Op):
+    """A gate's squashing, s = 1 / (1 + exp(-x)), in (0, 1). Relevance reaches it only where a
+    gate's branch is explained (the gradient baselines); its VJP is g s (1 - s)."""
+
+    kind = "gate"
+    shape_preserving = True
+    makes_nonneg = True
+    default_rule = "gradient"
+
+    def transpose(self, e, g, weight=None):
+        s = self.output
+        return e.mul(g, e.mul(s, e.sub(np.float32(1), s)))
+
+
+class HardSigmoid(Sigmoid):
+    """max(0, min(1, alpha x + beta)); its VJP is alpha g where the ramp is not clipped."""
+
+    def transpose(self, e, g, weight=None):
+        alpha, beta = np.float32(self.node.attrs.get("alpha", 0.2)), np.float32(self.node.attrs.get("beta", 0.5))
+        z = e.add(e.mul(self.x, alpha), beta)
+        inside = e.op("And", e.op("Greater", z, np.float32(0)), e.op("Less", z, np.float32(1)))
+        return e.op("Where", inside, e.mul(g, alpha), np.float32(0))
+
+
+#: ops whose output gates a signal when multiplied with it (x * g)
+GATES = {"Sigmoid": Sigmoid, "HardSigmoid": HardSigmoid}
+
+
+class GateMul(Op):
+    """x * g, g computed from the data by a gate (squeeze-excitation, SiLU's x * sigmoid(x)).
+
+    LRP holds the gate constant by default: all relevance goes to the signal x, none into the
+    gate's branch; that conserves, and LRP-0 then equals gradient x input of the model with
+    the gate detached. The gradient (vjp) reaches both inputs."""
+
+    kind = "gate"
+    shape_preserving = True  # the output has the signal's shape; the gate broadcasts
+    keeps_sign = True  # a gate >= 0 times a signal >= 0
+    default_rule = "gate"
+
+    def __init__(self, node, is_data, path, gate: gs.Tensor):
+        super().__init__(node, is_data, path)
+        self.gate = gate
+        self.x = next(t for t in self.data_inputs if t is not gate)  # the signal
+        signal, out, gate_shape = _static(self.x, node, path), _static(self.output, node, path), _static(gate, node, path)
+        if signal[1:] != out[1:] or len(gate_shape) != len(out):
+            raise self.error(f"the gate {gate_shape} must broadcast over the signal {signal}, not widen it")
+        self.gate_axes = [axis for axis in range(1, len(out)) if gate_shape[axis] == 1 and out[axis] != 1]
+
+    def transpose(self, e, g, weight=None):
+        return e.mul(g, self.gate)
+
+    def vjp(self, e, g):
+        to_gate = e.mul(g, self.x)
+        if self.gate_axes:
+            to_gate = e.reduce_sum(to_gate, self.gate_axes, keepdims=1)
+        return {self.x.name: self.transpose(e, g), self.gate.name: to_gate}
+
+
+def _gate(computed: list[gs.Tensor]) -> gs.Tensor | None:
+    """The one computed input of a Mul that a gate op produced, if there is exactly one."""
+    gates = [t for t in computed if t.inputs and t.inputs[0].op in GATES]
+    return gates[0] if len(gates) == 1 and len(computed) == 2 else None
+
+
 class Reshape(Op):
     """Flatten, Reshape, Squeeze, Unsqueeze: relevance keeps its values, takes the input's shape."""
 
@@ -619,6 +689,8 @@ OPS: dict[str, type[Op]] = {
     "MaxPool": MaxPool,
     "Relu": Relu,
     "LeakyRelu": LeakyRelu,
+    "Sigmoid": Sigmoid,
+    "HardSigmoid": HardSigmoid,
     "Clip": Clip,
     "Flatten": Reshape,
     "Reshape": Reshape,
@@ -638,7 +710,10 @@ def make_op(node: gs.Node, is_data: IsData, path: str = "model") -> Op:
             return Affine(node, is_data, path)
         if node.op == "Add":
             return ResidualAdd(node, is_data, path)
-        hint = " (e.g. squeeze-excitation gating)" if node.op == "Mul" else ""
+        gate = _gate(computed) if node.op == "Mul" else None
+        if gate is not None:
+            return GateMul(node, is_data, path, gate)
+        hint = " (a gate is a Sigmoid or HardSigmoid output)" if node.op == "Mul" else ""
         raise OnnxLrpError(
             f"{path}: node '{node.name}' ({node.op}): no LRP rule for {node.op} of two computed tensors{hint}"
         )

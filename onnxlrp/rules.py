@@ -127,8 +127,8 @@ class Gradient(Rule):
     def applies_to(self, op):
         return "relevance at a merge is split, not back-propagated" if op.kind == "merge" else None
 
-    def emit(self, e, op, R, ctx):
-        return op.transpose(e, R)
+    def relevance(self, e, op, R, ctx):
+        return op.vjp(e, R)  # every data input: a gate's branch too
 
     def describe(self, op=None, merge=None):
         if op is not None and op.kind == "maxpool":
@@ -287,6 +287,7 @@ def _signed_sum(e: Emitter, parts: list[tuple[float, gs.Tensor]]) -> gs.Tensor:
 # The rules, with Zennit 1.0's parameters and bias handling.
 
 PASS = Pass()
+GATE = Pass("gate held constant")  # x * g: all relevance to the signal x (ops.GateMul)
 GRADIENT = Gradient()
 GUIDED = GuidedReLU()
 

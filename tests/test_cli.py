@@ -81,7 +81,7 @@ def _bad_inputs(tmp: Path, demo_model: Path, demo_image: Path) -> dict:
     (tmp / "text.onnx").write_text("not a model\n")
     (tmp / "truncated.onnx").write_bytes(data[: len(data) // 2])
     tg.save(tg.tanh_net(), tmp / "tanh.onnx")
-    tg.save(tg.gated_net(), tmp / "gated.onnx")
+    tg.save(tg.product_net(), tmp / "product.onnx")
     onnx.save(_model_with_inputs(("N", 10)), tmp / "vector.onnx")
     onnx.save(_model_with_inputs(("N", 3, 8, 8), ("N", 3, 8, 8)), tmp / "two.onnx")
     (tmp / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n garbage")
@@ -92,7 +92,7 @@ def _bad_inputs(tmp: Path, demo_model: Path, demo_image: Path) -> dict:
         "truncated": ([tmp / "truncated.onnx", demo_image], r"truncated\.onnx: not a readable ONNX model"),
         "missing model": ([tmp / "nothing.onnx", demo_image], r"nothing\.onnx: no such file"),
         "no rule": ([tmp / "tanh.onnx", demo_image], r"node 'act_tanh' \(Tanh\): no LRP rule"),
-        "gating": ([tmp / "gated.onnx", demo_image], r"node 'se_sigmoid' \(Sigmoid\): no LRP rule"),
+        "product": ([tmp / "product.onnx", demo_image], r"node 'product' \(Mul\): no LRP rule for Mul of two computed"),
         "not an image input": ([tmp / "vector.onnx", demo_image], r"input 'in0' has shape \['\?', 10\]; expected an image batch"),
         "two inputs": ([tmp / "two.onnx", demo_image], r"model has 2 inputs \(in0, in1\)"),
         "unreadable image": ([demo_model, demo_image, tmp / "broken.png"], r"broken\.png: cannot read image"),
@@ -103,7 +103,7 @@ def _bad_inputs(tmp: Path, demo_model: Path, demo_image: Path) -> dict:
     }
 
 
-CASES = ["not onnx", "truncated", "missing model", "no rule", "gating", "not an image input", "two inputs",
+CASES = ["not onnx", "truncated", "missing model", "no rule", "product", "not an image input", "two inputs",
          "unreadable image", "truncated image", "missing image", "target out of range", "cuda unavailable"]
 
 

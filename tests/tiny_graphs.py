@@ -82,7 +82,7 @@ def residual_net(skip: str = "identity", bias_add: bool = False) -> onnx.ModelPr
 
 
 def gated_net() -> onnx.ModelProto:
-    """Squeeze-excitation style gating: x * sigmoid(f(x)), for the 'no rule' error."""
+    """Squeeze-excitation style gating: x * sigmoid(f(x))."""
     b = Builder()
     x = b.op("Relu", [b.conv("x", 3, 8, name="stem")])
     gate = b.op("Sigmoid", [b.op("GlobalAveragePool", [x])], name="se_sigmoid")
@@ -92,3 +92,10 @@ def gated_net() -> onnx.ModelProto:
 def tanh_net() -> onnx.ModelProto:
     b = Builder()
     return b.model(b.head(b.op("Tanh", [b.conv("x", 3, 8, name="stem")], name="act_tanh"), 8))
+
+
+def product_net() -> onnx.ModelProto:
+    """The product of two computed tensors, neither a gate: no LRP rule."""
+    b = Builder()
+    x = b.op("Relu", [b.conv("x", 3, 8, name="stem")])
+    return b.model(b.head(b.op("Mul", [x, b.op("Relu", [b.conv(x, 8, 8)])], name="product"), 8))
