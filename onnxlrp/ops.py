@@ -633,6 +633,58 @@ class Transpose(Reshape):
         return e.op("Transpose", g, perm=[int(i) for i in np.argsort(perm)])
 
 
+class Slice(Reshape):
+    """A constant slice (step 1): relevance goes back to the elements it took, zero elsewhere."""
+
+    def __init__(self, node, is_data, path="model"):
+        super().__init__(node, is_data, path)
+        values = [_const(_given(node, i)) if _given(node, i) is not None else None for i in range(1, 5)]
+        starts, ends, axes, steps = values
+        if starts is None or ends is None or any(_given(node, i) is not None and values[i - 1] is None for i in range(1, 5)):
+            raise self.error("its starts, ends, axes or steps are computed at run time; onnxlrp needs constants")
+        self.shape = _static(self.x, node, path)
+        rank = len(self.shape)
+        axes = list(range(len(starts))) if axes is None else [int(a) % rank for a in axes]
+        if steps is not None and any(int(k) != 1 for k in steps):
+            raise self.error("slices with a step other than 1 are not supported")
+        if 0 in axes:
+            raise self.error("slicing the batch axis mixes images; no LRP rule applies")
+        self.begins, self.ends = [0] * rank, [0] * rank  # padding that restores the input's shape
+        for axis, start, end in zip(axes, starts, ends):
+            size = self.shape[axis]
+            start = min(max(int(start) + size if start < 0 else int(start), 0), size)
+            end = min(max(int(end) + size if end < 0 else int(end), start), size)
+            self.begins[axis], self.ends[axis] = start, size - end
+
+    def transpose(self, e, g, weight=None):
+        return e.op("Pad", g, e.ints(self.begins + self.ends))
+
+
+class Concat(Op):
+    """Concatenation: each computed input gets back its own part of the relevance, exactly."""
+
+    kind = "reshape"
+    default_rule = "gradient"
+
+    def __init__(self, node, is_data, path="model"):
+        super().__init__(node, is_data, path)
+        shapes = [_static(t, node, path) for t in node.inputs]
+        self.axis = int(node.attrs["axis"]) % len(shapes[0])
+        if self.axis == 0:
+            raise self.error("concatenating along the batch axis mixes images; no LRP rule applies")
+        offsets = np.cumsum([0] + [shape[self.axis] for shape in shapes])
+        self.parts = [(t, int(offsets[i]), int(offsets[i + 1])) for i, t in enumerate(node.inputs) if is_data(t)]
+        # the output is >= 0 where the computed parts are, if every constant part is >= 0 too
+        self.keeps_sign = all(bool(np.all(_const(t) >= 0)) for t in node.inputs if not is_data(t))
+
+    def vjp(self, e, g):
+        result: dict[str, gs.Tensor] = {}
+        for tensor, begin, end in self.parts:
+            part = e.op("Slice", g, e.ints([begin]), e.ints([end]), e.ints([self.axis]))
+            result[tensor.name] = e.add(result[tensor.name], part) if tensor.name in result else part
+        return result
+
+
 class Pad(Reshape):
     """A constant Pad that canonicalisation could not merge: relevance on the padding is dropped."""
 
@@ -698,6 +750,8 @@ OPS: dict[str, type[Op]] = {
     "Unsqueeze": Reshape,
     "Transpose": Transpose,
     "Pad": Pad,
+    "Slice": Slice,
+    "Concat": Concat,
 }
 _ARITHMETIC = ("Add", "Sub", "Mul", "Div")
 
