@@ -280,9 +280,7 @@ class Explainer:
             get_preprocessing(preprocessing), tuple(image_size) if image_size else None,
             tuple((rules or {}).items()), trace, precision, probe,
         )
-        self.preprocessing = self.options.preprocessing
         self.device = device
-        self.bias = bias
         self.model_file = Path(model)
         self._analysis: Analysis | None = None
         self._model_bytes: bytes | None = None
@@ -335,6 +333,14 @@ class Explainer:
             analysis.notes, analysis.warnings, json.loads(props.get(rg.TRACE_KEY, "[]")), probe,
         )
         return summary, compiled
+
+    @property
+    def preprocessing(self) -> Preprocessing:
+        return self.options.preprocessing
+
+    @property
+    def bias(self) -> bool:
+        return self.options.bias
 
     @property
     def analysis(self) -> Analysis:

@@ -17,17 +17,17 @@ from typing import Annotated, Iterator, Literal, Optional
 
 import numpy as np
 import typer
+from matplotlib import colormaps
+from rich import box
+from rich.console import Console
+from rich.progress import BarColumn, Progress, TaskProgressColumn, TextColumn, TimeRemainingColumn
+from rich.table import Table
 from typer.core import TyperGroup
 
 try:  # typer >= 0.29 vendors click and does not re-export its exceptions
     from typer._click.exceptions import ClickException, UsageError
 except ImportError:  # pragma: no cover - typer on the real click
     from click.exceptions import ClickException, UsageError
-from matplotlib import colormaps
-from rich import box
-from rich.console import Console
-from rich.progress import BarColumn, Progress, TaskProgressColumn, TextColumn, TimeRemainingColumn
-from rich.table import Table
 
 from . import explosion as explode
 from .attribution import PRECISIONS, Explainer, analyse
@@ -41,6 +41,7 @@ from .model import first_line
 from .preprocessing import PREPROCESSING, check_images, image_sources
 from .runtime import DEVICES
 from .splitting import SPLITS
+
 
 class _OneLineUsageError(ClickException):
     exit_code = 1

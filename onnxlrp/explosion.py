@@ -17,6 +17,7 @@ import numpy as np
 #: initial relevance; biases and stabilisers move it by a fraction of it, not a thousandfold.
 FACTOR = 1e3
 _TINY = float(np.finfo(np.float32).tiny)
+MODEL_OUTPUT = "the model's own output"  # Explosion.where when the logits themselves are NaN/Inf
 
 
 @dataclass(frozen=True)
@@ -52,7 +53,7 @@ def check(relevance: np.ndarray, initial: np.ndarray, merge_sums: np.ndarray, me
     if not np.isfinite(ratio).all():
         relevance = np.where(np.isfinite(relevance), relevance, np.float32(0))
     if not np.isfinite(initial).all():  # the model itself, not the rules: say so
-        where = "the model's own output"
+        where = MODEL_OUTPUT
     else:
         where = next((_first_merge(merge_sums[i], initial[i], merge_names) for i in np.flatnonzero(exploded)), None)
     worst = float(ratio[exploded].max()) if exploded.any() else 0.0
@@ -76,7 +77,7 @@ def message(explosion: Explosion, preset: str, bias: bool) -> str:
     how = ("NaN/Inf, set to 0" if not np.isfinite(explosion.worst)
            else f"up to {explosion.worst:.1e} x the initial relevance")
     where = f", first {explosion.where}" if explosion.where else ""
-    if explosion.where == "the model's own output":
+    if explosion.where == MODEL_OUTPUT:
         return (f"the model's own output is NaN or Inf on {explosion.images} of {explosion.of} image(s): "
                 "nothing to explain there (relevance set to 0); check the model's weights and the inputs")
     if not bias:

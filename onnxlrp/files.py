@@ -29,16 +29,9 @@ def _publish(tmp: str, path: Path) -> None:
 
 
 def write_atomic(path: Path, write: Callable[[str], object]) -> None:
-    """Write through a temporary file and rename: no half-written output, ever."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    os.close(fd)
-    try:
-        write(tmp)
-        _publish(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    """Write one file through a temporary file and rename: no half-written output, ever."""
+    with Outputs() as outputs:
+        outputs.write(path, write)
 
 
 def check_writable(paths: Iterable[Path]) -> None:

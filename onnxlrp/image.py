@@ -17,7 +17,6 @@ from matplotlib import colormaps
 from matplotlib.colors import LinearSegmentedColormap
 from PIL import Image
 
-from .files import write_atomic
 
 SIGNS = ("positive", "absolute", "all")
 STYLES = ("signed", "paper")
@@ -125,11 +124,3 @@ def write_png(picture: Image.Image, path: str | Path) -> None:
 def write_npy(array: np.ndarray, path: str | Path) -> None:
     with open(path, "wb") as f:
         np.save(f, array)
-
-
-def save_png(picture: Image.Image, path: str | Path) -> None:
-    write_atomic(Path(path), lambda tmp: write_png(picture, tmp))
-
-
-def save_npy(array: np.ndarray, path: str | Path) -> None:
-    write_atomic(Path(path), lambda tmp: write_npy(array, tmp))

@@ -34,6 +34,17 @@ def _given(node: gs.Node, index: int) -> gs.Tensor | None:
     return None
 
 
+def _constant_input(op: Op, index: int, what: str) -> np.ndarray | None:
+    """The node's optional input `index` as a constant; None when absent, an error when computed."""
+    tensor = _given(op.node, index)
+    if tensor is None:
+        return None
+    value = _const(tensor)
+    if value is None:
+        raise op.error(f"its {what} is computed at run time; onnxlrp needs a constant")
+    return value
+
+
 def _static(tensor: gs.Tensor, node: gs.Node, path: str) -> list[int]:
     shape = tensor.shape
     if shape is None or not all(isinstance(d, int) for d in shape[1:]):
@@ -527,14 +538,8 @@ class Clip(Op):
         super().__init__(node, is_data, path)
         if len(self.data_inputs) != 1 or node.inputs[0] is not self.x:
             raise self.error("its bounds are computed from the image; onnxlrp needs constant bounds")
-        bounds = []
-        for index in (1, 2):
-            given = _given(node, index)
-            value = _const(given) if given is not None else None
-            if given is not None and value is None:
-                raise self.error("its bounds are computed at run time; onnxlrp needs constant bounds")
-            bounds.append(None if value is None else float(value))
-        self.low, self.high = bounds
+        self.low, self.high = (None if v is None else float(v) for v in
+                               (_constant_input(self, i, "bound") for i in (1, 2)))
         self.makes_nonneg = self.low is not None and self.low >= 0
 
     def transpose(self, e, g, weight=None):
@@ -571,7 +576,7 @@ class HardSigmoid(Sigmoid):
 
 
 #: ops whose output gates a signal when multiplied with it (x * g)
-GATES = {"Sigmoid": Sigmoid, "HardSigmoid": HardSigmoid}
+GATES = {"Sigmoid", "HardSigmoid"}
 
 
 class GateMul(Op):
@@ -638,10 +643,10 @@ class Slice(Reshape):
 
     def __init__(self, node, is_data, path="model"):
         super().__init__(node, is_data, path)
-        values = [_const(_given(node, i)) if _given(node, i) is not None else None for i in range(1, 5)]
-        starts, ends, axes, steps = values
-        if starts is None or ends is None or any(_given(node, i) is not None and values[i - 1] is None for i in range(1, 5)):
-            raise self.error("its starts, ends, axes or steps are computed at run time; onnxlrp needs constants")
+        starts, ends, axes, steps = (_constant_input(self, i, what) for i, what in
+                                     enumerate(("starts", "ends", "axes", "steps"), 1))
+        if starts is None or ends is None:
+            raise self.error("its starts and ends are missing")
         self.shape = _static(self.x, node, path)
         rank = len(self.shape)
         axes = list(range(len(starts))) if axes is None else [int(a) % rank for a in axes]
@@ -697,9 +702,8 @@ class Pad(Reshape):
             pads = _const(node.inputs[1]) if _given(node, 1) is not None else None
         if pads is None or _given(node, 3) is not None:
             raise self.error("only constant pads over all axes are supported")
-        value = _const(_given(node, 2)) if _given(node, 2) is not None else node.attrs.get("value", 0.0)
-        if value is None:
-            raise self.error("its fill value is computed at run time; onnxlrp needs a constant")
+        value = _constant_input(self, 2, "fill value")
+        value = node.attrs.get("value", 0.0) if value is None else value
         # The padding is part of the output: non-negative inputs stay non-negative only if it is too.
         self.keeps_sign = bool(np.all(np.asarray(value) >= 0))
         self.shape = _static(self.x, node, path)
