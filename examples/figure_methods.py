@@ -13,10 +13,10 @@ matplotlib.use("Agg")
 import numpy as np  # noqa: E402
 from matplotlib import pyplot as plt  # noqa: E402
 
-from onnxlrp.baselines import methods  # noqa: E402
-from onnxlrp.evaluate import load_dataset  # noqa: E402
-from onnxlrp.image import paper_overlay  # noqa: E402
-from onnxlrp.preprocessing import get_preprocessing, load_image  # noqa: E402
+from onnxlrp.evaluation.baselines import methods  # noqa: E402
+from onnxlrp.evaluation.evaluate import load_dataset  # noqa: E402
+from onnxlrp.io.image import paper_overlay  # noqa: E402
+from onnxlrp.io.preprocessing import get_preprocessing, load_image  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 MODEL = ROOT / "models" / "demo" / "tiny_resnet.onnx"

@@ -29,18 +29,20 @@ try:  # typer >= 0.29 vendors click and does not re-export its exceptions
 except ImportError:  # pragma: no cover - typer on the real click
     from click.exceptions import ClickException, UsageError
 
-from . import explosion as explode
-from .attribution import PRECISIONS, Explainer, analyse
-from .composites import PRESETS
-from .errors import OnnxLrpError, OnnxLrpWarning
-from .evaluate import DEFAULT_METHODS, RESULT_FILES, evaluate as run_evaluation, load_dataset, method_names, write as write_results
-from .files import Outputs, check_writable
-from .image import SIGNS, STYLES, render, write_npy, write_png
-from .metrics import PROTOCOLS
-from .model import first_line
-from .preprocessing import PREPROCESSING, check_images, image_sources
-from .runtime import DEVICES
-from .splitting import SPLITS
+from .analysis import analyse
+from .errors import OnnxLrpError, OnnxLrpWarning, first_line
+from .evaluation.evaluate import (DEFAULT_METHODS, RESULT_FILES, evaluate as run_evaluation, load_dataset, method_names,
+                                  write as write_results)
+from .evaluation.metrics import PROTOCOLS
+from .explainer import Explainer
+from .io.files import Outputs, check_writable
+from .io.image import SIGNS, STYLES, render, write_npy, write_png
+from .io.preprocessing import PREPROCESSING, check_images, image_sources
+from .lrp import explosion as explode
+from .lrp.composites import PRESETS
+from .lrp.splitting import SPLITS
+from .options import PRECISIONS
+from .runtime.session import DEVICES
 
 
 class _OneLineUsageError(ClickException):

@@ -12,3 +12,11 @@ class OnnxLrpError(Exception):
 class OnnxLrpWarning(UserWarning):
     """The explanation is computed, but not quite as asked (e.g. ``paper`` on a BN-folded graph,
     relevance that exploded, a cache that cannot be written)."""
+
+
+def first_line(exc: BaseException) -> str:
+    """The first non-empty line of an exception message, for one-line errors."""
+    for line in str(exc).splitlines():
+        if line.strip():
+            return line.strip()
+    return type(exc).__name__

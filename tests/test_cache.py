@@ -59,8 +59,8 @@ def test_compiled_explainer_takes_ranks(demo_model, tmp_path):
 
 def test_io_binding_gives_the_same_result(demo_model):
     """The GPU path binds inputs and outputs; on the CPU provider it must agree with plain runs."""
-    from onnxlrp import relevance_graph as rg
-    from onnxlrp.runtime import run_batched
+    from onnxlrp.lrp import relevance_graph as rg
+    from onnxlrp.runtime.session import run_batched
     explainer = Explainer(demo_model, trace=True)
     x = np.random.RandomState(3).randn(5, 3, 64, 64).astype(np.float32)
     feeds = {rg.INPUT: x, rg.TARGET: np.full(5, -1)}
@@ -107,8 +107,8 @@ def test_cache_key_is_every_option_that_shapes_the_graph(demo_model, explainer_c
     import pickle
 
     from onnxlrp import rules as R
-    from onnxlrp.attribution import Options
-    from onnxlrp.preprocessing import Preprocessing
+    from onnxlrp.options import Options
+    from onnxlrp.io.preprocessing import Preprocessing
 
     model = tmp_path / "model.onnx"
     shutil.copyfile(demo_model, model)

@@ -1,4 +1,4 @@
-"""onnxlrp.cache on its own: a cache folder that cannot be written (one warning, then no cache),
+"""onnxlrp.runtime.cache on its own: a cache folder that cannot be written (one warning, then no cache),
 entries that cannot be read (misses), processes that store the same entry at once, and
 pruning that leaves alone what another process is reading.
 
@@ -28,7 +28,7 @@ import onnxruntime as ort
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
-from onnxlrp import cache
+from onnxlrp.runtime import cache
 from onnxlrp.errors import OnnxLrpWarning
 
 pytestmark = pytest.mark.skipif(cache.fcntl is None, reason="entries are locked with flock (fcntl)")
@@ -191,7 +191,7 @@ def test_code_digest_covers_subpackages(tmp_path):
     (root / "notes.txt").write_text("not code")
     assert cache._tree_digest(root) == digests[-1]
     assert len(set(digests)) == len(digests)
-    package = Path(cache.__file__).parent  # the code digest is the whole package's, with onnxruntime's version
+    package = Path(cache.__file__).parent.parent  # the code digest is the whole package's (onnxlrp/), with onnxruntime's version
     expected = hashlib.sha256(f"{ort.__version__}|{cache._tree_digest(package)}".encode()).hexdigest()
     assert cache._code_digest() == expected
 

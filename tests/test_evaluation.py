@@ -14,11 +14,11 @@ from models.shapes import generate
 from models.train_demo import TEST_SEED, to_input, train
 from models.tiny_resnet import TinyResNet
 from onnxlrp import Explainer, OnnxLrpError
-from onnxlrp.baselines import Forward, methods
+from onnxlrp.evaluation.baselines import Forward, methods
 from onnxlrp.cli import app
-from onnxlrp import metrics
-from onnxlrp.evaluate import Dataset, evaluate, load_dataset
-from onnxlrp.preprocessing import get_preprocessing
+from onnxlrp.evaluation import metrics
+from onnxlrp.evaluation.evaluate import Dataset, evaluate, load_dataset
+from onnxlrp.io.preprocessing import get_preprocessing
 
 BENCHMARK = ROOT / "examples" / "shapes"
 RECORD = json.loads((ROOT / "models" / "demo" / "tiny_resnet.json").read_text())
@@ -104,7 +104,7 @@ def test_grad_cam_equals_torch_reference(tiny):
     logits = model.fc(torch.flatten(model.pool(features), 1))
     logits[torch.arange(2), torch.from_numpy(labels)].sum().backward()
     cam = torch.relu((features.grad.mean(dim=(2, 3), keepdim=True) * features).sum(dim=1)).detach().numpy()
-    from onnxlrp.baselines import _upsample
+    from onnxlrp.evaluation.baselines import _upsample
     # both float32 (BatchNorm folded on one side only): rounding ~1e-6 relative, far below 1e-4
     assert relative_error(ours, _upsample(cam, 64, 64)) < 1e-4
 

@@ -13,7 +13,7 @@ from PIL import Image
 from typer.testing import CliRunner
 
 from onnxlrp import Explainer, OnnxLrpWarning
-from onnxlrp import explosion
+from onnxlrp.lrp import explosion
 from onnxlrp.cli import app
 
 

@@ -184,7 +184,7 @@ def test_keras_resnet50_cli(tmp_path):
 
 
 def test_caffe_preprocessing_is_what_keras_resnet50_expects():
-    from onnxlrp.preprocessing import get_preprocessing
+    from onnxlrp.io.preprocessing import get_preprocessing
     pixels = np.random.RandomState(0).randint(0, 256, (1, 4, 4, 3)).astype(np.uint8)
     x = get_preprocessing("caffe").normalize(pixels, "NHWC")
     keras_like = pixels[..., ::-1].astype(np.float32) - np.array([103.939, 116.779, 123.68], np.float32)

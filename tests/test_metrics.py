@@ -4,9 +4,9 @@ import numpy as np
 import pytest
 
 from conftest import ROOT
-from onnxlrp import metrics
-from onnxlrp.evaluate import evaluate, load_dataset
-from onnxlrp.image import cumulative_threshold, normalize, quantize
+from onnxlrp.evaluation import metrics
+from onnxlrp.evaluation.evaluate import evaluate, load_dataset
+from onnxlrp.io.image import cumulative_threshold, normalize, quantize
 
 SALIENCY = np.array([[4.0, 2.0], [2.0, 1.0]])  # two pixels tie at 2
 X = np.array([[[1.0, 2.0], [3.0, 4.0]]])  # one channel: the "model" scores sum(x) / 10

@@ -11,7 +11,7 @@ from PIL import Image, ImageFile
 
 import tiny_graphs as tg
 from onnxlrp import PREPROCESSING, Explainer, OnnxLrpError
-from onnxlrp.preprocessing import check_images, get_preprocessing, image_files, image_sources, load_image
+from onnxlrp.io.preprocessing import check_images, get_preprocessing, image_files, image_sources, load_image
 
 PIXELS = np.random.RandomState(0).randint(0, 256, size=(2, 8, 8, 3)).astype(np.uint8)
 
@@ -287,7 +287,7 @@ def test_decompression_bomb_is_a_one_line_error(tmp_path, monkeypatch):
 
 def test_truncated_images_are_not_loaded_leniently():
     import onnxlrp.cli  # noqa: F401  everything that reads images is imported
-    import onnxlrp.evaluate  # noqa: F401
+    import onnxlrp.evaluation.evaluate  # noqa: F401
 
     assert ImageFile.LOAD_TRUNCATED_IMAGES is False
 

@@ -1,0 +1,158 @@
+"""Compiling: options and an analysed model -> the relevance graph, found in or added to the cache.
+
+The result, :class:`Compiled`, is the relevance graph (a cache entry's path, or the
+serialised model when there is no cache) and its :class:`Summary`, everything users of
+an explainer need from the analysis. A cache hit needs neither analysis nor build.
+"""
+from __future__ import annotations
+
+import json
+from contextlib import nullcontext
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Callable, TypeVar
+
+import numpy as np
+import onnx
+
+from .analysis import Analysis, analyse
+from .errors import OnnxLrpError
+from .io.files import write_atomic
+from .ir.merges import Merge
+from .ir.model import ImageInput
+from .lrp import relevance_graph as rg
+from .options import Options
+from .runtime import cache as cache_store
+
+Session = TypeVar("Session")
+
+
+@dataclass
+class Summary:
+    """What users of an explainer need from its analysis; stored with the compiled model."""
+
+    model: str
+    preset: str
+    split: str
+    include_identity: bool
+    image: ImageInput
+    height: int
+    width: int
+    num_classes: int
+    merges: list[Merge]
+    notes: list[str]
+    warnings: list[str]
+    trace_nodes: list[str]
+    probe: str | None
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self))
+
+    @classmethod
+    def from_json(cls, text: str) -> Summary:
+        data = json.loads(text)
+        data["image"] = ImageInput(**data["image"])
+        data["merges"] = [Merge(**{k: tuple(v) if isinstance(v, list) else v for k, v in m.items()}) for m in data["merges"]]
+        return cls(**data)
+
+
+@dataclass
+class Compiled:
+    """A compiled explainer: its summary, and the relevance graph in the cache (path) or in memory."""
+
+    summary: Summary
+    path: Path | None = None
+    data: bytes | None = None
+
+    @property
+    def source(self) -> str | bytes:
+        """What onnxruntime loads: the cache entry's path, or the serialised model."""
+        return str(self.path) if self.path else self.data
+
+    def onnx(self) -> onnx.ModelProto:
+        return onnx.load(str(self.path)) if self.path else onnx.ModelProto.FromString(self.data)
+
+    def save(self, path: str | Path) -> None:
+        """Write the relevance graph as one self-contained ONNX file (a cache entry keeps its weights apart)."""
+        if self.path:
+            model = self.onnx()
+            write_atomic(Path(path), lambda tmp: onnx.save(model, tmp))
+        else:
+            write_atomic(Path(path), lambda tmp: Path(tmp).write_bytes(self.data))
+
+
+def analysis_of(model_file: Path, options: Options) -> Analysis:
+    o = options
+    return analyse(model_file, o.preset, o.split, None, o.image_size, dict(o.rules) or None)
+
+
+def compile_or_load(model_file: Path, options: Options, open_session: Callable[[str | bytes], Session],
+                    cache: bool = True, analysis: Callable[[], Analysis] | None = None) -> tuple[Compiled, Session]:
+    """The compiled explainer for `model_file` and `options`, and a session opened on it.
+
+    From the cache where an entry exists (held while the session opens, so that no other
+    process prunes it meanwhile), else built and stored there. `analysis` supplies the
+    model's analysis on a miss (default: analysed here)."""
+    digest = options.digest() if cache and model_file.is_file() else None
+    entry = cache_store.key(model_file, digest) if digest else None
+    if entry:
+        with cache_store.reading(cache_store.directory() / f"{entry}.onnx"):
+            found = cache_store.lookup(entry)
+            if found:
+                path, text = found
+                try:  # an entry damaged on disk is a miss
+                    return Compiled(Summary.from_json(text), path), open_session(str(path))
+                except OnnxLrpError:
+                    pass
+    summary, model = build(analysis() if analysis else analysis_of(model_file, options), options)
+    compiled = Compiled(summary)
+    if entry:
+        compiled.path = cache_store.store(entry, model, summary.to_json())
+    if compiled.path is None:  # no cache, or one that cannot be written
+        compiled.data = model.SerializeToString()
+    del model
+    with cache_store.reading(compiled.path) if compiled.path else nullcontext():
+        return compiled, open_session(compiled.source)
+
+
+def build(analysis: Analysis, options: Options) -> tuple[Summary, onnx.ModelProto]:
+    """The relevance graph of an analysed model under `options`, and its summary."""
+    low, high = box_bounds(analysis, options)
+    probe = options.probe
+    if probe == "last":
+        probe = analysis.graph.last_feature_map()
+        if probe is None:
+            raise OnnxLrpError(f"{analysis.path}: no global average pool, so no last conv block to probe")
+    compiled = rg.build(
+        analysis.graph, analysis.rules, initial=analysis.preset.initial, bias=options.bias, low=low,
+        high=high, ir_version=analysis.ir_version, opset=analysis.opset, trace=options.trace, probe=probe,
+    )
+    if options.precision == "fp16":
+        compiled = rg.to_float16(compiled)
+    props = {p.key: p.value for p in compiled.metadata_props}
+    summary = Summary(
+        analysis.path, analysis.preset.name, analysis.split.method, analysis.split.include_identity,
+        analysis.image, analysis.height, analysis.width, analysis.num_classes, analysis.merges,
+        analysis.notes, analysis.warnings, json.loads(props.get(rg.TRACE_KEY, "[]")), probe,
+    )
+    return summary, compiled
+
+
+def box_bounds(analysis: Analysis, options: Options) -> tuple[np.ndarray, np.ndarray]:
+    """The z^B box bounds as arrays shaped like one input image (batch axis 1): as given in
+    the options, else the pixel range mapped through the preprocessing."""
+    image = analysis.image
+    default_low, default_high = options.preprocessing.bounds(image.channels)
+    per_channel = []
+    for given, default, which in ((options.low, default_low, "low"), (options.high, default_high, "high")):
+        value = default if given is None else np.asarray(given, dtype=np.float32).reshape(-1)
+        if value.size not in (1, image.channels):
+            raise OnnxLrpError(f"{which} bound has {value.size} values; the model has {image.channels} channels")
+        per_channel.append(np.broadcast_to(value, (image.channels,)).astype(np.float32))
+    shape = [1, 1, 1, 1]
+    shape[image.channel_axis] = image.channels
+    full = image.shape(1, analysis.height, analysis.width)
+    low, high = (np.broadcast_to(v.reshape(shape), full).copy() for v in per_channel)
+    if np.any(low > high):
+        raise OnnxLrpError("box bounds: low is above high")
+    return low, high

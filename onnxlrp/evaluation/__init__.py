@@ -1,0 +1,1 @@
+"""Evaluating attribution methods: metrics, baselines, the `evaluate` run over a labelled folder."""

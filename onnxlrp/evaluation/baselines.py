@@ -1,0 +1,187 @@
+"""Attribution methods to compare LRP with, computed by the same ONNX machinery (no PyTorch).
+
+Every method maps a batch of model inputs and target classes to saliency maps [N, H, W]:
+
+- LRP presets and the paper's variants (i)-(iv): the channel sum of the input relevance;
+- ``gradient``: the gradient of the target logit (preset ``gradient``), absolute values
+  summed over channels;
+- ``gradient-x-input``, ``integrated-gradients`` (black baseline, 32 midpoint steps, all in
+  one batch) and ``guided-backprop``: channel sums of the signed attributions;
+- ``grad-cam``: at the last conv block (the tensor the global pooling averages), ReLU of the
+  channel maps weighted by their average gradient, upsampled bilinearly;
+- ``score-cam``: forward passes only: each channel map of the last conv block, upsampled and
+  scaled to [0, 1], masks the image (black elsewhere); the target's probability on each
+  masked image weights that map.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import onnx_graphsurgeon as gs
+from PIL import Image
+
+from ..analysis import analyse
+from ..explainer import Explainer, Explanation
+from ..lrp.composites import PAPER_VARIANTS
+from ..errors import OnnxLrpError
+from ..runtime.session import run_batched, session
+
+
+def softmax(logits: np.ndarray) -> np.ndarray:
+    shifted = np.exp(logits - logits.max(axis=1, keepdims=True))
+    return shifted / shifted.sum(axis=1, keepdims=True)
+
+
+class Forward:
+    """The model's own forward pass (logits before any final Softmax), with an optional extra
+    output: a probe tensor such as the last conv block's feature map."""
+
+    def __init__(self, model: str | Path, probe: str | None = None, device: str = "cpu",
+                 image_size: tuple[int, int] | None = None):
+        analysis = analyse(model, image_size=image_size)
+        canonical = analysis.graph.canonical
+        graph = canonical.graph
+        outputs = [canonical.logits]
+        if probe == "last":
+            probe = analysis.graph.last_feature_map()
+        if probe is not None:
+            tensor = graph.tensors().get(probe)
+            if tensor is None:
+                raise OnnxLrpError(f"{model}: no tensor '{probe}' to probe")
+            tensor.dtype = np.float32
+            outputs.append(tensor)
+        graph.outputs = outputs
+        graph.cleanup()
+        self.session = session(gs.export_onnx(graph, do_type_check=False, ir_version=analysis.ir_version), device)
+        self.input_name = canonical.input.name
+        self.image, self.height, self.width = analysis.image, analysis.height, analysis.width
+        self.num_classes = analysis.num_classes
+        self.probe = probe
+
+    def __call__(self, x: np.ndarray, batch_size: int = 64) -> list[np.ndarray]:
+        out = run_batched(self.session, {self.input_name: x}, batch_size, self.image.batch)
+        return list(out.values())
+
+    def probabilities(self, x: np.ndarray, batch_size: int = 64) -> np.ndarray:
+        return softmax(self(x, batch_size)[0].astype(np.float64))
+
+
+def _channel_sum(relevance: np.ndarray, layout: str) -> np.ndarray:
+    return relevance.sum(axis=1 if layout == "NCHW" else 3)
+
+
+def _upsample(maps: np.ndarray, height: int, width: int) -> np.ndarray:
+    """[N, h, w] -> [N, H, W], bilinear."""
+    return np.stack([np.asarray(Image.fromarray(m.astype(np.float32)).resize((width, height), Image.Resampling.BILINEAR))
+                     for m in maps])
+
+
+@dataclass
+class Method:
+    """A named attribution method: (model inputs, targets) -> saliency maps [N, H, W]."""
+
+    name: str
+    label: str  # for tables
+    compute: Callable[[np.ndarray, np.ndarray], np.ndarray]
+    explainer: Explainer | None = None  # LRP methods: for conservation statistics
+    last: list[Explanation] = field(default_factory=list)  # LRP methods: the latest explanation (one)
+
+    def __call__(self, x: np.ndarray, targets: np.ndarray) -> np.ndarray:
+        return self.compute(x, targets)
+
+
+def _lrp(name: str, label: str, model, preset: str, **options) -> Method:
+    explainer = Explainer(model, preset=preset, trace=True, **options)
+    last: list[Explanation] = []
+
+    def compute(x, targets):
+        last[:] = [explainer.explain(x, targets)]
+        return last[0].heatmap()
+
+    return Method(name, label, compute, explainer, last)
+
+
+def methods(model: str | Path, black: np.ndarray, layout: str = "NCHW", device: str = "cpu",
+            steps: int = 32, image_size=None) -> dict[str, Callable[[], Method]]:
+    """Method name -> a factory (methods build their sessions only when asked for).
+    black: the model input of one all-black image (no batch axis), for Integrated Gradients and Score-CAM."""
+    common = dict(device=device, image_size=image_size)
+
+    def gradients(preset):
+        explainer = Explainer(model, preset=preset, **common)
+        return lambda x, targets: explainer.explain(x, targets).relevance
+
+    def gradient():
+        grad = gradients("gradient")
+        return Method("gradient", "Gradient", lambda x, t: _channel_sum(np.abs(grad(x, t)), layout))
+
+    def gradient_x_input():
+        grad = gradients("gradient")
+        return Method("gradient-x-input", "Gradient x Input", lambda x, t: _channel_sum(grad(x, t) * x, layout))
+
+    def integrated_gradients():
+        grad = gradients("gradient")
+        alphas = (np.arange(steps, dtype=np.float32) + 0.5) / steps
+
+        def compute(x, targets):
+            path = black[None] + alphas[:, None, None, None, None] * (x - black)[None]  # [steps, N, ...]
+            g = grad(path.reshape((-1,) + x.shape[1:]), np.tile(targets, steps)).reshape(path.shape)
+            return _channel_sum(g.mean(axis=0) * (x - black), layout)
+
+        return Method("integrated-gradients", "Integrated Gradients", compute)
+
+    def guided_backprop():
+        grad = gradients("guided-backprop")
+        return Method("guided-backprop", "Guided Backprop", lambda x, t: _channel_sum(grad(x, t), layout))
+
+    def grad_cam():
+        explainer = Explainer(model, preset="gradient", probe="last", **common)
+
+        def compute(x, targets):
+            activation, gradient = explainer.explain(x, targets).probe
+            weights = gradient.mean(axis=(2, 3), keepdims=True)
+            cam = np.maximum((weights * activation).sum(axis=1), 0)
+            size = x.shape[2:] if layout == "NCHW" else x.shape[1:3]
+            return _upsample(cam, *size)
+
+        return Method("grad-cam", "Grad-CAM", compute)
+
+    def score_cam():
+        forward = Forward(model, probe="last", **common)
+
+        def compute(x, targets):
+            size = x.shape[2:] if layout == "NCHW" else x.shape[1:3]
+            maps = []
+            for image, target in zip(x, targets):
+                activation = forward(image[None])[1][0]  # [C, h, w]
+                upsampled = _upsample(activation, *size)
+                low = upsampled.min(axis=(1, 2), keepdims=True)
+                span = upsampled.max(axis=(1, 2), keepdims=True) - low
+                masks = np.where(span > 0, (upsampled - low) / np.where(span > 0, span, 1), 0)
+                masks = masks[:, None] if layout == "NCHW" else masks[..., None]
+                weights = forward.probabilities(black + masks * (image - black))[:, target]
+                maps.append(np.maximum((weights[:, None, None] * activation).sum(axis=0), 0))
+            return _upsample(np.stack(maps), *size)
+
+        return Method("score-cam", "Score-CAM", compute)
+
+    registry = {
+        "gradient": gradient,
+        "gradient-x-input": gradient_x_input,
+        "integrated-gradients": integrated_gradients,
+        "guided-backprop": guided_backprop,
+        "grad-cam": grad_cam,
+        "score-cam": score_cam,
+        "lrp-captum": lambda: _lrp("lrp-captum", "LRP (Captum default: epsilon, no splitting)", model, "captum", **common),
+        "epsilon-plus-flat": lambda: _lrp("epsilon-plus-flat", "LRP epsilon-plus-flat, ratio split", model,
+                                          "epsilon-plus-flat", **common),
+    }
+    for variant, (split, include_identity) in PAPER_VARIANTS.items():
+        registry[f"paper-{variant}"] = (
+            lambda v=variant, s=split, i=include_identity: _lrp(
+                f"paper-{v}", f"LRP paper ({v})" + (", proposed" if v == "iv" else ""), model, "paper",
+                split=s, include_identity=i, **common))
+    return registry

@@ -1,0 +1,321 @@
+"""Evaluate attribution methods on a labelled image folder, as the paper does.
+
+Data: an ImageFolder layout (one subfolder per class) or a CSV labels file (``path,label`` per
+line, label an index or a class name). Either way the class order comes from ``classes.txt``
+(one name per line) if present, else from the class subfolders sorted by name. Ground-truth
+masks are optional: ``masks/<same relative path>`` (non-zero = object). Every method explains
+the image's label; maps are channel sums, heat-quantized (8 levels, as the paper evaluates)
+unless asked otherwise.
+
+Per method: Insertion, Deletion and ID under both protocols (``paper``: the published
+thresholds, ``exact``: tie-robust), with masks the relevance mass and rank accuracies and the
+pointing game, and for LRP methods the conservation error; each as mean and standard error.
+"""
+from __future__ import annotations
+
+import csv
+import json
+import math
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Sequence
+
+import numpy as np
+
+from . import metrics
+from ..io.files import Outputs
+from .baselines import Forward, methods as method_registry
+from ..errors import OnnxLrpError
+from ..io.image import quantize
+from ..io.preprocessing import IMAGE_SUFFIXES, get_preprocessing, load_image, load_images
+
+METRICS = ("insertion", "deletion", "id")
+MASK_METRICS = ("mass_accuracy", "rank_accuracy", "pointing_game")
+DEFAULT_METHODS = ("lrp-captum", "integrated-gradients", "guided-backprop", "grad-cam", "score-cam",
+                   "paper-i", "paper-ii", "paper-iii", "paper-iv")
+
+
+@dataclass
+class Dataset:
+    files: list[Path]
+    labels: np.ndarray
+    masks: list[Path | None]
+    classes: list[str]
+
+
+def method_names() -> list[str]:
+    return list(method_registry("model.onnx", np.zeros(1)))
+
+
+def load_dataset(root: str | Path, labels_file: str | Path | None = None) -> Dataset:
+    """The images of `root` with their labels and masks.
+
+    The class list (Dataset.classes) comes from ``root/classes.txt`` (one name per line) when
+    present, else from the class subfolders sorted by name (``masks/`` excluded). Without a
+    labels file every class subfolder holds that class's images; with one, each ``path,label``
+    line gives a path relative to `root` and a label: a class index, or a class name (which
+    needs the class list). Blank lines and lines starting with ``#`` are skipped."""
+    root = Path(root)
+    if not root.is_dir():
+        raise OnnxLrpError(f"{root}: {'not a folder' if root.exists() else 'no such folder'}")
+    classes, source = _class_list(root)
+    if labels_file is not None:
+        files, labels = _from_labels(root, Path(labels_file), classes, source)
+    else:
+        if not classes:
+            raise OnnxLrpError(f"{root}: no class folders (ImageFolder layout) and no labels file")
+        files, labels = [], []
+        for index, name in enumerate(classes):
+            found = sorted(p for p in (root / name).glob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
+            files += found
+            labels += [index] * len(found)
+    if not files:
+        raise OnnxLrpError(f"{root}: no images")
+    return Dataset(files, np.asarray(labels, dtype=np.int64), [_mask_path(root, f) for f in files], classes)
+
+
+def _class_list(root: Path) -> tuple[list[str], str]:
+    """The class names in index order, and where they come from (for messages)."""
+    listing = root / "classes.txt"
+    if listing.is_file():
+        classes = [line.strip() for line in listing.read_text(encoding="utf-8-sig").splitlines() if line.strip()]
+        if not classes:
+            raise OnnxLrpError(f"{listing}: no class names (one per line)")
+        twice = sorted({c for c in classes if classes.count(c) > 1})
+        if twice:
+            raise OnnxLrpError(f"{listing}: class {twice[0]!r} listed more than once")
+        return classes, str(listing)
+    classes = sorted(p.name for p in root.iterdir() if p.is_dir() and p.name != "masks")
+    return classes, f"the class subfolders of {root}"
+
+
+def _from_labels(root: Path, labels_file: Path, classes: list[str], source: str) -> tuple[list[Path], list[int]]:
+    if not labels_file.is_file():
+        raise OnnxLrpError(f"{labels_file}: no such file")
+    files, labels = [], []
+    reader = csv.reader(labels_file.read_text(encoding="utf-8-sig").splitlines())
+    for row in reader:
+        where = f"{labels_file} line {reader.line_num}"
+        if not any(cell.strip() for cell in row) or row[0].lstrip().startswith("#"):
+            continue
+        if len(row) < 2:
+            raise OnnxLrpError(f"{where}: expected 'path,label', got {','.join(row)!r}")
+        path = root / row[0].strip()
+        if not path.is_file():
+            raise OnnxLrpError(f"{where}: no such image {path}")
+        files.append(path)
+        labels.append(_label(row[1].strip(), classes, source, where, root))
+    return files, labels
+
+
+def _label(text: str, classes: list[str], source: str, where: str, root: Path) -> int:
+    """A class index or a class name -> the class index; anything else is an OnnxLrpError at `where`."""
+    if not text:
+        raise OnnxLrpError(f"{where}: empty label")
+    if re.fullmatch(r"[+-]?[0-9]+", text):
+        index = int(text)
+        if index < 0:
+            raise OnnxLrpError(f"{where}: negative label {index}")
+        # An index is checked against an explicit classes.txt here, and against the model's
+        # classes in evaluate(); subfolders in a CSV layout need not be classes.
+        if source.endswith("classes.txt") and index >= len(classes):
+            raise OnnxLrpError(f"{where}: label {index} out of range: {len(classes)} classes ({source})")
+        return index
+    if not classes:
+        raise OnnxLrpError(f"{where}: class name {text!r} but no class list: put the class order in "
+                           f"{root / 'classes.txt'} (one name per line)")
+    if text not in classes:
+        shown = ", ".join(classes[:8]) + (", ..." if len(classes) > 8 else "")
+        raise OnnxLrpError(f"{where}: unknown class {text!r}; the classes in {source}: {shown}")
+    return classes.index(text)
+
+
+def _mask_path(root: Path, image: Path) -> Path | None:
+    """masks/<the image's path relative to root>, if that file exists."""
+    try:
+        mask = root / "masks" / image.relative_to(root)
+    except ValueError:  # an absolute path outside root in a labels file
+        return None
+    return mask if mask.is_file() else None
+
+
+def mean_and_error(values: Sequence[float]) -> tuple[float, float]:
+    """Mean and standard error of the mean."""
+    values = np.asarray(values, dtype=np.float64)
+    if len(values) < 2:
+        return float(values.mean()) if len(values) else math.nan, math.nan
+    return float(values.mean()), float(values.std(ddof=1) / math.sqrt(len(values)))
+
+
+@dataclass
+class Results:
+    model: str
+    images: int
+    protocols: tuple[str, ...]
+    levels: int
+    labels: dict[str, str] = field(default_factory=dict)  # method -> label
+    values: dict[str, dict[str, list[float]]] = field(default_factory=dict)  # method -> metric -> per image
+    conservation: dict[str, dict[str, list[float]]] = field(default_factory=dict)  # method -> point -> per image
+    accuracy: float = math.nan
+
+    def add(self, method: str, metric: str, value: float) -> None:
+        self.values.setdefault(method, {}).setdefault(metric, []).append(float(value))
+
+    def summary(self) -> dict:
+        return {
+            "model": self.model, "images": self.images, "model_accuracy": self.accuracy,
+            "protocols": list(self.protocols), "heat_quantization_levels": self.levels,
+            "methods": {
+                method: {"label": self.labels[method],
+                         **{metric: dict(zip(("mean", "stderr"), mean_and_error(v))) for metric, v in per.items()}}
+                for method, per in self.values.items()
+            },
+        }
+
+    def markdown(self) -> str:
+        columns = [f"{m} ({p})" for p in self.protocols for m in METRICS]
+        columns += [m for m in MASK_METRICS + ("conservation_error",) if any(m in v for v in self.values.values())]
+        keys = [f"{p}:{m}" for p in self.protocols for m in METRICS] + columns[len(self.protocols) * len(METRICS):]
+        lines = ["| method | " + " | ".join(columns) + " |", "|---|" + "---|" * len(columns)]
+        for method, per in self.values.items():
+            cells = []
+            for key in keys:
+                mean, err = mean_and_error(per.get(key, []))
+                scale = 100 if key.split(":")[-1] in METRICS + MASK_METRICS else 1
+                cells.append("-" if math.isnan(mean) else
+                             (f"{mean * scale:.1f} ± {err * scale:.1f}" if scale == 100 else f"{mean:.2e}"))
+            lines.append(f"| {self.labels[method]} | " + " | ".join(cells) + " |")
+        note = (f"\n{self.images} images, model accuracy {self.accuracy:.1%}; Insertion, Deletion, ID, mass/rank "
+                f"accuracy and pointing game in percent (mean ± standard error); maps heat-quantized to "
+                f"{self.levels} levels" if self.levels else "\nno heat quantization")
+        return "\n".join(lines) + note + ".\n"
+
+
+def evaluate(
+    model: str | Path, dataset: Dataset, method_names: Sequence[str] = DEFAULT_METHODS,
+    protocols: Sequence[str] = metrics.PROTOCOLS, levels: int = 8, preprocessing: str = "imagenet",
+    limit: int | None = None, batch_size: int = 16, device: str = "cpu",
+    progress: Callable[[float], None] | None = None,
+) -> Results:
+    """progress(n) is called as the work goes on, n in images (fractions of one: each method's
+    maps for a batch, then each image's metrics); the calls add up to the number of images."""
+    forward = Forward(model, device=device)  # the model's own forward pass scores the curves
+    image, height, width = forward.image, forward.height, forward.width
+    prep = get_preprocessing(preprocessing)
+    count = min(limit or len(dataset.files), len(dataset.files))
+    files, labels = dataset.files[:count], dataset.labels[:count]
+    if labels.min(initial=0) < 0:
+        raise OnnxLrpError(f"label {labels.min()} is negative")
+    if labels.max(initial=0) >= forward.num_classes:
+        raise OnnxLrpError(f"label {labels.max()} out of range: the model has {forward.num_classes} classes")
+    black = prep.normalize(np.zeros((1, height, width, image.channels), np.uint8), image.layout)[0]
+    registry = method_registry(model, black, image.layout, device)
+    unknown = [m for m in method_names if m not in registry]
+    if unknown:
+        raise OnnxLrpError(f"unknown method(s) {', '.join(unknown)}; choose from {', '.join(registry)}")
+    chosen = {name: registry[name]() for name in method_names}
+    results = Results(str(model), count, tuple(protocols), levels, {n: m.label for n, m in chosen.items()})
+    reported = 0.0  # images' worth of work passed to progress so far
+
+    def advance(to: float) -> None:
+        nonlocal reported
+        if progress is not None and to > reported:
+            progress(to - reported)
+            reported = to
+
+    correct = 0
+    for start in range(0, count, batch_size):
+        pixels = load_images(files[start:start + batch_size], height, width, image.channels)
+        x = prep.normalize(pixels, image.layout)
+        y = labels[start:start + batch_size]
+        masks = [_mask(m, height, width) for m in dataset.masks[start:start + batch_size]]
+        correct += int((forward.probabilities(x).argmax(axis=1) == y).sum())
+        share = 1 / len(chosen) if chosen else 0.0  # of one image, per method: half maps, half metrics
+        for k, (name, method) in enumerate(chosen.items()):
+            maps = method(x, y)
+            advance(start + len(x) * (k + 0.5) * share)
+            for i in range(len(x)):
+                saliency = quantize(maps[i], levels) if levels else maps[i]
+                for protocol in protocols:
+                    curves = metrics.insertion_deletion(forward.probabilities, x[i], saliency, int(y[i]), black,
+                                                        protocol, image.layout)
+                    for metric, value in curves.scores.items():
+                        results.add(name, f"{protocol}:{metric}", value)
+                if masks[i] is not None:
+                    results.add(name, "mass_accuracy", metrics.mass_accuracy(saliency, masks[i]))
+                    results.add(name, "rank_accuracy", metrics.rank_accuracy(saliency, masks[i]))
+                    results.add(name, "pointing_game", metrics.pointing_game(saliency, masks[i]))
+                advance(start + len(x) * (k + 0.5) * share + (i + 1) * share / 2)
+            if method.explainer is not None:
+                _conservation(results, name, method)
+        advance(start + len(x))
+    results.accuracy = correct / count
+    return results
+
+
+def _mask(path: Path | None, height: int, width: int) -> np.ndarray | None:
+    return None if path is None else load_image(path, height, width, channels=1)[..., 0] > 127
+
+
+def _conservation(results: Results, name: str, method) -> None:
+    """Per image: the model output's relevance, and the relevance totals at the network input,
+    at the first and at the last block's input (the paper's Fig. 5), and the conservation error."""
+    result = method.last[0]
+    merges = method.explainer.merges
+    points = {"output": result.initial, "input": result.input_sum}
+    if merges and result.layer_sums is not None:
+        out_sums = dict(zip(result.layer_names, result.layer_sums[:, :, 0].T))
+        points["first block"] = out_sums.get(merges[0].fork)
+        points["last block"] = out_sums.get(merges[-1].fork)
+    for point, values in points.items():
+        if values is not None:
+            results.conservation.setdefault(name, {}).setdefault(point, []).extend(np.asarray(values, float).tolist())
+    for value in metrics.conservation_error(result.input_sum, result.initial):
+        results.add(name, "conservation_error", value)
+
+
+#: what write() puts into the output folder (the plot only when LRP methods ran)
+RESULT_FILES = ("results.md", "results.json", "conservation.png")
+
+
+def write(results: Results, folder: str | Path) -> dict[str, Path]:
+    """results.md, results.json and conservation.png (when LRP methods ran) into `folder`,
+    published together: all of them or, on failure, none."""
+    folder = Path(folder)
+    markdown, table, plot = (folder / name for name in RESULT_FILES)
+    paths = {"markdown": markdown, "json": table}
+    payload = {**results.summary(), "per_image": results.values, "conservation": results.conservation}
+    with Outputs() as outputs:
+        outputs.write(markdown, lambda tmp: Path(tmp).write_text(results.markdown()))
+        outputs.write(table, lambda tmp: Path(tmp).write_text(json.dumps(payload, indent=1)))
+        if results.conservation:
+            paths["plot"] = plot
+            outputs.write(plot, lambda tmp: _plot_conservation(results, tmp))
+    return paths
+
+
+def _plot_conservation(results: Results, path: str) -> None:
+    """Relevance totals against the model output, one panel per LRP method (the paper's Fig. 5)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    from matplotlib import pyplot as plt
+
+    names = list(results.conservation)
+    fig, axes = plt.subplots(1, len(names), figsize=(3.2 * len(names), 3.4), squeeze=False)
+    for ax, name in zip(axes[0], names):
+        points = results.conservation[name]
+        output = np.asarray(points["output"])
+        for label, marker in (("input", "o"), ("first block", "s"), ("last block", "^")):
+            if label in points:
+                ax.scatter(output, points[label], s=10, marker=marker, label=f"at {label}", alpha=0.7)
+        low, high = min(0.0, output.min()), max(output.max(), 1e-9)
+        ax.plot([low, high], [low, high], color="#999999", linewidth=1)
+        ax.set_title(results.labels[name], fontsize=8)
+        ax.set_xlabel("relevance at the output")
+        ax.set_ylabel("relevance total")
+    axes[0][0].legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, format="png", dpi=120)
+    plt.close(fig)

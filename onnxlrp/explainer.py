@@ -1,0 +1,218 @@
+"""The Python API: ``Explainer(model, preset=...).explain(x)`` -> :class:`Explanation`.
+
+An Explainer is three pieces put together: the compiled relevance graph (options ->
+:mod:`onnxlrp.compiler`, cached), a :class:`~onnxlrp.runtime.session.Runner` that runs
+it on a device in batches, and an :class:`~onnxlrp.io.preprocessing.ImageReader` for
+image files.
+"""
+from __future__ import annotations
+
+import warnings
+from pathlib import Path
+from typing import Mapping, Sequence
+
+import numpy as np
+import onnx
+
+from .analysis import Analysis
+from .compiler import Summary, analysis_of, compile_or_load
+from .errors import OnnxLrpError, OnnxLrpWarning
+from .explanation import Explanation
+from .io.preprocessing import ImageReader, Preprocessing, get_preprocessing
+from .ir.merges import Merge
+from .lrp import explosion as explode
+from .lrp import relevance_graph as rg
+from .lrp.composites import Preset, get_preset
+from .lrp.rules import Rule
+from .lrp.splitting import Split
+from .options import PRECISIONS, Options, bound_values, resolve_split
+from .runtime.session import Runner, session
+
+
+class Explainer:
+    """LRP for an ONNX image classifier, computed in onnxruntime.
+
+    >>> explainer = Explainer("model.onnx", preset="epsilon-plus-flat", split="ratio")
+    >>> result = explainer.explain(x)          # x: preprocessed float32 batch
+    >>> result.relevance.shape == x.shape
+    """
+
+    def __init__(
+        self,
+        model: str | Path,
+        preset: str | Preset = "epsilon-plus-flat",
+        split: str | Split | None = None,
+        include_identity: bool | None = None,
+        bias: bool = True,
+        low: float | Sequence[float] | None = None,
+        high: float | Sequence[float] | None = None,
+        device: str = "cpu",
+        preprocessing: str | Preprocessing = "imagenet",
+        image_size: tuple[int, int] | None = None,
+        rules: Mapping[str, Rule] | None = None,
+        threads: int | None = None,
+        trace: bool = False,
+        precision: str = "fp32",
+        probe: str | None = None,
+        cache: bool = True,
+    ):
+        """
+        model: path to the .onnx file. preset: a name from onnxlrp.PRESETS. split: symmetric,
+        ratio or proportional (default: the preset's, ratio). include_identity: whether identity
+        skips take part in the split (False sends their relevance down the main branch).
+        bias: False drops biases from every rule (Zennit's zero_params=['bias']), which makes
+        conserving presets conserve. low/high: z^B box bounds, scalars or per channel (default:
+        pixel range mapped through `preprocessing`). device: cpu or cuda. rules: overrides,
+        keyed by node name or op type. trace: also report the relevance total at the output of
+        every op (Explanation.layer_sums), to see where relevance is absorbed. precision: "fp16"
+        runs the relevance pass in float16 (inputs and outputs stay float32), for GPUs. probe: a
+        tensor name ("last" for the last conv block's output) whose activation and relevance are
+        returned too (Explanation.probe). cache: reuse a compiled explainer from the on-disk cache
+        (onnxlrp.runtime.cache) when model and options are the same, and store new ones there.
+        """
+        if precision not in PRECISIONS:
+            raise OnnxLrpError(f"unknown precision '{precision}'; choose one of {', '.join(PRECISIONS)}")
+        preset = get_preset(preset)
+        options = Options(
+            preset, resolve_split(preset, split, include_identity), bias, bound_values(low), bound_values(high),
+            get_preprocessing(preprocessing), tuple(image_size) if image_size else None,
+            tuple((rules or {}).items()), trace, precision, probe,
+        )
+        self._setup(Path(model), options, device, threads, cache)
+
+    def _setup(self, model: Path, options: Options, device: str, threads: int | None, cache: bool) -> None:
+        self.options = options
+        self.device = device
+        self.model_file = model
+        self._analysis: Analysis | None = None
+        self.compiled, sess = compile_or_load(model, options, lambda source: session(source, device, threads),
+                                              cache, lambda: self.analysis)
+        summary = self.summary
+        for message in summary.warnings:
+            warnings.warn(message, OnnxLrpWarning, stacklevel=3)
+        image = summary.image
+        self.runner = Runner(sess, image.batch)
+        self.images = ImageReader(summary.height, summary.width, image.channels, image.layout, options.preprocessing)
+        self.input_shape = image.shape(image.batch or 1, summary.height, summary.width)
+
+    @classmethod
+    def from_options(cls, model: str | Path, options: Options, device: str = "cpu", threads: int | None = None,
+                     cache: bool = True) -> Explainer:
+        """An explainer for `model` under resolved options (as they travel to another process)."""
+        explainer = cls.__new__(cls)
+        explainer._setup(Path(model), options, device, threads, cache)
+        return explainer
+
+    # What the compiled explainer knows
+    @property
+    def summary(self) -> Summary:
+        return self.compiled.summary
+
+    @property
+    def session(self):
+        return self.runner.session
+
+    @property
+    def model_path(self) -> Path | None:
+        """The cache entry the explainer runs from, None when it is held in memory."""
+        return self.compiled.path
+
+    @property
+    def preprocessing(self) -> Preprocessing:
+        return self.options.preprocessing
+
+    @property
+    def bias(self) -> bool:
+        return self.options.bias
+
+    @property
+    def analysis(self) -> Analysis:
+        """The model's analysis (graph, merges, rules); recomputed on demand for a cached explainer."""
+        if self._analysis is None:
+            self._analysis = analysis_of(self.model_file, self.options)
+        return self._analysis
+
+    @property
+    def onnx(self) -> onnx.ModelProto:
+        """The compiled explainer as an ONNX model."""
+        return self.compiled.onnx()
+
+    @property
+    def merges(self) -> list[Merge]:
+        return self.summary.merges
+
+    @property
+    def num_classes(self) -> int:
+        return self.summary.num_classes
+
+    @property
+    def trace_nodes(self) -> list[str]:
+        return self.summary.trace_nodes
+
+    def targets(self, target, n: int) -> np.ndarray:
+        """The int64 target per image (-1: the top-1 class); a one-line error for a class out of range."""
+        if target is None:
+            return np.full(n, -1, dtype=np.int64)  # -1: the graph picks the top-1 class
+        targets = np.asarray(target, dtype=np.int64).reshape(-1)
+        if targets.size == 1:
+            targets = np.full(n, targets[0], dtype=np.int64)
+        if len(targets) != n:
+            raise OnnxLrpError(f"{len(targets)} targets for {n} images")
+        bad = targets[(targets < 0) | (targets >= self.num_classes)]
+        if bad.size:
+            raise OnnxLrpError(
+                f"target class {int(bad[0])} out of range: the model has {self.num_classes} classes "
+                f"(0..{self.num_classes - 1})"
+            )
+        return targets.copy()
+
+    def explain(self, x: np.ndarray, target=None, batch_size: int = 16, top_k: int | None = None,
+                warn: bool = True) -> Explanation:
+        """Explain a preprocessed batch. target: None (top-1), a class for all, or one per image.
+        top_k: explain each image's k best classes instead, in one batched run; the result then
+        has k rows per image (image 0's best, second best, ..., then image 1's).
+        Relevance that exploded (NaN/Inf, set to 0, or totals far beyond the initial relevance)
+        is in Explanation.explosion, and warned about unless warn=False."""
+        x = np.asarray(x, dtype=np.float32)
+        expected = self.input_shape[1:]
+        if x.ndim != 4 or tuple(x.shape[1:]) != tuple(expected):
+            raise OnnxLrpError(f"input batch has shape {list(x.shape)}; the model expects [N, {', '.join(map(str, expected))}]")
+        if top_k is not None:
+            if target is not None or not 1 <= top_k <= self.num_classes:
+                raise OnnxLrpError(f"top_k must be 1..{self.num_classes}, without target")
+            targets = np.tile(-np.arange(1, top_k + 1, dtype=np.int64), len(x))  # -r: the r-th best class
+            x = np.repeat(x, top_k, axis=0)
+        else:
+            targets = self.targets(target, len(x))
+        out = self.runner.run({rg.INPUT: x, rg.TARGET: targets}, batch_size)
+        merges = out.get(rg.MERGE_SUMS, np.zeros((len(x), 0, 3), np.float32))
+        probe = (out[rg.PROBE_ACTIVATION], out[rg.PROBE_RELEVANCE]) if self.summary.probe else None
+        preset = self.options.preset
+        conserving = preset.initial != "one" and self.options.split.method != "copy"
+        relevance, explosion = explode.check(out[rg.RELEVANCE], out[rg.INITIAL], merges,
+                                             [m.node for m in self.merges], conserving)
+        if explosion.images and warn:
+            warnings.warn(explode.message(explosion, preset.name, self.options.bias), OnnxLrpWarning, stacklevel=2)
+        return Explanation(
+            relevance, out[rg.LOGITS], out[rg.TARGETS], out[rg.INITIAL], merges,
+            self.merges, self.summary.image.layout, out.get(rg.LAYER_SUMS), list(self.trace_nodes), probe,
+            explosion,
+        )
+
+    # Image files
+    def load_images(self, paths: Sequence[str | Path]) -> tuple[list[Path], np.ndarray]:
+        """Read image files (folders expand to their images): (files, uint8 [N, H, W, C])."""
+        return self.images.load(list(paths))
+
+    def read_images(self, files: Sequence[Path]) -> np.ndarray:
+        """uint8 [N, H, W, C] as the model sees them (scaled, centre-cropped)."""
+        return self.images.read(list(files))
+
+    def explain_files(self, paths: Sequence[str | Path], target=None, batch_size: int = 16) -> tuple[Explanation, np.ndarray]:
+        """Explain image files: (explanation, the uint8 images as the model saw them)."""
+        _, pixels = self.load_images(paths)
+        return self.explain(self.images.normalize(pixels), target, batch_size), pixels
+
+    def save(self, path: str | Path) -> None:
+        """Write the explainer as an ONNX model that runs in plain onnxruntime."""
+        self.compiled.save(path)

@@ -1,0 +1,63 @@
+"""Explanation: what one run returns, with the numbers needed to audit conservation."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from .errors import OnnxLrpError
+from .ir.merges import Merge
+from .lrp.explosion import Explosion
+
+
+@dataclass
+class Explanation:
+    """Input relevance for a batch, with the numbers needed to audit conservation."""
+
+    relevance: np.ndarray  # same shape and layout as the model input
+    logits: np.ndarray  # [N, K]
+    targets: np.ndarray  # [N] the classes explained
+    initial: np.ndarray  # [N] relevance the pass started from (target logit or probability)
+    merge_sums: np.ndarray  # [N, M, 3]: sums of R, R_skip, R_main at each merge
+    merges: list[Merge]
+    layout: str = "NCHW"
+    layer_sums: np.ndarray | None = None  # [N, L, 2] with trace=True: per op, relevance out and in
+    layer_names: list[str] = field(default_factory=list)  # the L ops, in forward order
+    probe: tuple[np.ndarray, np.ndarray] | None = None  # with probe=: (activation, relevance) there
+    explosion: Explosion | None = None  # images whose relevance exploded (NaN/Inf are set to 0)
+
+    def layer_report(self, index: int = 0) -> list[dict]:
+        """With trace=True: per op (forward order), the relevance at its output, what it passed
+        to its inputs, and the share it absorbed (negative: created)."""
+        if self.layer_sums is None:
+            raise OnnxLrpError("build the Explainer with trace=True to get per-layer relevance")
+        return [
+            {"node": name, "out": float(out), "in": float(inp), "absorbed": float((out - inp) / out) if out else 0.0}
+            for name, (out, inp) in zip(self.layer_names, self.layer_sums[index])
+        ]
+
+    @property
+    def input_sum(self) -> np.ndarray:
+        """[N] total relevance at the input."""
+        return self.relevance.reshape(len(self.relevance), -1).sum(axis=1, dtype=np.float64)
+
+    @property
+    def absorbed(self) -> np.ndarray:
+        """[N] relevance that biases and stabilisers absorbed (negative: created) on the way down."""
+        return self.initial.astype(np.float64) - self.input_sum
+
+    @property
+    def conservation_error(self) -> np.ndarray:
+        """[N] |input sum - initial relevance| / |initial relevance|."""
+        return np.abs(self.absorbed) / np.maximum(np.abs(self.initial), 1e-30)
+
+    def heatmap(self) -> np.ndarray:
+        """[N, H, W] relevance summed over colour channels."""
+        return self.relevance.sum(axis=1 if self.layout == "NCHW" else 3)
+
+    def merge_report(self, index: int = 0) -> list[dict]:
+        """Per merge: node, skip kind, and R, R_skip, R_main summed over image `index`."""
+        return [
+            {"node": m.node, "kind": m.kind, "R": float(s[0]), "R_skip": float(s[1]), "R_main": float(s[2])}
+            for m, s in zip(self.merges, self.merge_sums[index])
+        ]

@@ -1,0 +1,1 @@
+"""Images in (decoding, preprocessing) and heatmaps out (rendering, files written all or none)."""

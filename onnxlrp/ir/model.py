@@ -1,0 +1,253 @@
+"""Read an ONNX classifier and describe its image input.
+
+Everything that can be wrong with the file itself is found here and reported as one
+line naming the file: unreadable or truncated protobuf, invalid graph, several inputs,
+an input that is not an image batch, an opset too old to convert.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import onnx
+import onnx.version_converter
+from onnx import numpy_helper
+
+from ..errors import OnnxLrpError, first_line
+
+#: The relevance graph uses ScatterElements(reduction="add") (opset 16) and ReduceSum
+#: with axes as an input (13); older models are converted up to this opset.
+MIN_OPSET = 17
+#: Image size used when the model leaves height and width dynamic.
+DEFAULT_IMAGE_SIZE = 224
+
+_FLOAT, _FLOAT16 = onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16
+
+
+def load(path: str | Path) -> onnx.ModelProto:
+    """Read, validate and (if needed) opset-convert an ONNX model."""
+    path = Path(path)
+    if path.is_dir():
+        raise OnnxLrpError(f"{path}: is a folder; expected an ONNX model file")
+    if not path.is_file():
+        raise OnnxLrpError(f"{path}: no such file")
+    try:
+        model = onnx.load(str(path))
+    except Exception as exc:  # protobuf raises DecodeError, external data raises OSError, ...
+        raise OnnxLrpError(f"{path}: not a readable ONNX model ({first_line(exc)})") from None
+    if not model.graph.node:
+        raise OnnxLrpError(f"{path}: not an ONNX model, or an empty one (the graph has no nodes)")
+    try:
+        # The path form also handles models with external data over 2 GB.
+        onnx.checker.check_model(str(path))
+    except Exception as exc:
+        raise OnnxLrpError(f"{path}: invalid ONNX model ({first_line(exc)})") from None
+    opset = default_opset(model)
+    if opset < MIN_OPSET:
+        try:
+            model = onnx.version_converter.convert_version(model, MIN_OPSET)
+        except Exception as exc:
+            raise OnnxLrpError(
+                f"{path}: cannot convert opset {opset} to {MIN_OPSET} ({first_line(exc)})"
+            ) from None
+    return model
+
+
+def is_float16(model: onnx.ModelProto) -> bool:
+    initializers = {init.name for init in model.graph.initializer}
+    return any(i.type.tensor_type.elem_type == _FLOAT16 for i in model.graph.input if i.name not in initializers)
+
+
+def to_float32(model: onnx.ModelProto) -> onnx.ModelProto:
+    """A float16 model in float32: weights, constants, casts, inputs and outputs.
+
+    The relevance rules divide by small sums; they run in float32 (the relevance pass itself
+    can still run in float16 with Explainer(precision="fp16")).
+    """
+    model = onnx.ModelProto.FromString(model.SerializeToString())
+
+    def widen(tensor: onnx.TensorProto) -> None:
+        if tensor.data_type == _FLOAT16:
+            tensor.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(tensor).astype("float32"), tensor.name))
+
+    for init in model.graph.initializer:
+        widen(init)
+    for node in model.graph.node:
+        for attr in node.attribute:
+            if attr.type == onnx.AttributeProto.TENSOR:
+                widen(attr.t)
+            elif node.op_type == "Cast" and attr.name == "to" and attr.i == _FLOAT16:
+                attr.i = _FLOAT
+    for value in list(model.graph.input) + list(model.graph.output) + list(model.graph.value_info):
+        if value.type.tensor_type.elem_type == _FLOAT16:
+            value.type.tensor_type.elem_type = _FLOAT
+    return model
+
+
+def default_opset(model: onnx.ModelProto) -> int:
+    for imp in model.opset_import:
+        if imp.domain in ("", "ai.onnx"):
+            return imp.version
+    return 1
+
+
+@dataclass(frozen=True)
+class ImageInput:
+    """The model's image input: name, layout and sizes (None where the graph leaves it dynamic)."""
+
+    name: str
+    layout: str  # "NCHW" or "NHWC"
+    channels: int
+    height: int | None
+    width: int | None
+    batch: int | None  # a batch size fixed in the graph, None when dynamic
+
+    @property
+    def channel_axis(self) -> int:
+        return 1 if self.layout == "NCHW" else 3
+
+    def shape(self, batch: int, height: int, width: int) -> tuple[int, int, int, int]:
+        if self.layout == "NCHW":
+            return (batch, self.channels, height, width)
+        return (batch, height, width, self.channels)
+
+
+def _dims(value_info: onnx.ValueInfoProto) -> list[int | None]:
+    shape = value_info.type.tensor_type.shape
+    return [d.dim_value if d.HasField("dim_value") else None for d in shape.dim]
+
+
+def image_input(model: onnx.ModelProto, path: str | Path = "model") -> ImageInput:
+    """Find the single image input and its layout; raise a one-line error otherwise."""
+    initializers = {init.name for init in model.graph.initializer}
+    inputs = [i for i in model.graph.input if i.name not in initializers]
+    if len(inputs) != 1:
+        names = ", ".join(i.name for i in inputs) or "none"
+        raise OnnxLrpError(
+            f"{path}: model has {len(inputs)} inputs ({names}); onnxlrp explains "
+            "classifiers with a single image input"
+        )
+    inp = inputs[0]
+    tensor_type = inp.type.tensor_type
+    dims = _dims(inp)
+    shown = [d if d is not None else "?" for d in dims]
+    if not inp.type.HasField("tensor_type") or tensor_type.elem_type != _FLOAT:
+        dtype = onnx.TensorProto.DataType.Name(tensor_type.elem_type) if tensor_type.elem_type else "non-tensor"
+        raise OnnxLrpError(
+            f"{path}: input '{inp.name}' has element type {dtype}; expected a float32 image batch"
+        )
+    if len(dims) != 4:
+        raise OnnxLrpError(
+            f"{path}: input '{inp.name}' has shape {shown}; expected an image batch of rank 4 "
+            "(NCHW or NHWC)"
+        )
+    layout = _layout(model, inp.name, dims)
+    if layout is None:
+        raise OnnxLrpError(
+            f"{path}: input '{inp.name}' has shape {shown}; cannot tell which axis holds the "
+            "colour channels (expected 1 or 3 channels, NCHW or NHWC)"
+        )
+    if layout == "NCHW":
+        channels, height, width = dims[1], dims[2], dims[3]
+    else:
+        height, width, channels = dims[1], dims[2], dims[3]
+    if channels is None:
+        channels = _channels_from_first_conv(model, inp.name)
+    if channels is None:
+        raise OnnxLrpError(f"{path}: input '{inp.name}' has shape {shown}; its channel count is not fixed")
+    return ImageInput(inp.name, layout, channels, height, width, dims[0])
+
+
+def _layout(model: onnx.ModelProto, name: str, dims: list[int | None]) -> str | None:
+    image_channels = (1, 3)
+    if dims[1] in image_channels:
+        return "NCHW"
+    if dims[3] in image_channels:
+        return "NHWC"
+    # Channel dims left dynamic: look at what consumes the input.
+    for node in model.graph.node:
+        if name in node.input:
+            if node.op_type == "Transpose":
+                perm = next((list(a.ints) for a in node.attribute if a.name == "perm"), None)
+                if perm == [0, 3, 1, 2]:
+                    return "NHWC"
+            if node.op_type == "Conv":
+                return "NCHW"
+    return None
+
+
+def _channels_from_first_conv(model: onnx.ModelProto, name: str) -> int | None:
+    weights = {init.name: init for init in model.graph.initializer}
+    for node in model.graph.node:
+        if node.op_type == "Conv" and node.input[0] == name and node.input[1] in weights:
+            group = next((a.i for a in node.attribute if a.name == "group"), 1)
+            return weights[node.input[1]].dims[1] * group
+    return None
+
+
+def with_image_size(
+    model: onnx.ModelProto, image: ImageInput, height: int, width: int, path: str | Path = "model"
+) -> onnx.ModelProto:
+    """Fix the input's spatial size and infer every intermediate shape.
+
+    The relevance rules need static spatial shapes (transposed convolutions, constant
+    bound tensors); the batch dimension stays as the model has it.
+    """
+    model = onnx.ModelProto.FromString(model.SerializeToString())
+    inp = next(i for i in model.graph.input if i.name == image.name)
+    dims = inp.type.tensor_type.shape.dim
+    spatial = (2, 3) if image.layout == "NCHW" else (1, 2)
+    for axis, size in zip(spatial, (height, width)):
+        if dims[axis].HasField("dim_value") and dims[axis].dim_value != size:
+            raise OnnxLrpError(
+                f"{path}: input '{image.name}' has a fixed size "
+                f"{image.height}x{image.width}; cannot use {height}x{width}"
+            )
+        dims[axis].dim_value = size
+    if image.batch is None:
+        dims[0].dim_param = "batch"
+    model = _infer_shapes(model, path)
+    while _floor_ceil_mode_pool(model):  # one pool at a time: its new size changes what follows
+        model = _infer_shapes(model, path)
+    return model
+
+
+def _infer_shapes(model: onnx.ModelProto, path) -> onnx.ModelProto:
+    del model.graph.value_info[:]
+    try:
+        return onnx.shape_inference.infer_shapes(model, strict_mode=True, data_prop=True)
+    except Exception as exc:
+        raise OnnxLrpError(f"{path}: shape inference failed ({first_line(exc)})") from None
+
+
+def _floor_ceil_mode_pool(model: onnx.ModelProto) -> bool:
+    """Set ceil_mode=0 on the first pool where ceil mode adds no window that starts inside
+    the input; True if there was one.
+
+    onnxruntime (like PyTorch) drops a last window that would start in the right padding;
+    ONNX shape inference keeps it. Where that is the only extra window, ceil mode is floor
+    mode, and saying so makes inferred and actual shapes agree.
+    """
+    shapes = {v.name: _dims(v) for v in list(model.graph.value_info) + list(model.graph.input)}
+    for node in model.graph.node:
+        attrs = {a.name: a for a in node.attribute}
+        if node.op_type not in ("MaxPool", "AveragePool") or "ceil_mode" not in attrs or not attrs["ceil_mode"].i:
+            continue
+        dims = shapes.get(node.input[0])
+        if not dims or any(d is None for d in dims[2:]):
+            continue
+        rank = len(dims) - 2
+        kernel = list(attrs["kernel_shape"].ints)
+        strides = list(attrs["strides"].ints) if "strides" in attrs else [1] * rank
+        pads = list(attrs["pads"].ints) if "pads" in attrs else [0] * (2 * rank)
+        dilations = list(attrs["dilations"].ints) if "dilations" in attrs else [1] * rank
+        floor_is_ceil = True
+        for i, size in enumerate(dims[2:]):
+            span = size + pads[i] + pads[rank + i] - dilations[i] * (kernel[i] - 1) - 1
+            floor_out, ceil_out = span // strides[i] + 1, -(-span // strides[i]) + 1
+            if ceil_out != floor_out and (ceil_out - 1) * strides[i] < size + pads[i]:
+                floor_is_ceil = False  # a real extra window: keep ceil mode
+        if floor_is_ceil:
+            attrs["ceil_mode"].i = 0
+            return True
+    return False

@@ -1,0 +1,162 @@
+"""Presets: which rule each op type gets, as small tables (Zennit calls them composites).
+
+A preset maps ONNX op types to rules, with a separate map for the *first* layer: the
+first op, in topological order, whose type is in that map (as Zennit's
+SpecialFirstLayerMapComposite does in module order). Ops a preset does not name get
+their op's default (ReLU and BatchNorm pass, reshapes and MaxPool take the gradient);
+residual merges get the chosen Relevance Splitting.
+
+The Zennit-named presets mean what Zennit 1.0's composites of the same name mean.
+``paper`` is the published implementation of Otsuki et al. (ECCV 2024), variant (iv).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Mapping
+
+from . import rules as R
+from ..errors import OnnxLrpError
+from ..ir.graph import ModelGraph
+from .rules import Rule
+from .splitting import Split
+
+DEFAULTS: dict[str, Rule] = {"pass": R.PASS, "gradient": R.GRADIENT, "gate": R.GATE}
+
+
+@dataclass(frozen=True)
+class Preset:
+    name: str
+    summary: str
+    layers: Mapping[str, Rule]  # op type -> rule
+    first: Mapping[str, Rule] = field(default_factory=dict)  # op type -> rule for the first such op
+    initial: str = "logit"  # the target's "logit", its softmax "probability", or "one" (gradients)
+    fold_batchnorm: bool = True
+    split: str = "ratio"
+    include_identity: bool = True
+    fallback: Rule | None = None  # rule for op types the tables do not name (default: the op's own)
+
+    def assign(self, graph: ModelGraph, split: Split, overrides: Mapping[str, Rule] | None = None) -> dict[str, Rule]:
+        """The rule for every op of the graph, by node name. Overrides key by node name or op type."""
+        overrides = overrides or {}
+        assigned: dict[str, Rule] = {}
+        # The first layer is a property of the graph, not of the overrides: an override that
+        # takes it (by name or op type) takes it away from the preset, and no other op inherits it.
+        first = next((name for name, op in graph.ops.items() if op.node.op in self.first), None)
+        for name, op in graph.ops.items():
+            op_type = op.node.op
+            if op.kind == "merge":
+                rule = split
+            elif name in overrides or op_type in overrides:
+                rule = overrides.get(name, overrides.get(op_type))
+            elif name == first:
+                rule = self.first[op_type]
+            elif op_type in self.layers:
+                rule = self.layers[op_type]
+            elif self.fallback is not None:
+                rule = self.fallback
+            elif op.default_rule in DEFAULTS:
+                rule = DEFAULTS[op.default_rule]
+            else:
+                raise OnnxLrpError(f"{op.path}: node '{name}' ({op_type}): preset '{self.name}' has no rule for {op_type}")
+            why_not = rule.applies_to(op)
+            if why_not:
+                raise OnnxLrpError(f"{op.path}: node '{name}' ({op_type}): rule {rule.describe()} does not apply: {why_not}")
+            assigned[name] = rule
+        return assigned
+
+
+def _zennit_layers(conv: Rule, stabilizer: float = 1e-6, epsilon: float = 1e-6) -> dict[str, Rule]:
+    """Zennit's layer map: the conv rule, Epsilon for dense layers, Norm for average pools."""
+    dense, pool = R.epsilon(epsilon), R.norm(stabilizer)
+    return {
+        "Conv": conv,
+        "Gemm": dense,
+        "MatMul": dense,
+        "AveragePool": pool,
+        "GlobalAveragePool": pool,
+        "ReduceMean": pool,
+        "MaxPool": R.GRADIENT,
+        "BatchNormalization": R.PASS,
+        "Relu": R.PASS,
+    }
+
+
+_PAPER_EPS = 1e-5
+PRESETS: dict[str, Preset] = {
+    p.name: p
+    for p in (
+        Preset(
+            "epsilon-plus-flat",
+            "Zennit EpsilonPlusFlat: flat first layer, z+ convs, epsilon dense",
+            _zennit_layers(R.zplus()),
+            first={"Conv": R.flat(), "Gemm": R.flat(), "MatMul": R.flat()},
+        ),
+        Preset(
+            "epsilon-gamma-box",
+            "Zennit EpsilonGammaBox: z^B first conv, gamma=0.25 convs, epsilon dense",
+            _zennit_layers(R.gamma(0.25)),
+            first={"Conv": R.zbox()},
+        ),
+        Preset(
+            "epsilon-alpha2-beta1",
+            "Zennit EpsilonAlpha2Beta1: alpha2-beta1 on every conv (the first too), epsilon dense",
+            _zennit_layers(R.alpha_beta(2.0, 1.0)),
+        ),
+        Preset(
+            "epsilon",
+            "LRP-epsilon (1e-6) on every conv and dense layer",
+            _zennit_layers(R.epsilon()),
+        ),
+        Preset(
+            "paper",
+            "Otsuki et al. ECCV 2024, variant (iv): z+ (eps 1e-5, no bias), stem with a = 1, "
+            "MaxPool as 2x2 average, BatchNorm passes, ratio split, softmax probability",
+            {
+                "Conv": R.zplus(_PAPER_EPS, use_bias=False),
+                "Gemm": R.zplus(_PAPER_EPS, use_bias=False),
+                "MatMul": R.zplus(_PAPER_EPS, use_bias=False),
+                "MaxPool": R.avg2x2(_PAPER_EPS),
+                "AveragePool": R.norm(_PAPER_EPS),
+                "GlobalAveragePool": R.norm(_PAPER_EPS),
+                "ReduceMean": R.norm(_PAPER_EPS),
+                "BatchNormalization": R.PASS,
+                "Relu": R.PASS,
+            },
+            first={"Conv": R.zplus(_PAPER_EPS, use_bias=False, ones_input=True)},
+            initial="probability",
+            fold_batchnorm=False,
+        ),
+        Preset(
+            "captum",
+            "LRP as Captum applies it by default: epsilon 1e-9 on every layer (BatchNorm too), no "
+            "Relevance Splitting (both branches of a merge get all relevance, as the gradient of +)",
+            {**{op: R.epsilon(1e-9) for op in ("Conv", "Gemm", "MatMul", "AveragePool", "GlobalAveragePool",
+                                               "ReduceMean", "BatchNormalization")},
+             "MaxPool": R.GRADIENT, "Relu": R.PASS},  # epsilon on a max is its winner-take-all
+            fold_batchnorm=False,
+            split="copy",
+        ),
+        # Baselines computed by the same machinery: every op's transpose is its vector-Jacobian product.
+        Preset("gradient", "the gradient of the target logit (vanilla saliency)", {},
+               initial="one", split="copy", fallback=R.GRADIENT),
+        Preset("guided-backprop", "guided backpropagation: ReLUs pass positive gradients only",
+               {"Relu": R.GUIDED}, initial="one", split="copy", fallback=R.GRADIENT),
+    )
+}
+
+#: The paper's ablation variants (Table 2): (split, include_identity).
+PAPER_VARIANTS = {
+    "i": ("symmetric", False),
+    "ii": ("symmetric", True),
+    "iii": ("ratio", False),
+    "iv": ("ratio", True),
+}
+
+
+def get_preset(name: str | Preset) -> Preset:
+    if isinstance(name, Preset):
+        return name
+    try:
+        return PRESETS[name]
+    except KeyError:
+        raise OnnxLrpError(f"unknown preset '{name}'; choose one of {', '.join(PRESETS)}") from None

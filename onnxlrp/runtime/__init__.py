@@ -1,0 +1,1 @@
+"""Running compiled explainers: onnxruntime sessions and batching, the compiled-explainer cache."""
