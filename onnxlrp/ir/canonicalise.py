@@ -4,7 +4,11 @@ Each pass is a small function over an onnx-graphsurgeon graph, applied in order 
 :func:`canonicalize`. The forward function of the model never changes, only its
 spelling:
 
-- constants folded (Constant nodes, Identity on weights, static shape arithmetic);
+- quantized constants (int8 weights, int32 biases behind DequantizeLinear) dequantized;
+- constants folded (Constant nodes, Identity on weights, static shape arithmetic), and
+  shapes computed at run time (Reshape / Expand targets built from Shape, Gather,
+  Concat, ...) replaced by what shape inference knows once the input size is fixed;
+- Split turned into one Slice per output, so that every op has one data output;
 - Identity and Dropout removed;
 - a final Softmax / LogSoftmax removed: relevance starts at the logits before it;
 - Gemm normalised (alpha = beta = 1), MatMul on a 2-D input plus a constant Add
@@ -55,10 +59,13 @@ def canonicalize(
 ) -> Canonical:
     graph = gs.import_onnx(model)
     _name_nodes(graph)
+    _dequantize_constants(graph)
     try:
         graph.fold_constants(error_ok=True).cleanup()
     except Exception:  # folding is an optimisation; a graph it cannot fold is still usable
         graph.cleanup()
+    _constant_shapes(graph)
+    _split_to_slices(graph)
     _remove_identities(graph)
     logits, softmax = _logits(graph, path)
     graph.outputs = [logits]
@@ -92,6 +99,91 @@ def _name_nodes(graph: gs.Graph) -> None:
             node.name = name
             taken.add(name)
         seen.add(node.name)
+
+
+def _dequantize_constants(graph: gs.Graph) -> None:
+    """DequantizeLinear of constants (a quantized model's weights and biases) -> float constants.
+
+    onnx-graphsurgeon's folding leaves Q/DQ alone on purpose; the rules need the weights as
+    numbers. Activations keep their Q/DQ pairs: the forward pass stays the quantized model's."""
+    for node in graph.nodes:
+        if node.op != "DequantizeLinear" or not all(isinstance(t, gs.Constant) for t in node.inputs if t.name):
+            continue
+        q, scale = node.inputs[0].values, node.inputs[1].values.astype(np.float64)
+        zero = node.inputs[2].values.astype(np.float64) if len(node.inputs) > 2 and node.inputs[2].name else 0.0
+        axis = int(node.attrs.get("axis", 1))
+        if np.ndim(scale) == 1 and q.ndim > 1:  # per-channel along `axis`
+            shape = [1] * q.ndim
+            shape[axis % q.ndim] = -1
+            scale = scale.reshape(shape)
+            zero = np.reshape(zero, shape) if np.ndim(zero) == 1 else zero
+        value = ((q.astype(np.float64) - zero) * scale).astype(np.float32)
+        out = node.outputs[0]
+        _bypass(graph, node, gs.Constant(f"{out.name}/dequantized", value))
+    graph.cleanup()
+
+
+def _static_past_batch(tensor: gs.Tensor) -> list[int] | None:
+    shape = tensor.shape
+    if shape is None or len(shape) < 1 or not all(isinstance(d, int) for d in shape[1:]):
+        return None
+    return list(shape[1:])
+
+
+def _constant_shapes(graph: gs.Graph) -> None:
+    """A Reshape or Expand whose target shape is computed (from Shape, Gather, Concat, ...) gets
+    that shape as a constant, from shape inference, where it is static past the batch axis.
+
+    Exporters compute such shapes to keep the batch dynamic; the rules need them as numbers.
+    The batch axis stays dynamic: -1 for Reshape (the size left over is the batch, when the
+    other sizes multiply to the input's), 1 for Expand (broadcast keeps the input's batch)."""
+    for node in graph.nodes:
+        if node.op not in ("Reshape", "Expand") or len(node.inputs) < 2 or isinstance(node.inputs[1], gs.Constant):
+            continue
+        x, out = node.inputs[0], node.outputs[0]
+        dims, x_dims = _static_past_batch(out), _static_past_batch(x)
+        if dims is None or x_dims is None:
+            continue
+        if node.op == "Reshape":
+            if int(np.prod(dims)) != int(np.prod(x_dims)) or node.attrs.get("allowzero", 0):
+                continue  # the batch would not be what is left over
+            target = [-1] + dims
+        else:
+            if len(x.shape) != len(out.shape):
+                continue
+            target = [1] + dims
+        node.inputs[1] = gs.Constant(f"{node.name}/shape", np.array(target, dtype=np.int64))
+    graph.cleanup()
+
+
+def _split_to_slices(graph: gs.Graph) -> None:
+    """Split -> one Slice per output (constant sizes): relevance of each part then goes back
+    to its own place in the input, and every op on the data path has one data output."""
+    for node in list(graph.nodes):
+        if node.op != "Split":
+            continue
+        x = node.inputs[0]
+        rank = len(x.shape) if x.shape is not None else None
+        if rank is None:
+            continue
+        axis = int(node.attrs.get("axis", 0)) % rank
+        sizes = node.attrs.get("split")
+        if sizes is None and len(node.inputs) > 1 and node.inputs[1].name:
+            sizes = _const(node.inputs[1])
+        if sizes is None:  # equal parts (the last one smaller)
+            total, parts = x.shape[axis], len(node.outputs)
+            if not isinstance(total, int):
+                continue
+            chunk = -(-total // parts)
+            sizes = [min(chunk, total - i * chunk) for i in range(parts)]
+        begin = 0
+        for out, size in zip(list(node.outputs), [int(v) for v in sizes]):
+            bounds = [gs.Constant(f"{out.name}/{what}", np.array([v], dtype=np.int64))
+                      for what, v in (("starts", begin), ("ends", begin + size), ("axes", axis))]
+            graph.nodes.append(gs.Node("Slice", f"{node.name}/{out.name}", inputs=[x, *bounds], outputs=[out]))
+            begin += size
+        node.outputs.clear()
+    graph.cleanup().toposort()
 
 
 def _bypass(graph: gs.Graph, node: gs.Node, replacement: gs.Tensor) -> None:

@@ -22,7 +22,7 @@ if TYPE_CHECKING:
     from .graph import OpInfo as Op
 
 SKIP_KINDS = ("identity", "projection", "other")
-_PROJECTION_EXTRAS = {"BatchNormalization", "Add", "Sub", "Mul", "Div"}
+_PROJECTION_EXTRAS = {"BatchNormalization", "Add", "Sub", "Mul", "Div", "QuantizeLinear", "DequantizeLinear"}
 _POOLS = {"AveragePool", "MaxPool"}
 
 

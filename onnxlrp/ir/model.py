@@ -9,6 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import onnx
 import onnx.version_converter
 from onnx import numpy_helper
@@ -207,9 +208,80 @@ def with_image_size(
     if image.batch is None:
         dims[0].dim_param = "batch"
     model = _infer_shapes(model, path)
+    if _fold_computed_shapes(model, image, height, width, path):
+        model = _infer_shapes(model, path)
     while _floor_ceil_mode_pool(model):  # one pool at a time: its new size changes what follows
         model = _infer_shapes(model, path)
     return model
+
+
+#: op type -> the inputs that are shapes, sizes, pads or axes (not data)
+_SHAPE_INPUTS = {"Reshape": (1,), "Expand": (1,), "Pad": (1, 2, 3), "Slice": (1, 2, 3, 4), "Tile": (1,),
+                 "Squeeze": (1,), "Unsqueeze": (1,), "ConstantOfShape": (0,), "Resize": (1, 2, 3)}
+
+
+def _fold_computed_shapes(model: onnx.ModelProto, image: ImageInput, height: int, width: int, path) -> bool:
+    """Shape inputs computed by a subgraph (Shape -> Gather -> Concat ...), as exporters write them
+    to keep the batch dynamic, replaced by their values once the input size is fixed; True if any.
+
+    The values come from onnxruntime, run on zeros at two batch sizes: a value that is the same
+    for both becomes a constant. A Reshape or Expand target becomes the shape its output had,
+    with the batch axis -1 (Reshape: the size left over) or 1 (Expand: broadcast keeps the
+    input's batch) where only that axis followed the batch size. Anything else stays computed
+    (and the rules that need it say so)."""
+    constants = {init.name for init in model.graph.initializer}
+    constants |= {out for node in model.graph.node if node.op_type == "Constant" for out in node.output}
+    wanted: dict[str, list[tuple[onnx.NodeProto, int]]] = {}
+    for node in model.graph.node:
+        for index in _SHAPE_INPUTS.get(node.op_type, ()):
+            if index < len(node.input) and node.input[index] and node.input[index] not in constants:
+                wanted.setdefault(node.input[index], []).append((node, index))
+    if not wanted:
+        return False
+    import onnxruntime as ort  # only for models that compute their shapes
+
+    # A Reshape's or Expand's target is read off its actual output (a target may hold -1 or 0 too)
+    outputs = {node.output[0]: node for uses in wanted.values() for node, _ in uses if node.op_type in ("Reshape", "Expand")}
+    fetch = list(wanted) + [name for name in outputs if name not in wanted]
+    probe = onnx.ModelProto.FromString(model.SerializeToString())
+    del probe.graph.output[:]
+    probe.graph.output.extend(onnx.helper.make_empty_tensor_value_info(name) for name in fetch)
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    options.log_severity_level = 3
+    batches = (image.batch,) if image.batch else (2, 3)
+    try:
+        sess = ort.InferenceSession(probe.SerializeToString(), options, providers=["CPUExecutionProvider"])
+        runs = [dict(zip(fetch, sess.run(fetch, {image.name: np.zeros(image.shape(b, height, width), np.float32)})))
+                for b in batches]
+    except Exception as exc:
+        raise OnnxLrpError(f"{path}: cannot compute the graph's shape inputs ({first_line(exc)})") from None
+    folded = False
+    for name, uses in wanted.items():
+        values = [np.asarray(run[name]) for run in runs]
+        if all(node.op_type in ("Reshape", "Expand") and index == 1 for node, index in uses):
+            for node, index in uses:
+                seen = [list(run[node.output[0]].shape) for run in runs]
+                if any(shape[1:] != seen[0][1:] for shape in seen):
+                    continue  # more than the batch axis follows the batch size
+                target = list(seen[0])
+                if len(seen) > 1 and seen[0][0] != seen[1][0]:
+                    if [shape[0] for shape in seen] != list(batches):
+                        continue  # axis 0 is not the batch
+                    target[0] = -1 if node.op_type == "Reshape" else 1
+                constant = f"{node.output[0]}/shape"
+                model.graph.initializer.append(numpy_helper.from_array(np.array(target, dtype=np.int64), constant))
+                node.input[index] = constant
+                folded = True
+            continue
+        if len(values) > 1 and not np.array_equal(values[0], values[1]):
+            continue  # a size or pad that depends on the batch: not a constant
+        constant = f"{name}/folded"
+        model.graph.initializer.append(numpy_helper.from_array(np.ascontiguousarray(values[0]), constant))
+        for node, index in uses:
+            node.input[index] = constant
+        folded = True
+    return folded
 
 
 def _infer_shapes(model: onnx.ModelProto, path) -> onnx.ModelProto:

@@ -20,7 +20,7 @@ from ..ir.graph import ModelGraph
 from .rules import Rule
 from .splitting import Split
 
-DEFAULTS: dict[str, Rule] = {"pass": R.PASS, "gradient": R.GRADIENT, "gate": R.GATE}
+DEFAULTS: dict[str, Rule] = {"pass": R.PASS, "gradient": R.GRADIENT, "gate": R.GATE, "proportional": R.PROPORTIONAL}
 
 
 @dataclass(frozen=True)
@@ -75,9 +75,13 @@ def _zennit_layers(conv: Rule, stabilizer: float = 1e-6, epsilon: float = 1e-6) 
         "AveragePool": pool,
         "GlobalAveragePool": pool,
         "ReduceMean": pool,
+        "ReduceSum": pool,
         "MaxPool": R.GRADIENT,
         "BatchNormalization": R.PASS,
         "Relu": R.PASS,
+        # normalisations with sigma held constant: affine layers, epsilon as for dense layers
+        "LayerNormalization": dense,
+        "InstanceNormalization": dense,
     }
 
 
@@ -119,6 +123,9 @@ PRESETS: dict[str, Preset] = {
                 "AveragePool": R.norm(_PAPER_EPS),
                 "GlobalAveragePool": R.norm(_PAPER_EPS),
                 "ReduceMean": R.norm(_PAPER_EPS),
+                "ReduceSum": R.norm(_PAPER_EPS),
+                "LayerNormalization": R.epsilon(_PAPER_EPS),
+                "InstanceNormalization": R.epsilon(_PAPER_EPS),
                 "BatchNormalization": R.PASS,
                 "Relu": R.PASS,
             },
@@ -131,7 +138,8 @@ PRESETS: dict[str, Preset] = {
             "LRP as Captum applies it by default: epsilon 1e-9 on every layer (BatchNorm too), no "
             "Relevance Splitting (both branches of a merge get all relevance, as the gradient of +)",
             {**{op: R.epsilon(1e-9) for op in ("Conv", "Gemm", "MatMul", "AveragePool", "GlobalAveragePool",
-                                               "ReduceMean", "BatchNormalization")},
+                                               "ReduceMean", "ReduceSum", "BatchNormalization", "LayerNormalization",
+                                               "InstanceNormalization")},
              "MaxPool": R.GRADIENT, "Relu": R.PASS},  # epsilon on a max is its winner-take-all
             fold_batchnorm=False,
             split="copy",

@@ -180,6 +180,8 @@ class LinearRule(Rule):
     def applies_to(self, op):
         if self.view == "avg2x2":
             return None if isinstance(op, MaxPool) else "the 2x2-average rule is for MaxPool"
+        if op.kind == "norm" and any(t.inputs == "ones" for g in self.groups for t in g.terms):
+            return "a normalisation centres its input, so a constant input has no contribution"
         return None if op.linear else f"{self.name} needs a linear layer"
 
     def describe(self, op=None, merge=None):
@@ -284,10 +286,65 @@ def _signed_sum(e: Emitter, parts: list[tuple[float, gs.Tensor]]) -> gs.Tensor:
     return total
 
 
+@dataclass(frozen=True)
+class Proportional(Rule):
+    """The z-rule over a sum of computed terms (a - b: a normalisation's centring written out):
+    each input gets its contribution's share, R_k = z_k R / (y + eps sign y). Conserves up to
+    the stabiliser; with eps = 0 it is LRP-0."""
+
+    stabilizer: float = 1e-6
+    name: str = "proportional"
+
+    def applies_to(self, op):
+        return None if hasattr(op, "terms") else "the proportional rule is for sums of computed tensors"
+
+    def relevance(self, e, op, R, ctx):
+        s = e.div(R, stabilize(e, op.output, self.stabilizer))
+        return {tensor.name: op.reduce(e, tensor, e.mul(z, s)) for tensor, z in op.terms(e)}
+
+
+GATE_SHARES = ("constant", "half")
+
+
+@dataclass(frozen=True)
+class GateShare(Rule):
+    """How relevance divides at a gate x * g (or x / s).
+
+    - ``constant`` (the default): the gate is held constant; all relevance goes to the signal,
+      none into the gate's branch. Conserves; LRP-0 then equals gradient x input of the model
+      with the gate detached.
+    - ``half``: half to the signal, half to the gate's branch (summed over the axes the gate
+      broadcasts along). Conserves at the Mul; the branch passes its share down through its
+      own rules (its squashing ops pass relevance as activations do), to the same input.
+    """
+
+    share: str = "constant"
+
+    def __post_init__(self):
+        if self.share not in GATE_SHARES:
+            raise ValueError(f"unknown gate share '{self.share}'; choose one of {', '.join(GATE_SHARES)}")
+
+    @property
+    def name(self) -> str:  # type: ignore[override]
+        return "gate held constant" if self.share == "constant" else f"gate share {self.share}"
+
+    def applies_to(self, op):
+        return None if op.kind == "gate" and op.shape_preserving else "a gate share is for gates"
+
+    def relevance(self, e, op, R, ctx):
+        gate = getattr(op, "gate", None)
+        if self.share == "constant" or gate is None:  # a one-op gate (HardSwish) has no branch to share with
+            return {op.x.name: R}
+        half = e.mul(R, np.float32(0.5))
+        to_gate = e.reduce_sum(half, op.gate_axes, keepdims=1) if op.gate_axes else half
+        return {op.x.name: half, gate.name: to_gate}
+
+
 # The rules, with Zennit 1.0's parameters and bias handling.
 
 PASS = Pass()
-GATE = Pass("gate held constant")  # x * g: all relevance to the signal x (ops.GateMul)
+GATE = GateShare()  # x * g: all relevance to the signal x (ops.GateMul)
+PROPORTIONAL = Proportional()
 GRADIENT = Gradient()
 GUIDED = GuidedReLU()
 

@@ -8,6 +8,9 @@ import onnxruntime as ort
 from ..errors import OnnxLrpError, first_line
 
 DEVICES = ("cpu", "cuda")
+#: onnxruntime's Pad fusion folds a zero Pad into the MaxPool after it, which pads with -inf:
+#: wrong wherever a border window is all negative (found on BiT's pre-activation stem).
+DISABLED_OPTIMIZERS = ["Pad_Fusion"]
 _PROVIDERS = {"cpu": ["CPUExecutionProvider"], "cuda": ["CUDAExecutionProvider", "CPUExecutionProvider"]}
 
 
@@ -30,7 +33,7 @@ def session(model: onnx.ModelProto | bytes | str, device: str = "cpu", threads: 
         options.intra_op_num_threads = threads
     data = model.SerializeToString() if isinstance(model, onnx.ModelProto) else model
     try:
-        sess = ort.InferenceSession(data, options, providers=_PROVIDERS[device])
+        sess = ort.InferenceSession(data, options, providers=_PROVIDERS[device], disabled_optimizers=DISABLED_OPTIMIZERS)
     except Exception as exc:
         raise OnnxLrpError(f"onnxruntime cannot load the relevance graph ({first_line(exc)})") from None
     if device == "cuda" and sess.get_providers()[0] != "CUDAExecutionProvider":

@@ -4,24 +4,27 @@ Adding an op type is one adapter class in its family's module and one entry in t
 module's ``OPS``; the relevance walk and the rules need no change.
 
 Add, Sub, Mul and Div are dispatched by their inputs: with one computed input they are
-affine (constant arithmetic), an Add of two computed tensors is a residual merge, a Mul
-of a signal and a gate is a gate.
+affine (constant arithmetic), an Add of two computed tensors is a residual merge, a Sub of
+two is a difference (a normalisation's centring), a Mul of a signal and a gate's output or
+a Div by a computed tensor is a gate.
 """
 from __future__ import annotations
 
 import onnx_graphsurgeon as gs
 
 from ...errors import OnnxLrpError
-from . import activations, gates, linear, pooling, shapes
+from . import activations, gates, linear, norms, pooling, quantization, shapes
 from .base import IsData, LinearOp, Op
-from .gates import GateMul, _gate
+from .gates import GateMul, find_gate
 from .linear import Affine
-from .merge import ResidualAdd
+from .merge import Difference, ResidualAdd
 from .pooling import MaxPool
+from .quantization import QOPERATOR
 
 __all__ = ["OPS", "LinearOp", "MaxPool", "Op", "make_op"]
 
-OPS: dict[str, type[Op]] = {**linear.OPS, **pooling.OPS, **activations.OPS, **gates.OPS, **shapes.OPS}
+OPS: dict[str, type[Op]] = {**linear.OPS, **pooling.OPS, **activations.OPS, **gates.OPS, **shapes.OPS, **norms.OPS,
+                            **quantization.OPS}
 _ARITHMETIC = ("Add", "Sub", "Mul", "Div")
 
 
@@ -33,14 +36,19 @@ def make_op(node: gs.Node, is_data: IsData, path: str = "model") -> Op:
             return Affine(node, is_data, path)
         if node.op == "Add":
             return ResidualAdd(node, is_data, path)
-        gate = _gate(computed) if node.op == "Mul" else None
+        if node.op == "Sub" and len(computed) == 2 and computed[0] is not computed[1]:
+            return Difference(node, is_data, path)
+        gate = find_gate(node, computed, is_data) if node.op in ("Mul", "Div") else None
         if gate is not None:
             return GateMul(node, is_data, path, gate)
-        hint = " (a gate is a Sigmoid or HardSigmoid output)" if node.op == "Mul" else ""
+        hint = f" (a gate is the output of {', '.join(sorted(gates.GATES))})" if node.op == "Mul" else ""
         raise OnnxLrpError(
             f"{path}: node '{node.name}' ({node.op}): no LRP rule for {node.op} of two computed tensors{hint}"
         )
     cls = OPS.get(node.op)
+    if node.op in QOPERATOR:
+        raise OnnxLrpError(f"{path}: node '{node.name}' ({node.op}): no LRP rule for op type {node.op} (a QOperator "
+                           "model; quantize in QDQ format, QuantFormat.QDQ, to explain it as deployed)")
     if cls is None:
         raise OnnxLrpError(f"{path}: node '{node.name}' ({node.op}): no LRP rule for op type {node.op}")
     return cls(node, is_data, path)

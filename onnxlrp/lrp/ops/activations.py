@@ -5,6 +5,7 @@ import numpy as np
 
 from .base import Op, constant_input
 
+
 class Relu(Op):
     kind = "activation"
     shape_preserving = True
@@ -12,6 +13,7 @@ class Relu(Op):
 
     def transpose(self, e, g, weight=None):
         return e.op("Where", e.op("Greater", self.x, np.float32(0)), g, np.float32(0))
+
 
 class LeakyRelu(Op):
     """y = x, or alpha x below 0. Relevance passes as through a ReLU: under LRP-0 (gradient x
@@ -23,6 +25,7 @@ class LeakyRelu(Op):
     def transpose(self, e, g, weight=None):
         alpha = np.float32(self.node.attrs.get("alpha", 0.01))
         return e.op("Where", e.op("Greater", self.x, np.float32(0)), g, e.mul(g, alpha))
+
 
 class Clip(Op):
     """ReLU6 and other clips. Where the clip holds the output constant, the output no longer

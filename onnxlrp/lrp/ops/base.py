@@ -18,14 +18,17 @@ from ..emit import Emitter
 
 IsData = Callable[[gs.Tensor], bool]
 
+
 def const_value(tensor: gs.Tensor | None) -> np.ndarray | None:
     return tensor.values if isinstance(tensor, gs.Constant) else None
+
 
 def given(node: gs.Node, index: int) -> gs.Tensor | None:
     """The node's optional input `index`, or None when it is absent."""
     if index < len(node.inputs) and node.inputs[index].name:
         return node.inputs[index]
     return None
+
 
 def constant_input(op: Op, index: int, what: str) -> np.ndarray | None:
     """The node's optional input `index` as a constant; None when absent, an error when computed."""
@@ -37,6 +40,7 @@ def constant_input(op: Op, index: int, what: str) -> np.ndarray | None:
         raise op.error(f"its {what} is computed at run time; onnxlrp needs a constant")
     return value
 
+
 def static_shape(tensor: gs.Tensor, node: gs.Node, path: str) -> list[int]:
     shape = tensor.shape
     if shape is None or not all(isinstance(d, int) for d in shape[1:]):
@@ -45,6 +49,7 @@ def static_shape(tensor: gs.Tensor, node: gs.Node, path: str) -> list[int]:
             "onnxlrp needs static shapes past the batch axis"
         )
     return list(shape)
+
 
 def transpose_padding(
     in_size: int, out_size: int, kernel: int, stride: int, dilation: int, begin: int, end: int
@@ -57,6 +62,7 @@ def transpose_padding(
     if extra < stride:
         return end, extra, 0
     return end, 0, extra  # trailing inputs no window reads: their gradient is zero
+
 
 def window_transpose(e: Emitter, g: gs.Tensor, weight: np.ndarray, in_shape, out_shape, kernel, strides, pads,
                      dilations, group: int) -> gs.Tensor:
@@ -79,6 +85,7 @@ def window_transpose(e: Emitter, g: gs.Tensor, weight: np.ndarray, in_shape, out
     if any(extra):
         result = e.op("Pad", result, e.ints([0, 0] + [0] * rank + [0, 0] + list(extra)))
     return result
+
 
 def flipped(weight: np.ndarray, group: int) -> np.ndarray:
     """The weight of the convolution that is the transpose of a stride-1 convolution: per group,
@@ -122,6 +129,7 @@ class Op:
         """Kernel, stride and channels, for `onnxlrp graph`."""
         return ""
 
+
 class LinearOp(Op):
     """An op linear in its data input, given parameters (weight, bias)."""
 
@@ -144,8 +152,10 @@ class LinearOp(Op):
         """The shape of the bias forward() takes: one value per output channel."""
         raise NotImplementedError
 
+
 def is_one(weight: np.ndarray) -> bool:
     return weight.ndim == 0 and float(weight) == 1.0
+
 
 def scaled(e: Emitter, y: gs.Tensor, weight: np.ndarray) -> gs.Tensor:
     return y if is_one(weight) else e.mul(y, e.const(weight))

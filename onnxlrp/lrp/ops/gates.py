@@ -1,23 +1,44 @@
-"""Gates: a signal multiplied by a factor computed from the data (x * g)."""
+"""Gates: a signal multiplied (or divided) by a factor computed from the data.
+
+``x * g`` where g comes out of a squashing op (squeeze-excitation's Sigmoid, ECA, MobileNetV3's
+HardSigmoid, ResNeSt's radix Softmax, SiLU's x * sigmoid(x), GELU's x * Phi(x) written with
+Erf) and ``x / s`` where s is a statistic of the data (a normalisation's standard deviation,
+written out as ReduceMean / Pow / Sqrt). HardSwish and Gelu are the same as single ops.
+
+LRP holds the factor constant by default (rule ``gate``): all relevance goes to the signal,
+none into the factor's branch. That conserves, and LRP-0 then equals gradient x input of the
+model with the factor detached, the standard treatment of multiplicative gates. The ops that
+compute a factor (Sigmoid, Softmax, Erf, Sqrt, ...) supply their gradient, for the gradient
+baselines and for the rules that send a share into the gate's branch.
+"""
 from __future__ import annotations
+
+import math
 
 import numpy as np
 import onnx_graphsurgeon as gs
 
-from .base import Op, static_shape
+from .base import Op, const_value, static_shape
 
-class Sigmoid(Op):
-    """A gate's squashing, s = 1 / (1 + exp(-x)), in (0, 1). Relevance reaches it only where a
-    gate's branch is explained (the gradient baselines); its VJP is g s (1 - s)."""
 
-    kind = "gate"
+class Squash(Op):
+    """An op that computes a factor from the data. Relevance reaches it only where a gate's
+    branch is explained (gradients, or a rule that gives the gate a share); LRP passes it on
+    as through an activation."""
+
+    kind = "squash"
     shape_preserving = True
+
+
+class Sigmoid(Squash):
+    """s = 1 / (1 + exp(-x)), in (0, 1); its VJP is g s (1 - s)."""
+
     makes_nonneg = True
-    default_rule = "gradient"
 
     def transpose(self, e, g, weight=None):
         s = self.output
         return e.mul(g, e.mul(s, e.sub(np.float32(1), s)))
+
 
 class HardSigmoid(Sigmoid):
     """max(0, min(1, alpha x + beta)); its VJP is alpha g where the ramp is not clipped."""
@@ -28,11 +49,91 @@ class HardSigmoid(Sigmoid):
         inside = e.op("And", e.op("Greater", z, np.float32(0)), e.op("Less", z, np.float32(1)))
         return e.op("Where", inside, e.mul(g, alpha), np.float32(0))
 
-#: ops whose output gates a signal when multiplied with it (x * g)
-GATES = {"Sigmoid", "HardSigmoid"}
+
+class Softmax(Squash):
+    """Attention weights over an axis (ResNeSt's radix groups); VJP s (g - sum(g s))."""
+
+    makes_nonneg = True
+
+    def transpose(self, e, g, weight=None):
+        s = self.output
+        axis = int(self.node.attrs.get("axis", -1))
+        inner = e.op("ReduceSum", e.mul(g, s), e.ints([axis]), keepdims=1)
+        return e.mul(s, e.sub(g, inner))
+
+
+class Erf(Squash):
+    """The error function of GELU's Phi(x) = (1 + erf(x / sqrt 2)) / 2; VJP g 2/sqrt(pi) exp(-x^2)."""
+
+    def transpose(self, e, g, weight=None):
+        bump = e.op("Exp", e.op("Neg", e.mul(self.x, self.x)))
+        return e.mul(g, e.mul(bump, np.float32(2 / math.sqrt(math.pi))))
+
+
+class Sqrt(Squash):
+    """A standard deviation's square root; VJP g / (2 sqrt x)."""
+
+    makes_nonneg = True
+
+    def transpose(self, e, g, weight=None):
+        return e.div(e.mul(g, np.float32(0.5)), self.output)
+
+
+class Reciprocal(Squash):
+    """1 / s, as some exporters divide by a standard deviation; VJP -g / x^2."""
+
+    def transpose(self, e, g, weight=None):
+        return e.op("Neg", e.mul(g, e.mul(self.output, self.output)))
+
+
+class Pow(Squash):
+    """x^p with a constant p (a variance's square); VJP g p x^(p-1)."""
+
+    def __init__(self, node, is_data, path="model"):
+        super().__init__(node, is_data, path)
+        p = const_value(node.inputs[1])
+        if node.inputs[0] is not self.x or p is None or p.size != 1:
+            raise self.error("only a computed tensor to a constant power is supported")
+        self.power = float(p.reshape(-1)[0])
+        self.makes_nonneg = self.power == 2.0
+
+    def transpose(self, e, g, weight=None):
+        p = self.power
+        slope = self.x if p == 2.0 else e.op("Pow", self.x, np.float32(p - 1))
+        return e.mul(g, e.mul(slope, np.float32(p)))
+
+
+class SelfGated(Op):
+    """x * gate(x) as one op: HardSwish (gate relu6(x + 3) / 6) and Gelu (gate Phi(x)).
+    LRP holds the gate constant, so relevance passes unchanged; the VJP differentiates both."""
+
+    kind = "gate"
+    shape_preserving = True
+    default_rule = "gate"
+
+    def transpose(self, e, g, weight=None):
+        x = self.x
+        if self.node.op == "HardSwish":  # gate + x gate' = min(1, max(0, x/6 + 1/2)) + x/6 on (-3, 3)
+            gate = e.op("HardSigmoid", x, alpha=1 / 6, beta=0.5)
+            inside = e.op("And", e.op("Greater", x, np.float32(-3)), e.op("Less", x, np.float32(3)))
+            slope = e.op("Where", inside, e.mul(x, np.float32(1 / 6)), np.float32(0))
+            return e.mul(g, e.add(gate, slope))
+        if self.node.attrs.get("approximate", "none") != "none":
+            raise self.error("the gradient of the tanh approximation of Gelu is not supported")
+        phi = e.mul(e.add(e.op("Erf", e.mul(x, np.float32(1 / math.sqrt(2)))), np.float32(1)), np.float32(0.5))
+        density = e.mul(e.op("Exp", e.mul(e.mul(x, x), np.float32(-0.5))), np.float32(1 / math.sqrt(2 * math.pi)))
+        return e.mul(g, e.add(phi, e.mul(x, density)))
+
+
+#: ops whose output is a factor for a signal (x * g, or x / s)
+GATES = {"Sigmoid", "HardSigmoid", "Softmax", "Erf", "Sqrt", "Reciprocal"}
+#: ops a factor may pass through on its way to the Mul: constant arithmetic and reshapes
+_CARRY = {"Add", "Sub", "Mul", "Div", "Reshape", "Flatten", "Squeeze", "Unsqueeze", "Expand", "Transpose",
+          "Slice", "Gather", "Concat"}
+
 
 class GateMul(Op):
-    """x * g, g computed from the data by a gate (squeeze-excitation, SiLU's x * sigmoid(x)).
+    """x * g or x / g, with g computed from the data by a gate (see the module docstring).
 
     LRP holds the gate constant by default: all relevance goes to the signal x, none into the
     gate's branch; that conserves, and LRP-0 then equals gradient x input of the model with
@@ -46,25 +147,53 @@ class GateMul(Op):
     def __init__(self, node, is_data, path, gate: gs.Tensor):
         super().__init__(node, is_data, path)
         self.gate = gate
+        self.divides = node.op == "Div"
         self.x = next(t for t in self.data_inputs if t is not gate)  # the signal
         signal, out, gate_shape = static_shape(self.x, node, path), static_shape(self.output, node, path), static_shape(gate, node, path)
         if signal[1:] != out[1:] or len(gate_shape) != len(out):
             raise self.error(f"the gate {gate_shape} must broadcast over the signal {signal}, not widen it")
         self.gate_axes = [axis for axis in range(1, len(out)) if gate_shape[axis] == 1 and out[axis] != 1]
 
+    def factor(self, e):
+        return e.div(np.float32(1), self.gate) if self.divides else self.gate
+
     def transpose(self, e, g, weight=None):
-        return e.mul(g, self.gate)
+        return e.div(g, self.gate) if self.divides else e.mul(g, self.gate)
 
     def vjp(self, e, g):
-        to_gate = e.mul(g, self.x)
+        # d(x g)/dg = x; d(x / s)/ds = -x / s^2 = -y / s
+        to_gate = e.op("Neg", e.div(e.mul(g, self.output), self.gate)) if self.divides else e.mul(g, self.x)
         if self.gate_axes:
             to_gate = e.reduce_sum(to_gate, self.gate_axes, keepdims=1)
         return {self.x.name: self.transpose(e, g), self.gate.name: to_gate}
 
-def _gate(computed: list[gs.Tensor]) -> gs.Tensor | None:
-    """The one computed input of a Mul that a gate op produced, if there is exactly one."""
-    gates = [t for t in computed if t.inputs and t.inputs[0].op in GATES]
-    return gates[0] if len(gates) == 1 and len(computed) == 2 else None
+
+def _from_gate(tensor: gs.Tensor, is_data) -> bool:
+    """Whether a computed tensor is a gate's factor: a GATES op's output, possibly carried
+    through constant arithmetic and reshapes."""
+    for _ in range(16):  # factor chains are short; a bound keeps a malformed graph from looping
+        producer = tensor.inputs[0] if tensor.inputs else None
+        if producer is None:
+            return False
+        if producer.op in GATES:
+            return True
+        computed = [t for t in producer.inputs if is_data(t)]
+        if producer.op not in _CARRY or len(computed) != 1:
+            return False
+        tensor = computed[0]
+    return False
 
 
-OPS = {"Sigmoid": Sigmoid, "HardSigmoid": HardSigmoid}
+def find_gate(node: gs.Node, computed: list[gs.Tensor], is_data) -> gs.Tensor | None:
+    """The factor of a Mul or Div of two computed tensors, or None where it is not a gate.
+    A Div's divisor always is (x / s); a Mul's factor is the one input a gate computed."""
+    if len(computed) != 2 or computed[0] is computed[1]:
+        return None
+    if node.op == "Div":
+        return node.inputs[1] if node.inputs[0] is not node.inputs[1] else None
+    gates = [t for t in computed if _from_gate(t, is_data)]
+    return gates[0] if len(gates) == 1 else None
+
+
+OPS = {"Sigmoid": Sigmoid, "HardSigmoid": HardSigmoid, "Softmax": Softmax, "Erf": Erf, "Sqrt": Sqrt,
+       "Reciprocal": Reciprocal, "Pow": Pow, "HardSwish": SelfGated, "Gelu": SelfGated}

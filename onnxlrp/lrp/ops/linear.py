@@ -6,6 +6,7 @@ import numpy as np
 
 from .base import LinearOp, const_value, given, is_one, static_shape, window_transpose
 
+
 class Conv(LinearOp):
     def __init__(self, node, is_data, path="model"):
         super().__init__(node, is_data, path)
@@ -62,6 +63,7 @@ class Conv(LinearOp):
         group = f", group {self.group}" if self.group != 1 else ""
         return f"{k}/{s}, {self.weight.shape[1] * self.group}->{self.weight.shape[0]}{group}"
 
+
 class Gemm(LinearOp):
     def __init__(self, node, is_data, path="model"):
         super().__init__(node, is_data, path)
@@ -110,6 +112,7 @@ class Gemm(LinearOp):
         inputs = self.weight.shape[1] if self.trans_b else self.weight.shape[0]
         return f"{inputs}->{self.outputs}"
 
+
 class MatMul(LinearOp):
     def __init__(self, node, is_data, path="model"):
         super().__init__(node, is_data, path)
@@ -126,6 +129,7 @@ class MatMul(LinearOp):
 
     def describe(self) -> str:
         return f"{self.weight.shape[0]}->{self.weight.shape[1]}"
+
 
 class Affine(LinearOp):
     """y = x * scale + shift, elementwise with constants: BatchNormalization and constant arithmetic."""

@@ -8,6 +8,7 @@ import onnx_graphsurgeon as gs
 
 from .base import LinearOp, Op, const_value, given, scaled, static_shape, window_transpose
 
+
 class AveragePool(LinearOp):
     """Average pooling; its transpose spreads each output's gradient over its window."""
 
@@ -67,6 +68,7 @@ class AveragePool(LinearOp):
     def describe(self) -> str:
         return f"{'x'.join(map(str, self.kernel))}/{'x'.join(map(str, self.strides))}"
 
+
 class GlobalAveragePool(LinearOp):
     kind = "pool"
     keeps_sign = True
@@ -83,15 +85,19 @@ class GlobalAveragePool(LinearOp):
 
     def transpose(self, e, g, weight=None):
         weight = self.weight if weight is None else weight
-        count = int(np.prod([self.in_shape[a] for a in self.axes]))
+        count = self.divisor()
         if not self.keepdims:
             g = e.op("Unsqueeze", g, e.ints(self.axes))
         # Broadcast over the averaged axes; a static shape, so the input need not stay in memory.
         spread = [self.in_shape[a] if a in self.axes else 1 for a in range(len(self.in_shape))]
         return e.op("Expand", e.mul(g, np.float32(weight) / count), e.ints(spread))
 
+    def divisor(self) -> int:
+        return int(np.prod([self.in_shape[a] for a in self.axes]))
+
     def describe(self) -> str:
         return "mean over " + ",".join(map(str, self.axes))
+
 
 class ReduceMean(GlobalAveragePool):
     def __init__(self, node, is_data, path="model"):
@@ -113,7 +119,18 @@ class ReduceMean(GlobalAveragePool):
 
     def forward(self, e, x, weight, bias):
         node = self.node
-        return scaled(e, e.op("ReduceMean", x, *node.inputs[1:], **node.attrs), weight)
+        return scaled(e, e.op(node.op, x, *node.inputs[1:], **node.attrs), weight)
+
+
+class ReduceSum(ReduceMean):
+    """A sum over axes other than the batch (ResNeSt adds its radix groups): linear, weight 1."""
+
+    def divisor(self) -> int:
+        return 1
+
+    def describe(self) -> str:
+        return "sum over " + ",".join(map(str, self.axes))
+
 
 class MaxPool(Op):
     """Max pooling. Its transpose routes each output's gradient to the window's winner."""
@@ -166,4 +183,5 @@ class MaxPool(Op):
         return f"{'x'.join(map(str, kernel))}/{'x'.join(map(str, strides))}"
 
 
-OPS = {"AveragePool": AveragePool, "GlobalAveragePool": GlobalAveragePool, "ReduceMean": ReduceMean, "MaxPool": MaxPool}
+OPS = {"AveragePool": AveragePool, "GlobalAveragePool": GlobalAveragePool, "ReduceMean": ReduceMean, "ReduceSum": ReduceSum,
+       "MaxPool": MaxPool}

@@ -7,6 +7,7 @@ import onnx_graphsurgeon as gs
 
 from .base import Op, const_value, constant_input, given, static_shape
 
+
 class Reshape(Op):
     """Flatten, Reshape, Squeeze, Unsqueeze: relevance keeps its values, takes the input's shape."""
 
@@ -22,10 +23,12 @@ class Reshape(Op):
     def transpose(self, e, g, weight=None):
         return e.op("Reshape", g, e.op("Shape", self.x))
 
+
 class Transpose(Reshape):
     def transpose(self, e, g, weight=None):
         perm = list(self.node.attrs.get("perm", reversed(range(len(self.x.shape)))))
         return e.op("Transpose", g, perm=[int(i) for i in np.argsort(perm)])
+
 
 class Slice(Reshape):
     """A constant slice (step 1): relevance goes back to the elements it took, zero elsewhere."""
@@ -53,6 +56,7 @@ class Slice(Reshape):
     def transpose(self, e, g, weight=None):
         return e.op("Pad", g, e.ints(self.begins + self.ends))
 
+
 class Concat(Op):
     """Concatenation: each computed input gets back its own part of the relevance, exactly."""
 
@@ -76,6 +80,7 @@ class Concat(Op):
             part = e.op("Slice", g, e.ints([begin]), e.ints([end]), e.ints([self.axis]))
             result[tensor.name] = e.add(result[tensor.name], part) if tensor.name in result else part
         return result
+
 
 class Pad(Reshape):
     """A constant Pad that canonicalisation could not merge: relevance on the padding is dropped."""
@@ -105,5 +110,50 @@ class Pad(Reshape):
         return e.op("Slice", g, e.ints(self.begins[1:]), e.ints(ends), e.ints(axes))
 
 
+
+
+class Expand(Reshape):
+    """Broadcast to a constant shape: relevance of the copies is summed back onto the original."""
+
+    def __init__(self, node, is_data, path="model"):
+        super().__init__(node, is_data, path)
+        self.in_shape, self.out_shape = static_shape(self.x, node, path), static_shape(self.output, node, path)
+        if len(self.in_shape) != len(self.out_shape):
+            raise self.error(f"expands rank {len(self.in_shape)} to {len(self.out_shape)}; onnxlrp needs equal ranks")
+        self.axes = [a for a in range(1, len(self.out_shape)) if self.in_shape[a] == 1 and self.out_shape[a] != 1]
+
+    def transpose(self, e, g, weight=None):
+        return e.reduce_sum(g, self.axes, keepdims=1) if self.axes else g
+
+
+class Gather(Reshape):
+    """Constant indices along an axis other than the batch (channel groups): each index's
+    relevance goes back to the element it took; elements not taken get none."""
+
+    def __init__(self, node, is_data, path="model"):
+        super().__init__(node, is_data, path)
+        indices = const_value(node.inputs[1])
+        if indices is None:
+            raise self.error("its indices are computed at run time; onnxlrp needs constant indices")
+        self.shape = static_shape(self.x, node, path)
+        self.axis = int(node.attrs.get("axis", 0)) % len(self.shape)
+        if self.axis == 0:
+            raise self.error("gathering along the batch axis mixes images; no LRP rule applies")
+        size = self.shape[self.axis]
+        self.indices = np.asarray(indices, dtype=np.int64) % size
+        if indices.ndim > 1 or len(set(self.indices.reshape(-1).tolist())) != self.indices.size:
+            raise self.error("only a scalar or a list of distinct indices is supported")
+        # where each input element went: its position in the output, or the zero slot past the end
+        self.source = np.full(size, self.indices.size, dtype=np.int64)
+        self.source[self.indices.reshape(-1)] = np.arange(self.indices.size)
+
+    def transpose(self, e, g, weight=None):
+        if self.indices.ndim == 0:  # a scalar index removed the axis
+            g = e.op("Unsqueeze", g, e.ints([self.axis]))
+        zero_slot = e.op("Slice", e.mul(g, np.float32(0)), e.ints([0]), e.ints([1]), e.ints([self.axis]))
+        padded = e.op("Concat", g, zero_slot, axis=self.axis)
+        return e.op("Gather", padded, e.ints(self.source), axis=self.axis)
+
+
 OPS = {"Flatten": Reshape, "Reshape": Reshape, "Squeeze": Reshape, "Unsqueeze": Reshape, "Transpose": Transpose,
-       "Pad": Pad, "Slice": Slice, "Concat": Concat}
+       "Pad": Pad, "Slice": Slice, "Concat": Concat, "Expand": Expand, "Gather": Gather}
