@@ -109,15 +109,16 @@ def _dequantize_constants(graph: gs.Graph) -> None:
     for node in graph.nodes:
         if node.op != "DequantizeLinear" or not all(isinstance(t, gs.Constant) for t in node.inputs if t.name):
             continue
-        q, scale = node.inputs[0].values, node.inputs[1].values.astype(np.float64)
-        zero = node.inputs[2].values.astype(np.float64) if len(node.inputs) > 2 and node.inputs[2].name else 0.0
+        # in float32, as onnxruntime computes it: the forward pass stays bit for bit the model's
+        q, scale = node.inputs[0].values, node.inputs[1].values.astype(np.float32)
+        zero = node.inputs[2].values.astype(np.int64) if len(node.inputs) > 2 and node.inputs[2].name else 0
         axis = int(node.attrs.get("axis", 1))
         if np.ndim(scale) == 1 and q.ndim > 1:  # per-channel along `axis`
             shape = [1] * q.ndim
             shape[axis % q.ndim] = -1
             scale = scale.reshape(shape)
             zero = np.reshape(zero, shape) if np.ndim(zero) == 1 else zero
-        value = ((q.astype(np.float64) - zero) * scale).astype(np.float32)
+        value = ((q.astype(np.int64) - zero).astype(np.float32) * scale).astype(np.float32)
         out = node.outputs[0]
         _bypass(graph, node, gs.Constant(f"{out.name}/dequantized", value))
     graph.cleanup()

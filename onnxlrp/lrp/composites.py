@@ -50,7 +50,9 @@ class Preset:
                 rule = overrides.get(name, overrides.get(op_type))
             elif name == first:
                 rule = self.first[op_type]
-            elif op_type in self.layers:
+            elif op_type in self.layers and not self.layers[op_type].applies_to(op):
+                # Add/Sub/Mul/Div are several kinds of op (constant arithmetic, a merge, a gate):
+                # a table's rule for the op type serves those it applies to, the others get their default
                 rule = self.layers[op_type]
             elif self.fallback is not None:
                 rule = self.fallback
@@ -108,8 +110,9 @@ PRESETS: dict[str, Preset] = {
         ),
         Preset(
             "epsilon",
-            "LRP-epsilon (1e-6) on every conv and dense layer",
-            _zennit_layers(R.epsilon()),
+            "LRP-epsilon (1e-6) on every conv and dense layer, normalisation and constant arithmetic "
+            "(a bias added on its own, a scale)",
+            {**_zennit_layers(R.epsilon()), **{op: R.epsilon() for op in ("Add", "Sub", "Mul", "Div")}},
         ),
         Preset(
             "paper",
