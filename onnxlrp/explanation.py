@@ -21,19 +21,23 @@ class Explanation:
     merge_sums: np.ndarray  # [N, M, 3]: sums of R, R_skip, R_main at each merge
     merges: list[Merge]
     layout: str = "NCHW"
-    layer_sums: np.ndarray | None = None  # [N, L, 2] with trace=True: per op, relevance out and in
+    layer_sums: np.ndarray | None = None  # [N, L, 3] with trace=True: per op, relevance out, in, sum |R| out
     layer_names: list[str] = field(default_factory=list)  # the L ops, in forward order
     probe: tuple[np.ndarray, np.ndarray] | None = None  # with probe=: (activation, relevance) there
     explosion: Explosion | None = None  # images whose relevance exploded (NaN/Inf are set to 0)
 
     def layer_report(self, index: int = 0) -> list[dict]:
         """With trace=True: per op (forward order), the relevance at its output, what it passed
-        to its inputs, and the share it absorbed (negative: created)."""
+        to its inputs, the share it absorbed (negative: created), and `magnitude`, the sum of
+        |R| at its output: where positive and negative relevance nearly cancel, float32 totals
+        are only good to a fraction of that, so `leak` = (out - in) / magnitude is the
+        conservation error that can be held to a tolerance."""
         if self.layer_sums is None:
             raise OnnxLrpError("build the Explainer with trace=True to get per-layer relevance")
         return [
-            {"node": name, "out": float(out), "in": float(inp), "absorbed": float((out - inp) / out) if out else 0.0}
-            for name, (out, inp) in zip(self.layer_names, self.layer_sums[index])
+            {"node": name, "out": float(out), "in": float(inp), "absorbed": float((out - inp) / out) if out else 0.0,
+             "magnitude": float(size), "leak": float((out - inp) / size) if size else 0.0}
+            for name, (out, inp, size) in zip(self.layer_names, self.layer_sums[index])
         ]
 
     @property

@@ -116,3 +116,22 @@ def test_timm_seresnet18_is_explained(tmp_path):
     worst = max(abs(row["absorbed"]) for row in result.layer_report(0))
     # flat's stabiliser (1e-6 / fan-in) and float32 sums of up to 512*7*7 terms: 8 sqrt(n) u ~ 1e-4
     assert worst < 2e-4
+
+
+def test_gate_share_half_sends_half_into_the_gate_branch(tmp_path):
+    """GateShare("half"): the Mul hands half of R to the signal and half to the gate (summed
+    over the axes it broadcasts along), so it conserves; the branch passes its share on, and
+    with flat rules the whole net still conserves."""
+    path = tg.save(_se_net("Sigmoid")[0], tmp_path / "se.onnx")
+    flat = {op: R.flat() for op in ("Conv", "Gemm", "GlobalAveragePool", "ReduceMean")}
+    x = np.random.RandomState(8).randn(2, 3, 8, 8).astype(np.float32)
+    held = Explainer(path, rules=flat, split="ratio", cache=False).explain(x)
+    shared = Explainer(path, rules={**flat, "se_mul": R.GateShare("half")}, split="ratio", trace=True,
+                       cache=False).explain(x)
+    rows = {row["node"]: row for row in shared.layer_report(0)}
+    assert abs(rows["se_mul"]["absorbed"]) < 2e-5  # the bound of test_flat_rules_conserve_through_gates
+    assert rows["gate"]["out"] != 0  # the Sigmoid now receives relevance
+    assert np.abs(shared.conservation_error).max() < 1e-4
+    assert np.linalg.norm(shared.relevance - held.relevance) > 1e-3 * np.linalg.norm(held.relevance)
+    with pytest.raises(ValueError, match="unknown gate share"):
+        R.GateShare("third")

@@ -95,17 +95,15 @@ def test_epsilon_preset_is_close_to_lrp0(name):
     assert _relative(result.relevance, ref["relevance"]) < 1e-2
 
 
-#: BiT's pre-activation merges nearly cancel under the flat rule (R_skip = -729, R_main = +729
-#: for a total of 0.47): float32 totals of such maps are good to ~1e-2 of the total, not 1e-4.
-CONSERVATION = [n for n in NAMES if n != "resnetv2_50x1_bit"]
-
-
-@pytest.mark.parametrize("name", CONSERVATION)
+@pytest.mark.parametrize("name", NAMES)
 def test_flat_rule_conserves_per_op(name):
     """Flat on every conv, dense layer and pool, sigma held on the norms (LRP-0 without bias
-    conserves), every stabiliser zero: each op hands on what it gets. The exceptions by design:
-    Clip absorbs relevance where it holds its output at the cap. Bound: flat's own stabiliser
-    (1e-6 of a receptive field's count) plus float32 totals over ~1e5 terms: 1e-4."""
+    conserves), every stabiliser zero: each op hands on what it gets, up to flat's stabiliser
+    (1e-6 of a receptive field's count) and the float32 totals. Those are rounded on the sum
+    of |R| (where skip and main branch nearly cancel, as on BiT's pre-activation merges, the
+    total is a small fraction of it), with random-walk error sqrt(n) u for n terms; 3x that
+    for the two totals compared and the spread. The exception by design: Clip absorbs
+    relevance where it holds its output at the cap (measured: at most 8e-6 elsewhere)."""
     path, ref = _load(name)
     analysis = analyse(path)
     rules = {node: (R.epsilon(0.0) if op.kind == "norm" else R.PASS if op.kind == "affine" else R.flat())
@@ -115,8 +113,11 @@ def test_flat_rule_conserves_per_op(name):
     result = explainer.explain(ref["x"], target=ref["targets"], warn=False)
     for image in range(len(ref["x"])):
         for row in result.layer_report(image):
-            if analysis.graph.ops[row["node"]].node.op != "Clip":
-                assert abs(row["absorbed"]) < 1e-4, row
+            op = analysis.graph.ops[row["node"]]
+            if op.node.op == "Clip":
+                continue
+            terms = max(int(np.prod(t.shape[1:])) for t in [op.output, *op.data_inputs])
+            assert abs(row["leak"]) < 1e-6 + 3 * math.sqrt(terms) * U, row
 
 
 def test_explain_writes_a_heatmap_for_every_fixture(tmp_path):

@@ -284,12 +284,32 @@ def _fold_computed_shapes(model: onnx.ModelProto, image: ImageInput, height: int
     return folded
 
 
+#: ops whose output has their input's shape and type, which onnx's inference leaves out
+#: (GroupNormalization-21 is a function it does not expand)
+_SAME_SHAPE = {"GroupNormalization"}
+
+
 def _infer_shapes(model: onnx.ModelProto, path) -> onnx.ModelProto:
     del model.graph.value_info[:]
-    try:
-        return onnx.shape_inference.infer_shapes(model, strict_mode=True, data_prop=True)
-    except Exception as exc:
-        raise OnnxLrpError(f"{path}: shape inference failed ({first_line(exc)})") from None
+    for _ in range(1 + sum(node.op_type in _SAME_SHAPE for node in model.graph.node)):
+        try:
+            return onnx.shape_inference.infer_shapes(model, strict_mode=True, data_prop=True)
+        except Exception as exc:
+            error = exc
+        # one more output known per round: copy the input's inferred type to such an op's output
+        partial = onnx.shape_inference.infer_shapes(model, strict_mode=False, data_prop=True)
+        known = {v.name: v for v in list(partial.graph.value_info) + list(partial.graph.input)}
+        given = {v.name for v in model.graph.value_info}
+        for node in model.graph.node:
+            if node.op_type in _SAME_SHAPE and node.input[0] in known and node.output[0] not in given:
+                info = onnx.ValueInfoProto()
+                info.CopyFrom(known[node.input[0]])
+                info.name = node.output[0]
+                model.graph.value_info.append(info)
+                break
+        else:
+            break
+    raise OnnxLrpError(f"{path}: shape inference failed ({first_line(error)})") from None
 
 
 def _floor_ceil_mode_pool(model: onnx.ModelProto) -> bool:

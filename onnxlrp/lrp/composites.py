@@ -83,6 +83,7 @@ def _zennit_layers(conv: Rule, stabilizer: float = 1e-6, epsilon: float = 1e-6) 
         "Relu": R.PASS,
         # normalisations with sigma held constant: affine layers, epsilon as for dense layers
         "LayerNormalization": dense,
+        "GroupNormalization": dense,
         "InstanceNormalization": dense,
     }
 
@@ -128,6 +129,7 @@ PRESETS: dict[str, Preset] = {
                 "ReduceMean": R.norm(_PAPER_EPS),
                 "ReduceSum": R.norm(_PAPER_EPS),
                 "LayerNormalization": R.epsilon(_PAPER_EPS),
+                "GroupNormalization": R.epsilon(_PAPER_EPS),
                 "InstanceNormalization": R.epsilon(_PAPER_EPS),
                 "BatchNormalization": R.PASS,
                 "Relu": R.PASS,
@@ -142,7 +144,7 @@ PRESETS: dict[str, Preset] = {
             "Relevance Splitting (both branches of a merge get all relevance, as the gradient of +)",
             {**{op: R.epsilon(1e-9) for op in ("Conv", "Gemm", "MatMul", "AveragePool", "GlobalAveragePool",
                                                "ReduceMean", "ReduceSum", "BatchNormalization", "LayerNormalization",
-                                               "InstanceNormalization")},
+                                               "GroupNormalization", "InstanceNormalization")},
              "MaxPool": R.GRADIENT, "Relu": R.PASS},  # epsilon on a max is its winner-take-all
             fold_batchnorm=False,
             split="copy",

@@ -14,8 +14,9 @@ all consumers of a tensor are summed. The result is a plain ONNX model:
              merge_relevance    [N, M, 3] sum of R, R_skip, R_main at each merge (if M > 0)
              probe_activation, probe_relevance   with probe=<tensor>: that tensor and the
                                           relevance (or, for gradient presets, gradient) there
-             layer_relevance    [N, L, 2] with trace=True: per op, the relevance total at its output
-                                          and the total it passes to its inputs (op names in the
+             layer_relevance    [N, L, 3] with trace=True: per op, the relevance total at its output,
+                                          the total it passes to its inputs, and the sum of |R| at
+                                          its output (the scale float32 totals are rounded on) (op names in the
                                           model's metadata, key onnxlrp.trace)
 
 It runs in onnxruntime on any execution provider, without onnxlrp installed.
@@ -154,7 +155,8 @@ def build(
                     skip_sum = sums[merge.skip] if own_skip else e.mul(total, np.float32(0))
                     wait = merge_sums[name] = _stack(e, [total, skip_sum, sums[merge.main]])
                 if trace:
-                    wait = layer_sums[name] = _stack(e, [total, e.sum(list(sums.values()))])
+                    magnitude = e.sum_per_sample(e.op("Abs", R), len(op.output.shape))
+                    wait = layer_sums[name] = _stack(e, [total, e.sum(list(sums.values())), magnitude])
             for tensor, r in inputs.items():
                 contributions[tensor].append(e.after(r, ranks[tensor], wait) if wait is not None else r)
 
@@ -182,7 +184,7 @@ def build(
         outputs += [_output(g, PROBE_ACTIVATION, probed[0], shape), _output(g, PROBE_RELEVANCE, probed[1], shape)]
     traced = [name for name in graph.ops if name in layer_sums]  # forward order
     if trace:
-        outputs.append(_output(g, LAYER_SUMS, e.op("Concat", *(layer_sums[n] for n in traced), axis=1), [batch, len(traced), 2]))
+        outputs.append(_output(g, LAYER_SUMS, e.op("Concat", *(layer_sums[n] for n in traced), axis=1), [batch, len(traced), 3]))
     g.inputs = [images, target]
     g.outputs = outputs
     g.cleanup().toposort()

@@ -1,5 +1,6 @@
-"""Normalisations computed from the data: LayerNormalization, InstanceNormalization (GroupNorm
-as exporters write it: Reshape -> InstanceNormalization -> Reshape -> Mul -> Add).
+"""Normalisations computed from the data: LayerNormalization, GroupNormalization and
+InstanceNormalization (GroupNorm as exporters before opset 18 write it: Reshape ->
+InstanceNormalization -> Reshape -> Mul -> Add).
 
 With the standard deviation held constant, as is standard for LRP, the layer is affine in its
 input: y = scale (x - mean(x)) / sigma + bias. That is a linear op whose "weight" is the scale;
@@ -90,4 +91,31 @@ class InstanceNormalization(Normalization):
         return list(range(2, rank)), scale.reshape(per_channel), None if bias is None else bias.reshape(per_channel)
 
 
-OPS = {"LayerNormalization": LayerNormalization, "InstanceNormalization": InstanceNormalization}
+class GroupNormalization(Normalization):
+    """Statistics per group of channels (over the group's channels and all positions)."""
+
+    def _layout(self, scale, bias):
+        rank, channels = len(self.shape), self.shape[1]
+        self.groups = int(self.node.attrs["num_groups"])
+        if channels % self.groups:
+            raise self.error(f"{channels} channels do not split into {self.groups} groups")
+        per_channel = (1, -1) + (1,) * (rank - 2)
+
+        def channelwise(v):  # opset 18 has one value per group, opset 21 one per channel
+            return None if v is None else np.repeat(v, channels // v.size).reshape(per_channel)
+
+        return list(range(1, rank)), channelwise(scale), channelwise(bias)
+
+    def _mean(self, e, t):
+        """The group mean, broadcast back to the input's shape."""
+        size = int(np.prod(self.shape[1:])) // self.groups
+        grouped = e.op("Reshape", t, e.ints([0, self.groups, size]))
+        mean = e.mul(e.reduce_sum(grouped, [2], keepdims=1), np.float32(1 / size))
+        return e.op("Reshape", e.op("Expand", mean, e.ints([1, self.groups, size])), e.ints([0] + self.shape[1:]))
+
+    def describe(self) -> str:
+        return f"normalised over {self.groups} groups"
+
+
+OPS = {"LayerNormalization": LayerNormalization, "InstanceNormalization": InstanceNormalization,
+       "GroupNormalization": GroupNormalization}
