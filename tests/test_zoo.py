@@ -128,3 +128,18 @@ def test_explain_writes_a_heatmap_for_every_fixture(tmp_path):
                                      "-o", str(out)])
         assert result.exit_code == 0, (name, result.output)
         assert out.stat().st_size > 0
+
+
+def test_plain_forward_runs_without_onnxruntimes_pad_fusion():
+    """BiT's stem pads with zeros before its MaxPool; onnxruntime's Pad fusion folds that into
+    the pool, which pads with -inf: wrong where a border window is all negative (the relevance
+    graph escapes it, as its MaxPool also returns the argmax). onnxlrp's sessions run without
+    that fusion; here the plain forward of `evaluate` (Forward). Bound: float32 forward against
+    float64, as for the relevance (with the fusion the error is 5e-3 of the largest logit)."""
+    from onnxlrp.evaluation.baselines import Forward
+
+    path, ref = _load("resnetv2_50x1_bit")
+    forward = Forward(path)
+    logits = forward.session.run(None, {forward.session.get_inputs()[0].name: ref["x"]})[0]
+    error = np.abs(logits - ref["logits"]).max() / np.abs(ref["logits"]).max()
+    assert error < _lrp0_bound(analyse(path))
