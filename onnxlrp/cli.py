@@ -30,6 +30,9 @@ except ImportError:  # pragma: no cover - typer on the real click
     from click.exceptions import ClickException, UsageError
 
 from .analysis import analyse
+from .audit.findings import CHECKS, DEFAULT_FAIL_ON, FailOn
+from .audit.report import FILES as REPORT_FILES, write as write_report
+from .audit.run import audit as run_audit
 from .errors import OnnxLrpError, OnnxLrpWarning, first_line
 from .evaluation.evaluate import (DEFAULT_METHODS, RESULT_FILES, evaluate as run_evaluation, load_dataset, method_names,
                                   write as write_results)
@@ -56,7 +59,10 @@ def _one_line(exc: UsageError) -> ClickException:
     if type(exc).__name__ == "NoArgsIsHelpError":  # `onnxlrp explain` alone: the help, as asked
         return exc
     command = exc.ctx.command_path if exc.ctx is not None else "onnxlrp"
-    return _OneLineUsageError(f"{exc.format_message()} (see {command} --help)")
+    error = _OneLineUsageError(f"{exc.format_message()} (see {command} --help)")
+    if exc.ctx is not None and exc.ctx.command.name == "audit":
+        error.exit_code = AUDIT_ERROR  # as diff does: 1 is the audit's verdict, 2 a usage or input error
+    return error
 
 
 class _Commands(TyperGroup):
@@ -114,8 +120,12 @@ Preprocess = Annotated[PreprocessName, typer.Option("--preprocess", metavar="NAM
 progress_console = Console(stderr=True)
 
 
+#: onnxlrp audit's exit codes: 0 pass, 1 a finding breaks a --fail-on threshold, 2 usage or input error
+AUDIT_FAIL, AUDIT_ERROR = 1, 2
+
+
 @contextmanager
-def _user_errors() -> Iterator[None]:
+def _user_errors(code: int = 1) -> Iterator[None]:
     try:
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
@@ -125,7 +135,7 @@ def _user_errors() -> Iterator[None]:
                 typer.echo(f"warning: {w.message}", err=True)
     except OnnxLrpError as exc:
         typer.echo(f"error: {exc}", err=True)
-        raise typer.Exit(1) from None
+        raise typer.Exit(code) from None
     except (typer.Exit, typer.Abort):
         raise
     except Exception as exc:
@@ -394,6 +404,52 @@ def evaluate(
         paths = write_results(results, output)
         console.print(results.markdown(), highlight=False, soft_wrap=True)
         console.print("wrote " + ", ".join(str(p) for p in paths.values()), highlight=False, soft_wrap=True)
+
+
+@app.command()
+def audit(
+    model: Model,
+    data: Annotated[Path, typer.Argument(help="Image folder: one subfolder per class (order: classes.txt, else by name), optional masks/; or flat with --labels.", show_default=False, metavar="DATA")],
+    output: Annotated[Path, typer.Option("--output", "-o", help="Folder for report.html, report.json and images.csv.")] = Path("audit"),
+    labels: Annotated[Optional[Path], typer.Option("--labels", help="CSV of 'path,label' lines instead of class subfolders.")] = None,
+    masks: Annotated[Optional[Path], typer.Option("--masks", help="Folder of object masks mirroring DATA (default: DATA/masks).")] = None,
+    against: Annotated[Optional[Path], typer.Option("--against", help="Another model file to compare with (the previous release, the float source of an int8 model).")] = None,
+    preset: Preset = "epsilon-plus-flat",
+    split: SplitOpt = None,
+    fail_on: Annotated[Optional[list[str]], typer.Option("--fail-on", metavar="CHECK[=THRESHOLD]",
+                                                         help="Checks that fail the audit (repeat or comma-separate; 'none' for none). "
+                                                              f"Default: {','.join(DEFAULT_FAIL_ON)}. Checks: {', '.join(CHECKS)}.")] = None,
+    faithfulness: Annotated[bool, typer.Option("--faithfulness", help="Also Insertion/Deletion per image (tie-robust protocol; slower).")] = False,
+    sanity_images: Annotated[int, typer.Option("--sanity-images", min=0, help="Images for the randomisation and random-logit tests (0: skip them).")] = 16,
+    limit: Annotated[Optional[int], typer.Option("--limit", min=1, help="Audit the first N images only.")] = None,
+    preprocess: Preprocess = "imagenet",
+    size: Size = None,
+    device: Annotated[DeviceName, typer.Option("--device", help="onnxruntime execution provider.")] = "cpu",
+    batch_size: Annotated[int, typer.Option("--batch-size", min=1, help="Images per batch.")] = 16,
+) -> None:
+    """Audit a deployed model on a folder of images: a report to read and a verdict to gate on.
+
+    Exit code 0: pass; 1: a finding breaks a --fail-on threshold; 2: a usage or input error."""
+    with _user_errors(AUDIT_ERROR):
+        rules = FailOn.parse(fail_on)
+        dataset = load_dataset(data, labels)
+        total = min(limit or len(dataset.files), len(dataset.files))
+        check_writable(output / name for name in REPORT_FILES)  # before the run, not after it
+        with _progress() as progress:
+            task = progress.add_task(f"auditing {total} images", total=total + 1)
+            result = run_audit(model, data, labels=labels, masks=masks, against=against, preset=preset, split=split,
+                               preprocessing=preprocess, image_size=_image_size(size), fail_on=rules,
+                               faithfulness=faithfulness, sanity_images=sanity_images, limit=limit,
+                               batch_size=batch_size, device=device, progress=lambda n: progress.advance(task, n))
+        paths = write_report(result, output)
+        console.print(f"verdict: {result.verdict.upper()} ({len(result.findings)} finding(s), "
+                      f"{sum(f.severity == 'fail' for f in result.findings)} failing)", highlight=False)
+        for f in result.findings:
+            where = f" [{f.class_}]" if f.class_ else ""
+            console.print(f"  {f.severity}: {f.check}{where}: {f.message}", highlight=False, soft_wrap=True)
+        console.print("wrote " + ", ".join(str(p) for p in paths.values()), highlight=False, soft_wrap=True)
+    if result.verdict == "fail":
+        raise typer.Exit(AUDIT_FAIL)
 
 
 @app.command("compile")

@@ -28,10 +28,11 @@ class Explosion:
     of: int  # out of how many
     worst: float  # largest max(|sum R|, max |R|) / |initial relevance|; inf for NaN or Inf
     where: str | None  # the first merge, going down from the output, where it was seen
+    indices: tuple[int, ...] = ()  # which images (positions in the run)
 
     def __add__(self, other: Explosion) -> Explosion:
         return Explosion(self.images + other.images, self.of + other.of, max(self.worst, other.worst),
-                         self.where or other.where)
+                         self.where or other.where, self.indices + tuple(self.of + i for i in other.indices))
 
 
 def sizes(relevance: np.ndarray, initial: np.ndarray) -> np.ndarray:
@@ -57,7 +58,8 @@ def check(relevance: np.ndarray, initial: np.ndarray, merge_sums: np.ndarray, me
     else:
         where = next((_first_merge(merge_sums[i], initial[i], merge_names) for i in np.flatnonzero(exploded)), None)
     worst = float(ratio[exploded].max()) if exploded.any() else 0.0
-    return relevance, Explosion(int(exploded.sum()), len(relevance), worst, where)
+    return relevance, Explosion(int(exploded.sum()), len(relevance), worst, where,
+                                tuple(int(i) for i in np.flatnonzero(exploded)))
 
 
 def _first_merge(totals: np.ndarray, initial: float, names: list[str]) -> str | None:

@@ -1,0 +1,68 @@
+"""What was audited, and whether the compiled explainer is faithful to the model itself."""
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+
+from .. import __version__
+
+
+def sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def identity(path: Path, explainer) -> dict:
+    """File, producer, opset, input, runtime and explainer facts, for the report's first table."""
+    model = onnx.load(str(path), load_external_data=False)
+    summary = explainer.summary
+    image = summary.image
+    merges = {kind: sum(m.kind == kind for m in summary.merges) for kind in ("identity", "projection", "other")}
+    return {
+        "model": str(path),
+        "sha256": sha256(path),
+        "size_bytes": path.stat().st_size,
+        "producer": f"{model.producer_name} {model.producer_version}".strip() or "unknown",
+        "opset": next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), None),
+        "ir_version": model.ir_version,
+        "metadata": {p.key: p.value for p in model.metadata_props},
+        "input": {"name": image.name, "layout": image.layout, "channels": image.channels,
+                  "height": summary.height, "width": summary.width},
+        "preprocessing": explainer.preprocessing.name,
+        "onnxruntime": ort.__version__,
+        "execution_provider": explainer.session.get_providers()[0],
+        "onnxlrp": __version__,
+        "preset": summary.preset,
+        "split": summary.split,
+        "include_identity": summary.include_identity,
+        "classes": summary.num_classes,
+        "merges": merges,
+        "notes": list(summary.notes),
+        "warnings": list(summary.warnings),
+    }
+
+
+def own_logits(path: Path, x: np.ndarray, device: str = "cpu", batch_size: int = 16) -> np.ndarray:
+    """The model file's own logits in plain onnxruntime (default options), as deployed."""
+    providers = ["CUDAExecutionProvider", "CPUExecutionProvider"] if device == "cuda" else ["CPUExecutionProvider"]
+    options = ort.SessionOptions()
+    options.log_severity_level = 3
+    session = ort.InferenceSession(str(path), options, providers=providers)
+    name = session.get_inputs()[0].name
+    fixed = session.get_inputs()[0].shape[0]
+    size = fixed if isinstance(fixed, int) else batch_size
+    outputs = []
+    for start in range(0, len(x), size):
+        part = x[start:start + size]
+        count = len(part)
+        if isinstance(fixed, int) and count < fixed:
+            part = np.concatenate([part, np.repeat(part[-1:], fixed - count, axis=0)])
+        outputs.append(session.run(None, {name: part})[0][:count])
+    return np.concatenate(outputs)

@@ -1,0 +1,277 @@
+"""The audit: explain every image once, then run the checks on what came out."""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+
+from ..errors import OnnxLrpError
+from ..evaluation.evaluate import Dataset, load_dataset
+from ..explainer import Explainer
+from ..io.preprocessing import load_image
+from . import drift as drift_check
+from . import sanity
+from .findings import FailOn, Finding, finding
+from .identity import identity, own_logits, sha256
+from .statistics import downsized, image_statistics, rank_correlation
+from .strategies import ClassStrategies, class_strategies
+
+#: grid the heatmaps are downsized to for the per-class checks
+CELLS = 16
+
+
+@dataclass
+class Audit:
+    identity: dict
+    classes: list[str]
+    files: list[str]  # as given, relative to the data folder where possible
+    rows: list[dict]  # per image
+    findings: list[Finding]
+    pixels: np.ndarray | None = None  # uint8 [N, H, W, C] as the model saw them
+    heatmaps: np.ndarray | None = None  # [N, H, W]
+    strategies: list[ClassStrategies] = field(default_factory=list)
+    randomisation: sanity.Randomisation | None = None
+    random_logit: float | None = None
+    drift: drift_check.Drift | None = None
+    other_heatmaps: np.ndarray | None = None
+    checks: dict = field(default_factory=dict)  # every measured value, by check
+    seconds: float = 0.0
+
+    @property
+    def verdict(self) -> str:
+        return "fail" if any(f.severity == "fail" for f in self.findings) else "pass"
+
+
+def _softmax(logits: np.ndarray) -> np.ndarray:
+    shifted = np.exp(logits - logits.max(axis=1, keepdims=True))
+    return shifted / shifted.sum(axis=1, keepdims=True)
+
+
+def _masks(dataset: Dataset, masks: Path | None, root: Path) -> list[Path | None]:
+    if masks is None:
+        return dataset.masks
+    found = []
+    for file in dataset.files:
+        try:
+            relative = file.relative_to(root)
+        except ValueError:
+            relative = Path(file.name)
+        candidates = [masks / relative, *(masks / relative.with_suffix(s) for s in (".png", ".PNG"))]
+        found.append(next((c for c in candidates if c.is_file()), None))
+    return found
+
+
+def _no_rule(exc: OnnxLrpError) -> bool:
+    text = str(exc)
+    return "no LRP rule" in text or "does not apply" in text
+
+
+def audit(model: str | Path, data: str | Path, *, labels: str | Path | None = None, masks: str | Path | None = None,
+          against: str | Path | None = None, preset: str = "epsilon-plus-flat", split: str | None = None,
+          preprocessing: str = "imagenet", image_size: tuple[int, int] | None = None, fail_on: FailOn | None = None,
+          faithfulness: bool = False, sanity_images: int = 16, limit: int | None = None, batch_size: int = 16,
+          device: str = "cpu", progress: Callable[[float], None] | None = None) -> Audit:
+    """Audit `model` on the images of `data` (ImageFolder layout, or flat with a labels file).
+    progress(n) is called as images are done (n images' worth of work; the calls add up to the
+    number of images), the checks after the explanations counting as one more image."""
+    start = time.perf_counter()
+    model, data = Path(model), Path(data)
+    fail_on = fail_on or FailOn.parse(None)
+    dataset = load_dataset(data, labels)
+    count = min(limit or len(dataset.files), len(dataset.files))
+    files, truth = dataset.files[:count], dataset.labels[:count]
+    mask_files = _masks(dataset, Path(masks) if masks else None, data)[:count]
+    names = [_shown(f, data) for f in files]
+    try:
+        explainer = Explainer(model, preset=preset, split=split, preprocessing=preprocessing, image_size=image_size,
+                              device=device)
+    except OnnxLrpError as exc:
+        if not _no_rule(exc):
+            raise
+        facts = {"model": str(model), "sha256": sha256(model), "preset": preset}
+        failed = Finding("rules", "fail" if fail_on.fails("rules") else "warning", str(exc), 1.0,
+                         fail_on.threshold("rules"))
+        return Audit(facts, dataset.classes, names, [], [failed], checks={"rules": 1}, seconds=time.perf_counter() - start)
+    if len(dataset.classes) and len(dataset.classes) != explainer.num_classes:
+        raise OnnxLrpError(f"{data}: {len(dataset.classes)} classes, but the model has {explainer.num_classes}")
+    facts = identity(model, explainer)
+    height, width = explainer.summary.height, explainer.summary.width
+
+    # 1. Explain every image once (progress over the images).
+    pixels, heatmaps, logits, targets, initial, sums, merge_sums, nonfinite = [], [], [], [], [], [], [], []
+    for begin in range(0, count, batch_size):
+        batch = explainer.read_images(files[begin:begin + batch_size])
+        x = explainer.images.normalize(batch)
+        result = explainer.explain(x, batch_size=batch_size, warn=False)
+        pixels.append(batch)
+        heatmaps.append(result.heatmap())
+        logits.append(result.logits)
+        targets.append(result.targets)
+        initial.append(result.initial)
+        sums.append(result.input_sum)
+        merge_sums.append(result.merge_sums)
+        nonfinite += [begin + i for i in (result.explosion.indices if result.explosion else ())]
+        if progress:
+            progress(len(x))
+    pixels, heatmaps = np.concatenate(pixels), np.concatenate(heatmaps)
+    logits, targets = np.concatenate(logits), np.concatenate(targets)
+    initial, sums = np.concatenate(initial), np.concatenate(sums)
+    x_all = explainer.images.normalize(pixels)
+    masks_loaded = [None if m is None else load_image(m, height, width, channels=1)[..., 0] > 127 for m in mask_files]
+    classes = dataset.classes or [str(k) for k in range(explainer.num_classes)]
+    findings: list[Finding] = []
+    checks: dict = {}
+
+    def add(found: Finding | None) -> None:
+        if found is not None:
+            findings.append(found)
+
+    # 2. Integrity: the explainer's logits are the model's own; no NaN/Inf; conservation.
+    own = own_logits(model, x_all, device, batch_size)
+    ours = _softmax(logits) if any("before the final Softmax" in n for n in facts["notes"]) else logits
+    logit_error = float(np.abs(ours - own).max() / max(np.abs(own).max(), 1e-30))
+    checks["logits"] = logit_error
+    add(finding(fail_on, "logits", logit_error, f"the explainer's logits differ from the model's own by "
+                                                f"{logit_error:.1e} of the largest logit"))
+    checks["nonfinite"] = len(nonfinite)
+    add(finding(fail_on, "nonfinite", len(nonfinite), f"{len(nonfinite)} image(s) whose relevance exploded "
+                "(NaN/Inf set to 0, or totals far beyond the initial relevance)", images=[names[i] for i in nonfinite]))
+    # Conservation as the rules promise it: every split hands on all it gets (R = R_skip + R_main,
+    # per merge); the totals per image only where no bias absorbs relevance.
+    conservation = np.abs(sums - initial) / np.maximum(np.abs(initial), 1e-30)
+    conserving = explainer.options.preset.initial != "one" and explainer.options.split.method != "copy"
+    merge_sums = np.concatenate(merge_sums)
+    if conserving and merge_sums.size:
+        totals = merge_sums[..., 0].astype(np.float64)
+        with np.errstate(invalid="ignore"):
+            per_merge = np.abs(totals - merge_sums[..., 1] - merge_sums[..., 2]) / np.maximum(np.abs(totals), 1e-30)
+        per_merge = np.nan_to_num(per_merge, nan=np.inf).max(axis=1)
+    else:
+        per_merge = np.zeros(count)
+    promised = per_merge if explainer.options.bias else np.maximum(per_merge, conservation)
+    checks["conservation"] = float(promised.max()) if conserving else None
+    if conserving:
+        worst = np.argsort(-promised)[:6]
+        where = "at a residual merge" if explainer.options.bias else "between the output and the input, or at a merge"
+        add(finding(fail_on, "conservation", float(promised.max()),
+                    f"relevance is not conserved {where}: off by up to {promised.max():.1%}",
+                    images=[names[i] for i in worst]))
+
+    # 3. Per image.
+    probabilities = _softmax(logits)
+    rows = []
+    for i in range(count):
+        label = int(truth[i]) if truth is not None and len(truth) else None
+        row = {"image": names[i], "label": classes[label] if label is not None else None,
+               "prediction": classes[int(targets[i])], "confidence": float(probabilities[i, targets[i]]),
+               "correct": None if label is None else bool(label == targets[i]),
+               "initial_relevance": float(initial[i]), "conservation_error": float(conservation[i]),
+               **image_statistics(heatmaps[i], masks_loaded[i])}
+        rows.append(row)
+    if faithfulness:
+        _faithfulness(model, explainer, x_all, heatmaps, targets, rows, device)
+    labelled = [r["correct"] for r in rows if r["correct"] is not None]
+    if labelled:
+        checks["accuracy"] = float(np.mean(labelled))
+        wrong = [r["image"] for r in rows if r["correct"] is False][:12]
+        add(finding(fail_on, "accuracy", checks["accuracy"], f"accuracy {checks['accuracy']:.1%}", images=wrong))
+
+    # 4. Strategies per class (by the class the model predicts).
+    grids = np.stack([downsized(h, CELLS) for h in heatmaps])
+    strategies = []
+    for k, name in enumerate(classes):
+        members = [i for i in range(count) if targets[i] == k]
+        if len(members) < 3:
+            continue
+        found = class_strategies(name, members, grids, masks_loaded, CELLS)
+        strategies.append(found)
+        add(finding(fail_on, "clever-hans", found.hans_score,
+                    f"class '{name}': {found.hans_score:.0%} of the relevance sits in one small region "
+                    f"({found.region_area:.1%} of the image) across its images", name,
+                    [names[i] for i in found.hans_images]))
+        if len(found.clusters) > 1:
+            add(finding(fail_on, "strategies", found.eigengap,
+                        f"class '{name}': its heatmaps fall into {len(found.clusters)} separate strategies "
+                        f"({', '.join(str(len(c)) for c in found.clusters)} images)", name,
+                        [names[c[0]] for c in found.clusters]))
+    checks["clever-hans"] = {s.name: s.hans_score for s in strategies}
+    checks["strategies"] = {s.name: s.eigengap for s in strategies}
+
+    # 5. Sanity of the explainer, on the first images.
+    subset = list(range(min(sanity_images, count)))
+
+    def explain_with(path, x, chosen):
+        other = Explainer(path, preset=preset, split=split, preprocessing=preprocessing, image_size=image_size,
+                          device=device, cache=False)
+        return other.explain(x, target=chosen, batch_size=batch_size, warn=False).heatmap()
+
+    randomised = None
+    if subset:
+        randomised = sanity.randomisation(model, explain_with, x_all[subset], targets[subset], heatmaps[subset])
+        if randomised.steps:
+            checks["randomisation"] = {label: corr for label, _, corr in randomised.steps}
+            add(finding(fail_on, "randomisation", randomised.final,
+                        f"with every layer's weights randomised, the heatmaps keep a rank correlation of "
+                        f"{randomised.final:.2f} with the model's own: they say little about the model"))
+        others = sanity.other_classes(targets[subset], explainer.num_classes)
+        other_maps = explainer.explain(x_all[subset], target=others, batch_size=batch_size, warn=False).heatmap()
+        random_logit = float(np.mean([rank_correlation(np.abs(a), np.abs(b))
+                                      for a, b in zip(heatmaps[subset], other_maps)]))
+        checks["random-logit"] = random_logit
+        add(finding(fail_on, "random-logit", random_logit,
+                    f"explaining a random other class gives nearly the same maps (rank correlation "
+                    f"{random_logit:.2f}): the explanations barely depend on the class"))
+    else:
+        random_logit = None
+
+    # 6. Drift against another model.
+    drift = other_heatmaps = None
+    if against is not None:
+        other = Explainer(against, preset=preset, split=split, preprocessing=preprocessing, image_size=image_size,
+                          device=device)
+        if other.input_shape[1:] != explainer.input_shape[1:]:
+            raise OnnxLrpError(f"{against}: input {list(other.input_shape[1:])} differs from the audited model's "
+                               f"{list(explainer.input_shape[1:])}")
+        result = other.explain(x_all, target=targets, batch_size=batch_size, warn=False)
+        other_heatmaps = result.heatmap()
+        drift = drift_check.compare(str(against), targets, result.logits.argmax(axis=1), heatmaps, other_heatmaps)
+        checks["drift-agreement"], checks["drift-explanation"] = drift.agreement, drift.correlation
+        changed = [names[i] for i in drift.most_changed()]
+        add(finding(fail_on, "drift-agreement", drift.agreement,
+                    f"the other model predicts {drift.agreement:.1%} of the images alike", images=changed))
+        add(finding(fail_on, "drift-explanation", drift.correlation,
+                    f"the two models' heatmaps have a mean rank correlation of {drift.correlation:.2f}",
+                    images=changed))
+        for row, compared in zip(rows, drift.per_image):
+            row.update({f"drift_{k}": (classes[v] if k == "other_prediction" else v) for k, v in compared.items()})
+    if progress:
+        progress(1)
+    findings.sort(key=lambda f: (f.severity != "fail", f.check))
+    return Audit(facts, classes, names, rows, findings, pixels, heatmaps, strategies, randomised, random_logit,
+                 drift, other_heatmaps, checks, time.perf_counter() - start)
+
+
+def _shown(path: Path, root: Path) -> str:
+    try:
+        return path.relative_to(root).as_posix()
+    except ValueError:
+        return str(path)
+
+
+def _faithfulness(model: Path, explainer: Explainer, x: np.ndarray, heatmaps: np.ndarray, targets: np.ndarray,
+                  rows: list[dict], device: str) -> None:
+    """Insertion and Deletion under the tie-robust protocol ("exact"), per image."""
+    from ..evaluation import metrics
+    from ..evaluation.baselines import Forward
+
+    forward = Forward(model, device=device)
+    image = explainer.summary.image
+    shape = (1, explainer.summary.height, explainer.summary.width, image.channels)
+    black = explainer.images.normalize(np.zeros(shape, np.uint8))[0]
+    for i, row in enumerate(rows):
+        curves = metrics.insertion_deletion(forward.probabilities, x[i], heatmaps[i], int(targets[i]), black,
+                                            "exact", image.layout)
+        row.update({f"exact_{k}": v for k, v in curves.scores.items()})
