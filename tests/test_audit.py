@@ -137,3 +137,40 @@ def test_names_from_the_data_are_escaped(tmp_path):
     assert "<script>" not in page and "<img src=x" not in page
     assert "&lt;script&gt;" in page and "&lt;img src=x onerror=alert(1)&gt;.png" in page
     assert json.loads((out / "report.json").read_text())["classes"][1] == "<script>"
+
+
+@pytest.fixture(scope="module")
+def browser():
+    from browser import Browser, require_browser
+
+    require_browser()
+    with Browser() as chromium:
+        yield chromium
+
+
+def test_report_renders_in_a_real_browser(demo_audit, browser, tmp_path):
+    """Headless Chromium: no console or page errors, the verdict shown, every image loaded,
+    nothing requested from outside the file."""
+    from onnxlrp.audit.report import write
+
+    result, _ = demo_audit
+    paths = write(result, tmp_path / "report")
+    page = browser.open_page(paths["report.html"], screenshot=tmp_path / "report.png")
+    assert page.problems() == []
+    assert "PASS" in page.text and "Strategies per class" in page.text
+    assert len(page.images) > 24 and not page.broken_images
+    assert page.external_requests == []
+
+
+def test_report_runs_no_script_from_the_data(tmp_path, browser):
+    classes = (SHAPES / "classes.txt").read_text().split()
+    first = sorted((SHAPES / classes[0]).glob("*.png"))[0].name
+    # a folder name cannot hold "/": the class is an element that runs script when parsed
+    data = _subset(tmp_path, per_class=1, rename={classes[1]: "<svg onload=alert(1)>",
+                                                  first: "<img src=x onerror=alert(1)>.png"})
+    out = tmp_path / "out"
+    assert runner.invoke(app, ["audit", str(DEMO), str(data), "-o", str(out), "--sanity-images", "0"]).exit_code == 0
+    page = browser.open_page(out / "report.html")
+    assert page.dialogs == [] and page.problems() == []
+    assert "<img src=x onerror=alert(1)>.png" in page.text and "<svg onload=alert(1)>" in page.text
+    assert page.elements.get("script", 0) == 0 and page.elements.get("svg", 0) == 0
