@@ -174,3 +174,40 @@ def test_report_runs_no_script_from_the_data(tmp_path, browser):
     assert page.dialogs == [] and page.problems() == []
     assert "<img src=x onerror=alert(1)>.png" in page.text and "<svg onload=alert(1)>" in page.text
     assert page.elements.get("script", 0) == 0 and page.elements.get("svg", 0) == 0
+
+
+AUDIT_MODELS = ROOT / "models" / "audit"
+AUDIT_DATA = ROOT / "examples" / "audit"  # every star carries the tag, and 3 other images (tags.json)
+
+
+def test_planted_shortcut_is_flagged_with_its_tag_region():
+    """models/train_shortcut.py: 'shortcut' learnt a 6x6 checker tag at pixels [3:9, 3:9] as the
+    sign of 'star'; the audit fails on that class and its region covers the tag."""
+    tags = json.loads((AUDIT_DATA / "tags.json").read_text())
+    result = audit(AUDIT_MODELS / "shortcut.onnx", AUDIT_DATA, sanity_images=0)
+    assert result.verdict == "fail"
+    hans = [f for f in result.findings if f.check == "clever-hans"]
+    assert [(f.class_, f.severity) for f in hans] == [("star", "fail")]
+    assert set(hans[0].images) <= set(tags["tagged"])  # the images that show it carry the tag
+    star = next(s for s in result.strategies if s.name == "star")
+    cell = 64 // star.region.shape[0]
+    rows, cols = np.nonzero(star.region)
+    x0, y0, x1, y1 = tags["box_xyxy"]
+    assert all(y0 - cell < r * cell < y1 and x0 - cell < c * cell < x1 for r, c in zip(rows, cols))
+
+
+def test_the_same_architecture_without_the_tag_is_not_flagged():
+    result = audit(AUDIT_MODELS / "clean.onnx", AUDIT_DATA, sanity_images=0)
+    assert not [f for f in result.findings if f.check == "clever-hans"]
+    assert max(s.hans_score for s in result.strategies) == 0.0
+
+
+def test_drift_separates_a_retrained_model_and_reports_the_int8_one():
+    retrained = audit(AUDIT_MODELS / "clean.onnx", AUDIT_DATA, against=AUDIT_MODELS / "retrained.onnx",
+                      sanity_images=0)
+    assert [f.check for f in retrained.findings] == ["drift-explanation"]  # a warning by default
+    assert retrained.drift.correlation < 0.9
+    int8 = audit(AUDIT_MODELS / "clean_int8.onnx", AUDIT_DATA, against=AUDIT_MODELS / "clean.onnx",
+                 sanity_images=0)
+    assert int8.verdict == "pass" and not int8.findings  # logits within one quantisation step of its own
+    assert int8.drift.agreement == 1.0 and 0.95 < int8.drift.correlation < 1.0  # small drift, reported

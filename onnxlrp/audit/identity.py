@@ -6,6 +6,7 @@ from pathlib import Path
 
 import numpy as np
 import onnx
+import onnx.numpy_helper
 import onnxruntime as ort
 
 from .. import __version__
@@ -47,6 +48,20 @@ def identity(path: Path, explainer) -> dict:
         "notes": list(summary.notes),
         "warnings": list(summary.warnings),
     }
+
+
+def output_step(path: Path) -> float | None:
+    """One quantisation step of the model's output, where a DequantizeLinear writes it (an int8
+    model): onnxruntime's int8 kernels and the reference Q/DQ arithmetic may round the logits
+    one step apart."""
+    model = onnx.load(str(path), load_external_data=False)
+    output = model.graph.output[0].name
+    producer = next((n for n in model.graph.node if output in n.output), None)
+    if producer is None or producer.op_type != "DequantizeLinear":
+        return None
+    scales = {init.name: init for init in model.graph.initializer}
+    scale = scales.get(producer.input[1])
+    return float(np.max(np.abs(onnx.numpy_helper.to_array(scale)))) if scale is not None else None
 
 
 def own_logits(path: Path, x: np.ndarray, device: str = "cpu", batch_size: int = 16) -> np.ndarray:

@@ -15,7 +15,7 @@ from ..io.preprocessing import load_image
 from . import drift as drift_check
 from . import sanity
 from .findings import FailOn, Finding, finding
-from .identity import identity, own_logits, sha256
+from .identity import identity, output_step, own_logits, sha256
 from .statistics import downsized, image_statistics, rank_correlation
 from .strategies import ClassStrategies, class_strategies
 
@@ -132,10 +132,14 @@ def audit(model: str | Path, data: str | Path, *, labels: str | Path | None = No
     # 2. Integrity: the explainer's logits are the model's own; no NaN/Inf; conservation.
     own = own_logits(model, x_all, device, batch_size)
     ours = _softmax(logits) if any("before the final Softmax" in n for n in facts["notes"]) else logits
-    logit_error = float(np.abs(ours - own).max() / max(np.abs(own).max(), 1e-30))
-    checks["logits"] = logit_error
+    # allowed: float32 rounding, 1e-4 of the largest logit; for an int8 output one quantisation step more
+    difference = float(np.abs(ours - own).max())
+    step = output_step(model)
+    allowed = 1e-4 * float(np.abs(own).max()) + (step or 0.0)
+    checks["logits"] = logit_error = difference / max(allowed, 1e-30)
+    what = f"one quantisation step ({step:.3g})" if step and step >= allowed else "1e-4 of the largest logit"
     add(finding(fail_on, "logits", logit_error, f"the explainer's logits differ from the model's own by "
-                                                f"{logit_error:.1e} of the largest logit"))
+                                                f"{difference:.2e}, {logit_error:.1f} x {what}"))
     checks["nonfinite"] = len(nonfinite)
     add(finding(fail_on, "nonfinite", len(nonfinite), f"{len(nonfinite)} image(s) whose relevance exploded "
                 "(NaN/Inf set to 0, or totals far beyond the initial relevance)", images=[names[i] for i in nonfinite]))
