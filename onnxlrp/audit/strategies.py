@@ -64,8 +64,8 @@ def spray(maps: np.ndarray, max_clusters: int = 4) -> tuple[float, list[list[int
     limit = min(max_clusters, n - 1)
     gaps = np.diff(eigenvalues[:limit + 1])
     k = int(np.argmax(gaps)) + 1
-    if k < 2:
-        return float(gaps[0]), [list(range(n))]
+    if k < 2:  # the largest gap after the first eigenvalue: one strategy
+        return 0.0, [list(range(n))]
     labels = SpectralClustering(k, affinity="precomputed", random_state=0).fit_predict(affinity)
     return float(gaps[k - 1]), [np.flatnonzero(labels == c).tolist() for c in range(k)]
 
