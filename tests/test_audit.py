@@ -211,3 +211,27 @@ def test_drift_separates_a_retrained_model_and_reports_the_int8_one():
                  sanity_images=0)
     assert int8.verdict == "pass" and not int8.findings  # logits within one quantisation step of its own
     assert int8.drift.agreement == 1.0 and 0.95 < int8.drift.correlation < 1.0  # small drift, reported
+
+
+def test_spray_finds_two_strategies_and_one():
+    """Spectral clustering of two groups of maps (relevance left vs right): two clusters, each
+    holding its group, with a clear eigengap; one group alone: one strategy, eigengap 0."""
+    from onnxlrp.audit.strategies import spray
+
+    rng = np.random.default_rng(0)
+    left, right = np.zeros((16, 16)), np.zeros((16, 16))
+    left[:, :4], right[:, -4:] = 1, 1
+    maps = np.stack([(left if k < 6 else right) + 0.05 * rng.random((16, 16)) for k in range(12)])
+    gap, clusters = spray(maps / maps.sum(axis=(1, 2), keepdims=True))
+    assert sorted(map(sorted, clusters)) == [list(range(6)), list(range(6, 12))]
+    assert gap > 0.5
+    gap, clusters = spray(maps[:6] / maps[:6].sum(axis=(1, 2), keepdims=True))
+    assert (gap, len(clusters)) == (0.0, 1)
+
+
+def test_faithfulness_adds_insertion_and_deletion_per_image(tmp_path):
+    data = _subset(tmp_path, per_class=1)
+    result = audit(DEMO, data, sanity_images=0, faithfulness=True)
+    row = result.rows[0]
+    assert {"exact_insertion", "exact_deletion"} <= set(row)
+    assert all(0 <= r["exact_deletion"] <= r["exact_insertion"] <= 1 for r in result.rows)
