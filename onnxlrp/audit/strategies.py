@@ -13,6 +13,7 @@ given, outside the image's object: relevance the object cannot account for.
 """
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -66,7 +67,9 @@ def spray(maps: np.ndarray, max_clusters: int = 4) -> tuple[float, list[list[int
     k = int(np.argmax(gaps)) + 1
     if k < 2:  # the largest gap after the first eigenvalue: one strategy
         return 0.0, [list(range(n))]
-    labels = SpectralClustering(k, affinity="precomputed", random_state=0).fit_predict(affinity)
+    with warnings.catch_warnings():  # a graph in separate pieces is what separate strategies look like
+        warnings.filterwarnings("ignore", message="Graph is not fully connected")
+        labels = SpectralClustering(k, affinity="precomputed", random_state=0).fit_predict(affinity)
     return float(gaps[k - 1]), [np.flatnonzero(labels == c).tolist() for c in range(k)]
 
 
