@@ -61,7 +61,7 @@ def test_check_sets_nan_and_inf_to_zero_and_names_the_first_merge():
     sums = np.array([[[4, 2, 2], [4, 2, 2]], [[np.inf, 0, 0], [5e3, 0, 0]]], np.float32)
     cleaned, found = explosion.check(relevance, initial, sums, ["m0", "m1"], conserving=True)
     assert np.isfinite(cleaned).all() and cleaned[1, 0, 0, 0] == 0 and cleaned[1, 0, 0, 1] == 1
-    assert found == explosion.Explosion(1, 2, np.inf, "at merge m1")
+    assert found == explosion.Explosion(1, 2, np.inf, "at merge m1", (1,))
     big = np.full((1, 1, 2, 2), 2e3, np.float32)  # sums to 8e3 = 2e3 x the initial relevance
     _, found = explosion.check(big, initial[:1], np.zeros((1, 1, 3), np.float32), ["m0"], conserving=True)
     assert found.images == 1 and found.where == "below merge m0 (in the stem)"
@@ -90,3 +90,9 @@ def test_a_model_whose_own_output_is_nan_is_told_apart():
     assert not cleaned.any() and found.where == "the model's own output"
     assert explosion.message(found, "epsilon-plus-flat", True).startswith(
         "the model's own output is NaN or Inf on 1 of 1 image(s)")
+
+
+def test_explosions_of_several_runs_keep_their_image_positions():
+    first = explosion.Explosion(1, 3, 5e3, "at merge m1", (2,))
+    second = explosion.Explosion(2, 4, np.inf, None, (0, 3))
+    assert (first + second).indices == (2, 3, 6)

@@ -1,7 +1,6 @@
 """What was audited, and whether the compiled explainer is faithful to the model itself."""
 from __future__ import annotations
 
-import hashlib
 from pathlib import Path
 
 import numpy as np
@@ -10,14 +9,10 @@ import onnx.numpy_helper
 import onnxruntime as ort
 
 from .. import __version__
+from ..runtime.cache import file_digest
 
 
-def sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
+sha256 = file_digest  # the model file's SHA-256, as the explainer cache keys it
 
 
 def identity(path: Path, explainer) -> dict:

@@ -61,7 +61,8 @@ def directory() -> Path:
     return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "onnxlrp"
 
 
-def _file_digest(path: Path) -> str:
+def file_digest(path: Path) -> str:
+    """SHA-256 of a file's content, read in 1 MB blocks."""
     digest = hashlib.sha256()
     with open(path, "rb") as f:
         for block in iter(lambda: f.read(1 << 20), b""):
@@ -92,7 +93,7 @@ def key(model: str | Path, options: str) -> str:
     accepted too, and serialised with sorted keys)."""
     if not isinstance(options, str):
         options = json.dumps(options, sort_keys=True, default=str)
-    payload = f"{_file_digest(Path(model))}|{options}|{_code_digest()}"
+    payload = f"{file_digest(Path(model))}|{options}|{_code_digest()}"
     return hashlib.sha256(payload.encode()).hexdigest()[:32]
 
 
