@@ -9,6 +9,7 @@ The pipeline, one package per stage:
     runtime/      onnxruntime sessions and batching, the on-disk cache of compiled explainers
     io/           images in (preprocessing), heatmaps out, outputs written all or none
     evaluation/   Insertion/Deletion and other metrics, baseline methods, `evaluate`
+    audit/        deployment audits: checks over a folder, findings, verdict, HTML/JSON report
 
 and the API that strings them together:
 

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from functools import cached_property
-from typing import Callable, Protocol
 
 import networkx as nx
 import onnx_graphsurgeon as gs
@@ -21,22 +20,7 @@ import onnx_graphsurgeon as gs
 from .canonicalise import Canonical
 from ..errors import OnnxLrpError
 from .merges import Merge, find_merges
-
-class OpInfo(Protocol):
-    """What the IR needs to know about an op on the data path."""
-
-    node: gs.Node
-    kind: str  # "merge" for a residual Add; "reshape", "linear", "gate", ...
-    data_inputs: list[gs.Tensor]  # the computed inputs
-    x: gs.Tensor  # the main data input
-    output: gs.Tensor
-    keeps_sign: bool  # output >= 0 whenever every data input is >= 0
-    makes_nonneg: bool  # output >= 0 whatever the input
-
-
-IsData = Callable[[gs.Tensor], bool]
-#: (node, is_data, path) -> the node's adapter, or a one-line error naming the node
-OpFactory = Callable[[gs.Node, IsData, str], OpInfo]
+from .opinfo import OpFactory, OpInfo
 
 #: Ops whose output carries no relevance even when their input does.
 NON_DIFFERENTIABLE = {"Shape", "Size"}

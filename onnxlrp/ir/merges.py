@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING
 import networkx as nx
 
 if TYPE_CHECKING:
-    from .graph import OpInfo as Op
+    from .opinfo import OpInfo as Op
 
 SKIP_KINDS = ("identity", "projection", "other")
 _PROJECTION_EXTRAS = {"BatchNormalization", "Add", "Sub", "Mul", "Div", "QuantizeLinear", "DequantizeLinear"}
