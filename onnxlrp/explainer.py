@@ -15,7 +15,7 @@ import numpy as np
 import onnx
 
 from .analysis import Analysis
-from .compiler import Summary, analysis_of, compile_or_load
+from .compiler import Compiled, Summary, analysis_of, compile_or_load
 from .errors import OnnxLrpError, OnnxLrpWarning
 from .explanation import Explanation
 from .io.preprocessing import ImageReader, Preprocessing, get_preprocessing
@@ -81,19 +81,32 @@ class Explainer:
         self._setup(Path(model), options, device, threads, cache)
 
     def _setup(self, model: Path, options: Options, device: str, threads: int | None, cache: bool) -> None:
-        self.options = options
-        self.device = device
-        self.model_file = model
         self._analysis: Analysis | None = None
-        self.compiled, sess = compile_or_load(model, options, lambda source: session(source, device, threads),
-                                              cache, lambda: self.analysis)
-        summary = self.summary
-        for message in summary.warnings:
+        self.model_file, self.options = model, options  # what a cache miss analyses
+        compiled, sess = compile_or_load(model, options, lambda source: session(source, device, threads),
+                                         cache, lambda: self.analysis)
+        self._attach(compiled, sess, options, device)
+        for message in self.summary.warnings:
             warnings.warn(message, OnnxLrpWarning, stacklevel=3)
-        image = summary.image
+
+    def _attach(self, compiled: Compiled, sess, options: Options, device: str) -> None:
+        """The running pieces around a compiled graph: the runner and the image reader."""
+        self.options, self.device, self.compiled = options, device, compiled
+        summary, image = compiled.summary, compiled.summary.image
         self.runner = Runner(sess, image.batch)
         self.images = ImageReader(summary.height, summary.width, image.channels, image.layout, options.preprocessing)
         self.input_shape = image.shape(image.batch or 1, summary.height, summary.width)
+
+    @classmethod
+    def from_compiled(cls, compiled: Compiled, options: Options, device: str = "cpu",
+                      threads: int | None = None) -> Explainer:
+        """An explainer on a graph compiled elsewhere (a worker that received it from the driver):
+        no model file is read, no graph built."""
+        explainer = cls.__new__(cls)
+        explainer._analysis = None
+        explainer.model_file = Path(compiled.summary.model)
+        explainer._attach(compiled, session(compiled.source, device, threads), options, device)
+        return explainer
 
     @classmethod
     def from_options(cls, model: str | Path, options: Options, device: str = "cpu", threads: int | None = None,

@@ -1,0 +1,286 @@
+"""Explain many images on a Ray cluster (or a local Ray instance), with Ray Data.
+
+``explain_dataset(images, "model.onnx", output="heatmaps/")`` explains every image and writes
+one Parquet row per image to ``output``:
+
+===================== =====================================================================
+path                  the image (absolute path; a Dataset's own "path" values as given)
+target                the class explained (int64; top-1)
+logits                list<float32>, the model's logits
+initial_relevance     float32, the relevance the pass started from
+input_relevance       float64, the total relevance at the input
+conservation_error    float64, |input - initial| / |initial|
+exploded              bool, relevance exploded (NaN/Inf set to 0, or > 1000x the initial)
+heatmap               list<float16>, the channel-summed relevance, flattened (row-major)
+heatmap_shape         list<int32>, [H, W]
+relevance             with full_relevance=True: list<float32>, the input relevance, flattened
+relevance_shape       with full_relevance=True: list<int32>, its shape in the model's layout
+===================== =====================================================================
+
+The explainer is compiled once, in the driver; its serialised graph goes to the workers
+through the object store, and every actor opens one onnxruntime session on it. Images are
+decoded in the actors by onnxlrp's own reader, so heatmaps are those of
+``Explainer.explain_files`` for the same options (bit for bit on the CPU). The paths must be
+readable from every worker (one machine, or a shared file system).
+
+A rerun into the same ``output`` skips the images already there (``resume=True``): rows are
+written block by block, so an interrupted run keeps what was finished. Ray is optional:
+``pip install 'onnxlrp[ray]'``.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+
+from .errors import OnnxLrpError, first_line
+from .runtime.cache import file_digest
+
+#: Written beside the Parquet files: what produced them, checked on resume. The leading
+#: underscore keeps it out of pyarrow's (and Ray's) view of the Parquet dataset.
+META = "_onnxlrp.json"
+PATH = "path"
+
+
+def _import_ray():
+    try:
+        import ray
+        import ray.data  # noqa: F401
+    except ImportError:
+        raise OnnxLrpError("ray is not installed: pip install 'onnxlrp[ray]'") from None
+    return ray
+
+
+def _parquet_files(output: Path) -> list[Path]:
+    return sorted(p for p in output.rglob("*.parquet") if not p.name.startswith((".", "_")))
+
+
+def done_paths(output: str | Path) -> set[str]:
+    """The image paths that already have a row in the Parquet files under `output`."""
+    import pyarrow.parquet as pq
+
+    done: set[str] = set()
+    for file in _parquet_files(Path(output)):
+        try:
+            done.update(pq.read_table(file, columns=[PATH]).column(PATH).to_pylist())
+        except Exception as exc:
+            raise OnnxLrpError(f"{file}: cannot read Parquet file ({first_line(exc)}); "
+                               "delete it to explain its images again") from None
+    return done
+
+
+def _check_meta(output: Path, meta: dict[str, Any], keep: bool) -> None:
+    """Results already in `output` must come from the same model and options."""
+    file = output / META
+    if not keep or not _parquet_files(output):
+        return
+    if not file.is_file():
+        raise OnnxLrpError(f"{output}: holds Parquet files that onnxlrp did not write ({META} is missing); "
+                           "choose another output folder")
+    old = json.loads(file.read_text())
+    for key in ("model_sha256", "options"):
+        if old.get(key) != meta[key]:
+            raise OnnxLrpError(f"{output}: holds results of another {'model' if key == 'model_sha256' else 'set of options'} "
+                               f"({old.get('preset')} on {old.get('model')}); choose another output folder, or resume=False "
+                               "to replace them")
+
+
+def _paths_of(source) -> list[str | os.PathLike]:
+    """Paths from a file, folder, list of them, or ray.data.Dataset with a "path" column."""
+    if isinstance(source, (str, os.PathLike)):
+        return [source]
+    if isinstance(source, (list, tuple)):
+        return list(source)
+    columns = source.columns() if hasattr(source, "columns") else None
+    if columns is None:
+        raise OnnxLrpError(f"source: expected image paths or a ray.data.Dataset, got {type(source).__name__}")
+    if PATH not in columns:
+        raise OnnxLrpError(f"the dataset has no '{PATH}' column (columns: {', '.join(columns)})")
+    paths: list[str] = []
+    for batch in source.select_columns([PATH]).iter_batches(batch_format="pyarrow", batch_size=None):
+        paths.extend(batch.column(PATH).to_pylist())
+    return paths
+
+
+def _sources(source, dedupe: bool) -> list[str]:
+    from .io.preprocessing import image_files
+
+    if isinstance(source, (str, os.PathLike)):
+        source = [source]
+    files = [os.path.abspath(p) for p in image_files(list(source))]
+    return list(dict.fromkeys(files)) if dedupe else files
+
+
+class _ExplainActor:
+    """One onnxruntime session per actor, on the relevance graph shipped from the driver."""
+
+    def __init__(self, model, summary: str, options, device: str, threads: int | None, batch_size: int,
+                 full_relevance: bool):
+        import ray
+
+        from .compiler import Compiled, Summary
+        from .explainer import Explainer
+
+        if isinstance(model, ray.ObjectRef):
+            model = ray.get(model)
+        if threads is None:  # the CPUs Ray gave this actor
+            cpus = ray.get_runtime_context().get_assigned_resources().get("CPU")
+            threads = max(1, int(cpus)) if cpus else None
+        explainer = Explainer.from_compiled(Compiled(Summary.from_json(summary), data=model), options, device, threads)
+        self.explainer, self.batch_size, self.full_relevance = explainer, batch_size, full_relevance
+
+    def __call__(self, batch):
+        import pyarrow as pa
+
+        paths = batch.column(PATH).to_pylist()
+        explainer = self.explainer
+        n = len(paths)
+        pixels = explainer.images.read(paths)
+        # onnxruntime's CPU kernels take another path for a batch of one image (a few ulp apart,
+        # 3e-9 on the demo model); a lone image is run as a pair, so that the numbers do not
+        # depend on how Ray cut the blocks.
+        pairs = np.concatenate([pixels, pixels]) if n == 1 else pixels
+        result = explainer.explain(explainer.images.normalize(pairs), None, self.batch_size, warn=False)
+        exploded = np.zeros(n, dtype=bool)
+        if result.explosion is not None:
+            exploded[[i for i in result.explosion.indices if i < n]] = True
+
+        def lists(values: np.ndarray) -> pa.Array:
+            flat = np.ascontiguousarray(values).reshape(n, -1)
+            offsets = np.arange(0, flat.size + 1, flat.shape[1], dtype=np.int32)
+            return pa.ListArray.from_arrays(pa.array(offsets), pa.array(flat.reshape(-1)))
+
+        heat = result.heatmap()[:n].astype(np.float16)
+        columns = {
+            PATH: pa.array(paths, pa.string()),
+            "target": pa.array(result.targets[:n].astype(np.int64)),
+            "logits": lists(result.logits[:n].astype(np.float32)),
+            "initial_relevance": pa.array(result.initial[:n].astype(np.float32)),
+            "input_relevance": pa.array(result.input_sum[:n]),
+            "conservation_error": pa.array(result.conservation_error[:n].astype(np.float64)),
+            "exploded": pa.array(exploded),
+            "heatmap": lists(heat),
+            "heatmap_shape": lists(np.tile(np.asarray(heat.shape[1:], np.int32), (n, 1))),
+        }
+        if self.full_relevance:
+            relevance = result.relevance[:n].astype(np.float32)
+            columns["relevance"] = lists(relevance)
+            columns["relevance_shape"] = lists(np.tile(np.asarray(relevance.shape[1:], np.int32), (n, 1)))
+        return pa.table(columns)
+
+
+def explain_dataset(
+    source: str | Path | Sequence[str | Path] | Any,
+    model: str | Path,
+    *,
+    output: str | Path,
+    preset: str = "epsilon-plus-flat",
+    split: str | None = None,
+    preprocessing: str = "imagenet",
+    image_size: tuple[int, int] | None = None,
+    batch_size: int = 16,
+    concurrency: int = 1,
+    device: str = "cpu",
+    address: str | None = None,
+    resume: bool = True,
+    full_relevance: bool = False,
+) -> Path:
+    """Explain images on Ray and write one Parquet row per image to the folder `output`.
+
+    source: an image file or folder (searched recursively, as the CLI does), a list of them,
+    or a ray.data.Dataset with a "path" column. concurrency: the number of actors, one
+    onnxruntime session each (CPU: the cluster's CPUs shared among them, as their threads;
+    cuda: one GPU each). address: a Ray cluster to connect to; None uses the instance already
+    started in this process, else starts a local one (and shuts it down when done).
+    resume: skip the images that already have a row under `output` (False: replace what is
+    there). Returns `output`.
+    """
+    ray = _import_ray()
+    from ray.data import SaveMode
+
+    from .explainer import Explainer
+    from .runtime.session import DEVICES
+
+    if device not in DEVICES:
+        raise OnnxLrpError(f"unknown device '{device}'; choose one of {', '.join(DEVICES)}")
+    if batch_size < 1 or concurrency < 1:
+        raise OnnxLrpError("batch_size and concurrency must be at least 1")
+    output = Path(output)
+    if output.exists() and not output.is_dir():
+        raise OnnxLrpError(f"{output}: not a folder")
+
+    # Compiled once, here: the workers get the graph, not the model.
+    explainer = Explainer(model, preset=preset, split=split, preprocessing=preprocessing, image_size=image_size,
+                          device="cpu", threads=1)
+    options = explainer.options
+    meta = {
+        "model": str(model), "model_sha256": file_digest(Path(model)), "preset": explainer.summary.preset,
+        "options": options.digest() or repr(options), "device": device,
+    }
+    _check_meta(output, meta, resume)
+    done = done_paths(output) if resume and output.is_dir() else set()
+
+    # The paths are gathered here, and a user's Dataset is read to its "path" column first:
+    # operators upstream of the actors would wait for CPUs the actors hold (a deadlock).
+    files = [f for f in _sources(_paths_of(source), dedupe=True) if f not in done]
+    if not files:
+        return output
+
+    started = False
+    if address is not None:
+        if not ray.is_initialized():
+            ray.init(address=address)
+    elif not ray.is_initialized():
+        ray.init(include_dashboard=False)
+        started = True
+    try:
+        # One block per batch, so that every actor gets work.
+        dataset = ray.data.from_items([{PATH: f} for f in files], override_num_blocks=math.ceil(len(files) / batch_size))
+        model_ref = ray.put(explainer.compiled.onnx().SerializeToString())
+        summary = explainer.summary.to_json()
+        del explainer
+        if device == "cuda":
+            resources = {"num_gpus": 1, "num_cpus": 1}
+            threads = None
+        else:
+            # The cluster's CPUs shared among the actors, but no more than one machine has.
+            total = int(ray.cluster_resources().get("CPU", 1))
+            node = max((int(n["Resources"].get("CPU", 0)) for n in ray.nodes() if n.get("Alive")), default=1)
+            resources = {"num_cpus": max(1, min(node, total // concurrency))}
+            threads = None  # the actor asks Ray for the CPUs it was given
+        results = dataset.map_batches(
+            _ExplainActor, batch_size=batch_size, batch_format="pyarrow",
+            compute=ray.data.ActorPoolStrategy(size=concurrency),
+            fn_constructor_kwargs={"model": model_ref, "summary": summary, "options": options, "device": device,
+                                   "threads": threads, "batch_size": batch_size, "full_relevance": full_relevance},
+            **resources,
+        )
+        output.mkdir(parents=True, exist_ok=True)
+        # Before the run (an interrupted run leaves rows to resume from) and after it (an
+        # overwrite clears the folder).
+        (output / META).write_text(json.dumps(meta, indent=1))
+        # Writing takes no CPU of its own: the actors hold them all, and rows must reach the
+        # disk while they run (else an interrupted run leaves nothing to resume from).
+        results.write_parquet(str(output), mode=SaveMode.APPEND if resume else SaveMode.OVERWRITE,
+                              ray_remote_args={"num_cpus": 0})
+        (output / META).write_text(json.dumps(meta, indent=1))
+    finally:
+        if started:
+            ray.shutdown()
+    return output
+
+
+def read_heatmaps(output: str | Path) -> dict[str, np.ndarray]:
+    """The heatmaps under `output`, by image path: float16 [H, W] each."""
+    import pyarrow.parquet as pq
+
+    maps: dict[str, np.ndarray] = {}
+    for file in _parquet_files(Path(output)):
+        table = pq.read_table(file, columns=[PATH, "heatmap", "heatmap_shape"])
+        for path, heat, shape in zip(*(table.column(c).to_pylist() for c in (PATH, "heatmap", "heatmap_shape"))):
+            maps[path] = np.asarray(heat, dtype=np.float16).reshape(shape)
+    return maps
