@@ -210,8 +210,15 @@ def explain(
     top_k: Annotated[Optional[int], typer.Option("--top-k", min=1, metavar="K", help="Explain each image's K best classes (<image>_top<r>_lrp.png).")] = None,
     low: Annotated[Optional[float], typer.Option(help="z^B lower box bound.", show_default="pixel 0 after preprocessing")] = None,
     high: Annotated[Optional[float], typer.Option(help="z^B upper box bound.", show_default="pixel 255 after preprocessing")] = None,
+    ray: Annotated[bool, typer.Option("--ray", help="Run on a local Ray instance; -o is then a folder of Parquet rows (pip install 'onnxlrp[ray]').")] = False,
+    ray_address: Annotated[Optional[str], typer.Option("--ray-address", metavar="ADDRESS", help="Run on this Ray cluster ('auto': the one `ray start` runs here); as --ray.")] = None,
+    concurrency: Annotated[int, typer.Option("--concurrency", min=1, help="With --ray: actors, one onnxruntime session each.")] = 1,
 ) -> None:
     """Explain images: a heatmap PNG per image (relevance over the image)."""
+    if ray or ray_address:
+        _explain_on_ray(model, images, output, preset, split, preprocess, _image_size(size), batch_size, concurrency,
+                        device, ray_address)
+        return
     with _user_errors():
         sources = image_sources(images)
         files = [path for path, _ in sources]
@@ -287,6 +294,21 @@ def _write(outputs: Outputs, pixels, heat, png, npy_path, style, levels, sign, c
         outputs.write(png, lambda tmp: write_png(picture, tmp))
     if npy_path is not None:
         outputs.write(npy_path, lambda tmp: write_npy(heat.astype(np.float32), tmp))
+
+
+def _explain_on_ray(model, images, output, preset, split, preprocess, image_size, batch_size, concurrency, device,
+                    address) -> None:
+    """explain --ray: onnxlrp.distributed.explain_dataset into the folder -o (Parquet, resumable)."""
+    from .distributed import explain_dataset, done_paths
+
+    with _user_errors():
+        if output is None:
+            raise OnnxLrpError("--ray writes Parquet rows: give the output folder with -o")
+        explain_dataset([str(p) for p in images], model, output=output, preset=preset, split=split,
+                        preprocessing=preprocess, image_size=image_size, batch_size=batch_size,
+                        concurrency=concurrency, device=device, address=address)
+        console.print(f"wrote {output}: {len(done_paths(output))} image(s) explained (Parquet)", highlight=False,
+                      soft_wrap=True)
 
 
 @app.command()

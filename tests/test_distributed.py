@@ -101,3 +101,25 @@ def test_dataset_source_and_resume(local_ray, reference, tmp_path):
     check_equal(rows(out), reference)
     with pytest.raises(OnnxLrpError, match="no 'path' column"):
         explain_dataset(ray.data.from_items([{"file": FILES[0]}]), MODEL, output=tmp_path / "other")
+
+
+def test_cli_explain_on_ray(local_ray, reference, tmp_path):
+    """onnxlrp explain --ray: the same rows as the API (the Ray instance this test module started);
+    without -o, a one-line error."""
+    from typer.testing import CliRunner
+
+    from onnxlrp.cli import app
+
+    folder = tmp_path / "images"
+    folder.mkdir()
+    for path in FILES:  # the CLI takes files and folders; rows hold absolute paths
+        (folder / Path(path).parent.name).mkdir(exist_ok=True)
+        (folder / Path(path).parent.name / Path(path).name).write_bytes(Path(path).read_bytes())
+    out = tmp_path / "out"
+    result = CliRunner().invoke(app, ["explain", str(MODEL), str(folder), "--ray", "-o", str(out), "--batch-size", "4"])
+    assert result.exit_code == 0, result.output
+    assert "12 image(s) explained" in result.output
+    copies = {str(folder / Path(p).parent.name / Path(p).name): p for p in FILES}
+    check_equal({copies[k]: v for k, v in rows(out).items()}, reference)
+    missing = CliRunner().invoke(app, ["explain", str(MODEL), str(folder), "--ray"])
+    assert missing.exit_code == 1 and "give the output folder with -o" in missing.output
