@@ -10,9 +10,7 @@ import onnxruntime as ort
 
 from .. import __version__
 from ..runtime.cache import file_digest
-
-
-sha256 = file_digest  # the model file's SHA-256, as the explainer cache keys it
+from ..runtime.session import run_batched
 
 
 def identity(path: Path, explainer) -> dict:
@@ -23,7 +21,7 @@ def identity(path: Path, explainer) -> dict:
     merges = {kind: sum(m.kind == kind for m in summary.merges) for kind in ("identity", "projection", "other")}
     return {
         "model": str(path),
-        "sha256": sha256(path),
+        "sha256": file_digest(path),
         "size_bytes": path.stat().st_size,
         "producer": f"{model.producer_name} {model.producer_version}".strip() or "unknown",
         "opset": next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), None),
@@ -65,14 +63,6 @@ def own_logits(path: Path, x: np.ndarray, device: str = "cpu", batch_size: int =
     options = ort.SessionOptions()
     options.log_severity_level = 3
     session = ort.InferenceSession(str(path), options, providers=providers)
-    name = session.get_inputs()[0].name
-    fixed = session.get_inputs()[0].shape[0]
-    size = fixed if isinstance(fixed, int) else batch_size
-    outputs = []
-    for start in range(0, len(x), size):
-        part = x[start:start + size]
-        count = len(part)
-        if isinstance(fixed, int) and count < fixed:
-            part = np.concatenate([part, np.repeat(part[-1:], fixed - count, axis=0)])
-        outputs.append(session.run(None, {name: part})[0][:count])
-    return np.concatenate(outputs)
+    first = session.get_inputs()[0]
+    fixed = first.shape[0] if isinstance(first.shape[0], int) else None
+    return next(iter(run_batched(session, {first.name: x}, batch_size, fixed).values()))

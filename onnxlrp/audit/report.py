@@ -19,6 +19,7 @@ from ..io.files import Outputs
 from ..io.image import colorize, render
 from .findings import CHECKS
 from .run import Audit
+from .strategies import SMALL_REGION
 
 SCHEMA_VERSION = "1.0"
 SCHEMA = Path(__file__).with_name("report.schema.json")
@@ -36,8 +37,10 @@ def _png(picture: Image.Image | np.ndarray) -> str:
 
 def _thumb(picture: Image.Image, size: int = THUMBNAIL) -> Image.Image:
     picture = picture.convert("RGB")
-    picture.thumbnail((size, size)) if max(picture.size) > size else None
-    return picture if max(picture.size) >= size else picture.resize((size, size), Image.NEAREST)
+    if max(picture.size) >= size:
+        picture.thumbnail((size, size))  # in place; no change at exactly `size`
+        return picture
+    return picture.resize((size, size), Image.NEAREST)  # small images enlarged, pixels kept sharp
 
 
 def _image(audit: Audit, i: int) -> str:
@@ -103,7 +106,7 @@ def html(audit: Audit) -> str:
 
     findings = [{**f.to_dict(), "pictures": pictures(f.images[:6])} for f in audit.findings]
     classes = [{"name": s.name, "count": len(s.images), "area": s.region_area, "hans": s.hans_score,
-                "eigengap": s.eigengap, "mean": _grid_picture(s.mean_map, s.region if s.region_area <= 0.06 else None),
+                "eigengap": s.eigengap, "mean": _grid_picture(s.mean_map, s.region if s.region_area <= SMALL_REGION else None),
                 "clusters": [{"size": len(c), "pictures": pictures([audit.files[i] for i in c[:3]])}
                              for c in s.clusters]} for s in audit.strategies]
     drift = None

@@ -9,13 +9,13 @@ from typing import Callable
 import numpy as np
 
 from ..errors import OnnxLrpError
-from ..evaluation.evaluate import Dataset, load_dataset
+from ..evaluation.evaluate import Dataset, load_dataset, load_mask
 from ..explainer import Explainer
-from ..io.preprocessing import load_image
 from . import drift as drift_check
 from . import sanity
 from .findings import FailOn, Finding, finding
-from .identity import identity, output_step, own_logits, sha256
+from ..runtime.cache import file_digest
+from .identity import identity, output_step, own_logits
 from .statistics import downsized, image_statistics, rank_correlation
 from .strategies import ClassStrategies, class_strategies
 
@@ -91,7 +91,7 @@ def audit(model: str | Path, data: str | Path, *, labels: str | Path | None = No
     except OnnxLrpError as exc:
         if not _no_rule(exc):
             raise
-        facts = {"model": str(model), "sha256": sha256(model), "preset": preset}
+        facts = {"model": str(model), "sha256": file_digest(model), "preset": preset}
         failed = Finding("rules", "fail" if fail_on.fails("rules") else "warning", str(exc), 1.0,
                          fail_on.threshold("rules"))
         return Audit(facts, dataset.classes, names, [], [failed], checks={"rules": 1}, seconds=time.perf_counter() - start)
@@ -101,12 +101,13 @@ def audit(model: str | Path, data: str | Path, *, labels: str | Path | None = No
     height, width = explainer.summary.height, explainer.summary.width
 
     # 1. Explain every image once (progress over the images).
-    pixels, heatmaps, logits, targets, initial, sums, merge_sums, nonfinite = [], [], [], [], [], [], [], []
+    pixels, inputs, heatmaps, logits, targets, initial, sums, merge_sums, nonfinite = [], [], [], [], [], [], [], [], []
     for begin in range(0, count, batch_size):
         batch = explainer.read_images(files[begin:begin + batch_size])
         x = explainer.images.normalize(batch)
         result = explainer.explain(x, batch_size=batch_size, warn=False)
         pixels.append(batch)
+        inputs.append(x)
         heatmaps.append(result.heatmap())
         logits.append(result.logits)
         targets.append(result.targets)
@@ -119,8 +120,8 @@ def audit(model: str | Path, data: str | Path, *, labels: str | Path | None = No
     pixels, heatmaps = np.concatenate(pixels), np.concatenate(heatmaps)
     logits, targets = np.concatenate(logits), np.concatenate(targets)
     initial, sums = np.concatenate(initial), np.concatenate(sums)
-    x_all = explainer.images.normalize(pixels)
-    masks_loaded = [None if m is None else load_image(m, height, width, channels=1)[..., 0] > 127 for m in mask_files]
+    x_all = np.concatenate(inputs)
+    masks_loaded = [load_mask(m, height, width) for m in mask_files]
     classes = dataset.classes or [str(k) for k in range(explainer.num_classes)]
     findings: list[Finding] = []
     checks: dict = {}

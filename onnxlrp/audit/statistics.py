@@ -43,11 +43,15 @@ def image_statistics(heatmap: np.ndarray, mask: np.ndarray | None) -> dict[str, 
     return stats
 
 
+def blocks(array: np.ndarray, cells: int, reduce=np.sum) -> np.ndarray:
+    """A 2-D array reduced over a cells x cells grid of (nearly) equal blocks."""
+    rows = np.array_split(np.asarray(array, np.float64), cells, axis=0)
+    return np.array([[reduce(block) for block in np.array_split(row, cells, axis=1)] for row in rows])
+
+
 def downsized(heatmap: np.ndarray, cells: int = 16) -> np.ndarray:
     """The positive relevance on a cells x cells grid (block sums), normalised to sum 1."""
-    h, w = heatmap.shape
-    rows = np.array_split(np.clip(heatmap, 0, None), cells, axis=0)
-    grid = np.array([[block.sum() for block in np.array_split(row, cells, axis=1)] for row in rows])
+    grid = blocks(np.clip(heatmap, 0, None), cells)
     total = grid.sum()
     return grid / total if total > 0 else np.full_like(grid, 1.0 / grid.size)
 

@@ -18,6 +18,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from .statistics import blocks
+
 #: a region of at most this share of the image is "small"
 SMALL_REGION = 0.06
 
@@ -41,11 +43,6 @@ def _region(mean_map: np.ndarray, mass: float = 0.5) -> np.ndarray:
     region = np.zeros(mean_map.size, bool)
     region[order[:count]] = True
     return region.reshape(mean_map.shape)
-
-
-def _grid(mask: np.ndarray, cells: int) -> np.ndarray:
-    rows = np.array_split(mask.astype(np.float64), cells, axis=0)
-    return np.array([[block.mean() for block in np.array_split(row, cells, axis=1)] for row in rows])
 
 
 def spray(maps: np.ndarray, max_clusters: int = 4) -> tuple[float, list[list[int]]]:
@@ -81,7 +78,7 @@ def class_strategies(name: str, indices: list[int], grids: np.ndarray, masks: li
     area = float(region.mean())
     shares = []
     for i, grid in zip(indices, maps):
-        inside = region if masks[i] is None else region & (_grid(masks[i], cells) < 0.5)
+        inside = region if masks[i] is None else region & (blocks(masks[i], cells, np.mean) < 0.5)
         shares.append(float(grid[inside].sum()))
     score = float(np.mean(shares)) if area <= SMALL_REGION else 0.0
     ranked = [indices[k] for k in np.argsort(shares)[::-1]]

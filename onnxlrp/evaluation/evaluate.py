@@ -229,7 +229,7 @@ def evaluate(
         pixels = load_images(files[start:start + batch_size], height, width, image.channels)
         x = prep.normalize(pixels, image.layout)
         y = labels[start:start + batch_size]
-        masks = [_mask(m, height, width) for m in dataset.masks[start:start + batch_size]]
+        masks = [load_mask(m, height, width) for m in dataset.masks[start:start + batch_size]]
         correct += int((forward.probabilities(x).argmax(axis=1) == y).sum())
         share = 1 / len(chosen) if chosen else 0.0  # of one image, per method: half maps, half metrics
         for k, (name, method) in enumerate(chosen.items()):
@@ -254,7 +254,8 @@ def evaluate(
     return results
 
 
-def _mask(path: Path | None, height: int, width: int) -> np.ndarray | None:
+def load_mask(path: Path | None, height: int, width: int) -> np.ndarray | None:
+    """A mask file as a boolean [height, width] (white: the object), None without one."""
     return None if path is None else load_image(path, height, width, channels=1)[..., 0] > 127
 
 

@@ -5,9 +5,8 @@ Each pass is a small function over an onnx-graphsurgeon graph, applied in order 
 spelling:
 
 - quantized constants (int8 weights, int32 biases behind DequantizeLinear) dequantized;
-- constants folded (Constant nodes, Identity on weights, static shape arithmetic), and
-  shapes computed at run time (Reshape / Expand targets built from Shape, Gather,
-  Concat, ...) replaced by what shape inference knows once the input size is fixed;
+- constants folded (Constant nodes, Identity on weights, static shape arithmetic; shapes
+  the graph computes from its input were evaluated before, in onnxlrp.ir.model);
 - Split turned into one Slice per output, so that every op has one data output;
 - Identity and Dropout removed;
 - a final Softmax / LogSoftmax removed: relevance starts at the logits before it;
@@ -64,7 +63,6 @@ def canonicalize(
         graph.fold_constants(error_ok=True).cleanup()
     except Exception:  # folding is an optimisation; a graph it cannot fold is still usable
         graph.cleanup()
-    _constant_shapes(graph)
     _split_to_slices(graph)
     _remove_identities(graph)
     logits, softmax = _logits(graph, path)
@@ -121,39 +119,6 @@ def _dequantize_constants(graph: gs.Graph) -> None:
         value = ((q.astype(np.int64) - zero).astype(np.float32) * scale).astype(np.float32)
         out = node.outputs[0]
         _bypass(graph, node, gs.Constant(f"{out.name}/dequantized", value))
-    graph.cleanup()
-
-
-def _static_past_batch(tensor: gs.Tensor) -> list[int] | None:
-    shape = tensor.shape
-    if shape is None or len(shape) < 1 or not all(isinstance(d, int) for d in shape[1:]):
-        return None
-    return list(shape[1:])
-
-
-def _constant_shapes(graph: gs.Graph) -> None:
-    """A Reshape or Expand whose target shape is computed (from Shape, Gather, Concat, ...) gets
-    that shape as a constant, from shape inference, where it is static past the batch axis.
-
-    Exporters compute such shapes to keep the batch dynamic; the rules need them as numbers.
-    The batch axis stays dynamic: -1 for Reshape (the size left over is the batch, when the
-    other sizes multiply to the input's), 1 for Expand (broadcast keeps the input's batch)."""
-    for node in graph.nodes:
-        if node.op not in ("Reshape", "Expand") or len(node.inputs) < 2 or isinstance(node.inputs[1], gs.Constant):
-            continue
-        x, out = node.inputs[0], node.outputs[0]
-        dims, x_dims = _static_past_batch(out), _static_past_batch(x)
-        if dims is None or x_dims is None:
-            continue
-        if node.op == "Reshape":
-            if int(np.prod(dims)) != int(np.prod(x_dims)) or node.attrs.get("allowzero", 0):
-                continue  # the batch would not be what is left over
-            target = [-1] + dims
-        else:
-            if len(x.shape) != len(out.shape):
-                continue
-            target = [1] + dims
-        node.inputs[1] = gs.Constant(f"{node.name}/shape", np.array(target, dtype=np.int64))
     graph.cleanup()
 
 

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from .base import Op, const_value
+from .base import Op, const_value, given
 
 _LOWEST = {np.dtype(np.int8): -128, np.dtype(np.uint8): 0, np.dtype(np.int16): -32768, np.dtype(np.uint16): 0}
 
@@ -39,7 +39,7 @@ class DequantizeLinear(QuantizeLinear):
 
     def __init__(self, node, is_data, path="model"):
         super().__init__(node, is_data, path)
-        zero = const_value(node.inputs[2]) if len(node.inputs) > 2 and node.inputs[2].name else None
+        zero = const_value(given(node, 2)) if given(node, 2) is not None else None
         lowest = _LOWEST.get(np.dtype(zero.dtype)) if zero is not None else None
         self.makes_nonneg = lowest is not None and bool(np.all(zero == lowest))
 
