@@ -15,7 +15,6 @@ from contextlib import contextmanager
 from pathlib import Path, PurePosixPath
 from typing import Annotated, Iterator, Literal, Optional
 
-import numpy as np
 import typer
 from matplotlib import colormaps
 from rich import box
@@ -39,12 +38,13 @@ from .evaluation.evaluate import (DEFAULT_METHODS, RESULT_FILES, evaluate as run
 from .evaluation.metrics import PROTOCOLS
 from .explainer import Explainer
 from .io.files import Outputs, check_writable
-from .io.image import SIGNS, STYLES, render, write_npy, write_png
+from .io.image import SIGNS, STYLES, write_heatmap
 from .io.preprocessing import PREPROCESSING, check_images, image_sources
 from .lrp import explosion as explode
 from .lrp.composites import PRESETS
 from .lrp.splitting import SPLITS
 from .options import PRECISIONS
+from .runtime.cluster import Cluster, import_ray, quiet
 from .runtime.session import DEVICES
 
 
@@ -116,6 +116,9 @@ Size = Annotated[Optional[int], typer.Option("--size", min=1, help="Input height
                                              show_default="224")]
 Preprocess = Annotated[PreprocessName, typer.Option("--preprocess", metavar="NAME",
                                                     help=f"Input normalisation: {', '.join(PREPROCESSING)}.")]
+RayFlag = Annotated[bool, typer.Option("--ray", help="Run on a local Ray instance (pip install 'onnxlrp[ray]').")]
+RayAddress = Annotated[Optional[str], typer.Option("--ray-address", metavar="ADDRESS", help="Run on this Ray cluster ('auto': the one `ray start` runs here); implies --ray.")]
+Concurrency = Annotated[int, typer.Option("--concurrency", min=1, help="With --ray: actors, one onnxruntime session each.")]
 #: progress bars go to stderr, so that stdout holds only results
 progress_console = Console(stderr=True)
 
@@ -210,14 +213,16 @@ def explain(
     top_k: Annotated[Optional[int], typer.Option("--top-k", min=1, metavar="K", help="Explain each image's K best classes (<image>_top<r>_lrp.png).")] = None,
     low: Annotated[Optional[float], typer.Option(help="z^B lower box bound.", show_default="pixel 0 after preprocessing")] = None,
     high: Annotated[Optional[float], typer.Option(help="z^B upper box bound.", show_default="pixel 255 after preprocessing")] = None,
-    ray: Annotated[bool, typer.Option("--ray", help="Run on a local Ray instance; -o is then a folder of Parquet rows (pip install 'onnxlrp[ray]').")] = False,
-    ray_address: Annotated[Optional[str], typer.Option("--ray-address", metavar="ADDRESS", help="Run on this Ray cluster ('auto': the one `ray start` runs here); as --ray.")] = None,
-    concurrency: Annotated[int, typer.Option("--concurrency", min=1, help="With --ray: actors, one onnxruntime session each.")] = 1,
+    parquet: Annotated[Optional[Path], typer.Option("--parquet", metavar="DIR", help="On Ray: a folder of Parquet rows (path, target, logits, relevance totals, float16 heatmap) instead of PNG/NPY; a rerun resumes.")] = None,
+    ray: RayFlag = False,
+    ray_address: RayAddress = None,
+    concurrency: Concurrency = 1,
 ) -> None:
     """Explain images: a heatmap PNG per image (relevance over the image)."""
-    if ray or ray_address:
-        _explain_on_ray(model, images, output, preset, split, preprocess, _image_size(size), batch_size, concurrency,
-                        device, ray_address)
+    cluster = _cluster(ray, ray_address, concurrency)
+    if parquet is not None:
+        _explain_to_parquet(model, images, parquet, output, npy, preset, split, preprocess, _image_size(size),
+                            batch_size, device, cluster)
         return
     with _user_errors():
         sources = image_sources(images)
@@ -238,6 +243,8 @@ def explain(
         # Every destination and every image is checked before anything is built or written.
         check_writable(p for pair in destinations for p in pair if p is not None)
         check_images(files)
+        if cluster is not None:
+            import_ray()  # before the explainer is built: a missing extra is the first thing said
         explainer = Explainer(
             model, preset=preset, split=split, include_identity=include_identity, bias=bias, low=low,
             high=high, device=device, preprocessing=preprocess, image_size=_image_size(size), precision=precision,
@@ -247,6 +254,11 @@ def explain(
             raise OnnxLrpError(f"--top-k {top_k}: the model has {explainer.num_classes} classes")
         for note in explainer.summary.notes:  # before the results: they say what was explained
             typer.echo(f"note: {note}", err=True)
+        if cluster is not None:
+            per_image = [(str(f), destinations[i * ranks:(i + 1) * ranks]) for i, f in enumerate(files)]
+            _explain_on_ray(explainer, per_image, cluster, device, batch_size, target, top_k, style,
+                            heat_quantization, sign, cmap)
+            return
         layout = explainer.summary.image.layout
         batches = [files[i:i + batch_size] for i in range(0, len(files), batch_size)]
         lines, writes, explosion = [], [], None
@@ -267,7 +279,7 @@ def explain(
                 for row, heat in enumerate(result.heatmap()):
                     i = done * ranks + row
                     png, array = destinations[i]
-                    writes.append(pool.submit(_write, outputs, pixels[row // ranks], heat, png, array,
+                    writes.append(pool.submit(write_heatmap, outputs, pixels[row // ranks], heat, png, array,
                                               style, heat_quantization, sign, cmap))
                     written = ", ".join(str(p) for p in (png, array) if p is not None)
                     lines.append(f"{files[done + row // ranks]}: class {result.targets[row]}, initial relevance "
@@ -288,26 +300,50 @@ def _progress(disable: bool = False) -> Progress:
                     console=progress_console, transient=True, disable=disable or not progress_console.is_terminal)
 
 
-def _write(outputs: Outputs, pixels, heat, png, npy_path, style, levels, sign, cmap) -> None:
-    if png is not None:
-        picture = render(pixels, heat, style, levels, sign, cmap)
-        outputs.write(png, lambda tmp: write_png(picture, tmp))
-    if npy_path is not None:
-        outputs.write(npy_path, lambda tmp: write_npy(heat.astype(np.float32), tmp))
+def _cluster(ray: bool, address: str | None, concurrency: int) -> Cluster | None:
+    """--ray / --ray-address: where to run; None: in this process."""
+    if not (ray or address):
+        return None
+    quiet()
+    return Cluster(address, concurrency)
 
 
-def _explain_on_ray(model, images, output, preset, split, preprocess, image_size, batch_size, concurrency, device,
-                    address) -> None:
-    """explain --ray: onnxlrp.distributed.explain_dataset into the folder -o (Parquet, resumable)."""
-    from .distributed import explain_dataset, done_paths
+def _explain_on_ray(explainer, per_image, cluster, device, batch_size, target, top_k, style, levels, sign,
+                    cmap) -> None:
+    """explain --ray: the same files as in one process, written by Ray actors batch by batch;
+    a rerun skips the images whose files all exist (an interrupted run resumes)."""
+    from .distributed import explain_files
+
+    todo = [(f, pairs) for f, pairs in per_image if not all(p.exists() for pair in pairs for p in pair if p)]
+    if len(todo) < len(per_image):
+        typer.echo(f"note: {len(per_image) - len(todo)} image(s) already explained there: skipped", err=True)
+    with _progress(disable=not todo) as progress:
+        task = progress.add_task(f"explaining on Ray ({cluster.concurrency} actor(s))", total=len(todo))
+        rows, explosion = explain_files(explainer, todo, cluster, device=device, batch_size=batch_size,
+                                        target=target, top_k=top_k, style=style, levels=levels, sign=sign,
+                                        cmap=cmap, progress=lambda n: progress.advance(task, n))
+    for row, (_, pairs) in zip(rows, todo):
+        for rank, (png, array) in enumerate(pairs):
+            written = ", ".join(str(p) for p in (png, array) if p is not None)
+            console.print(f"{row['file']}: class {row['targets'][rank]}, initial relevance {row['initial'][rank]:.4g}, "
+                          f"input relevance {row['input_sum'][rank]:.4g} -> {written}", highlight=False, soft_wrap=True)
+    if explosion is not None and explosion.images:
+        typer.echo(f"warning: {explode.message(explosion, explainer.summary.preset, explainer.bias)}", err=True)
+
+
+def _explain_to_parquet(model, images, parquet, output, npy, preset, split, preprocess, image_size, batch_size,
+                        device, cluster) -> None:
+    """explain --parquet DIR: onnxlrp.distributed.explain_dataset (Parquet rows, resumable)."""
+    from .distributed import done_paths, explain_dataset
 
     with _user_errors():
-        if output is None:
-            raise OnnxLrpError("--ray writes Parquet rows: give the output folder with -o")
-        explain_dataset([str(p) for p in images], model, output=output, preset=preset, split=split,
+        if output is not None or npy is not None:
+            raise OnnxLrpError("--parquet writes Parquet rows only: leave out -o and --npy")
+        cluster = cluster or Cluster()
+        explain_dataset([str(p) for p in images], model, output=parquet, preset=preset, split=split,
                         preprocessing=preprocess, image_size=image_size, batch_size=batch_size,
-                        concurrency=concurrency, device=device, address=address)
-        console.print(f"wrote {output}: {len(done_paths(output))} image(s) explained (Parquet)", highlight=False,
+                        concurrency=cluster.concurrency, device=device, address=cluster.address)
+        console.print(f"wrote {parquet}: {len(done_paths(parquet))} image(s) explained (Parquet)", highlight=False,
                       soft_wrap=True)
 
 
@@ -409,6 +445,9 @@ def evaluate(
     batch_size: Annotated[int, typer.Option("--batch-size", min=1, help="Images per batch.")] = 16,
     list_methods: Annotated[bool, typer.Option("--list-methods", is_eager=True, callback=_list_methods,
                                                help="List the methods and exit (no MODEL or DATA needed).")] = False,
+    ray: RayFlag = False,
+    ray_address: RayAddress = None,
+    concurrency: Concurrency = 1,
 ) -> None:
     """Compare attribution methods on a labelled image folder: Insertion, Deletion, ID, ground-truth metrics."""
     with _user_errors():
@@ -419,10 +458,14 @@ def evaluate(
             raise OnnxLrpError("--methods names no method (see --list-methods)")
         protocols = PROTOCOLS if protocol == "both" else (protocol,)
         check_writable(output / name for name in RESULT_FILES)  # before the run, not after it
+        cluster = _cluster(ray, ray_address, concurrency)
+        if cluster is not None:
+            import_ray()
         with _progress() as progress:
             task = progress.add_task(f"evaluating {len(chosen)} methods", total=total)
             results = run_evaluation(model, dataset, chosen, protocols, heat_quantization, preprocess, limit,
-                                     batch_size, device, progress=lambda n: progress.advance(task, n))
+                                     batch_size, device, progress=lambda n: progress.advance(task, n),
+                                     cluster=cluster)
         paths = write_results(results, output)
         console.print(results.markdown(), highlight=False, soft_wrap=True)
         console.print("wrote " + ", ".join(str(p) for p in paths.values()), highlight=False, soft_wrap=True)
@@ -448,6 +491,9 @@ def audit(
     size: Size = None,
     device: Annotated[DeviceName, typer.Option("--device", help="onnxruntime execution provider.")] = "cpu",
     batch_size: Annotated[int, typer.Option("--batch-size", min=1, help="Images per batch.")] = 16,
+    ray: RayFlag = False,
+    ray_address: RayAddress = None,
+    concurrency: Concurrency = 1,
 ) -> None:
     """Audit a deployed model on a folder of images: a report to read and a verdict to gate on.
 
@@ -457,12 +503,16 @@ def audit(
         dataset = load_dataset(data, labels)
         total = min(limit or len(dataset.files), len(dataset.files))
         check_writable(output / name for name in REPORT_FILES)  # before the run, not after it
+        cluster = _cluster(ray, ray_address, concurrency)
+        if cluster is not None:
+            import_ray()
         with _progress() as progress:
             task = progress.add_task(f"auditing {total} images", total=total + 1)
             result = run_audit(model, data, labels=labels, masks=masks, against=against, preset=preset, split=split,
                                preprocessing=preprocess, image_size=_image_size(size), fail_on=rules,
                                faithfulness=faithfulness, sanity_images=sanity_images, limit=limit,
-                               batch_size=batch_size, device=device, progress=lambda n: progress.advance(task, n))
+                               batch_size=batch_size, device=device, progress=lambda n: progress.advance(task, n),
+                               cluster=cluster)
         paths = write_report(result, output)
         console.print(f"verdict: {result.verdict.upper()} ({len(result.findings)} finding(s), "
                       f"{sum(f.severity == 'fail' for f in result.findings)} failing)", highlight=False)

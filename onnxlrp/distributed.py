@@ -26,33 +26,32 @@ readable from every worker (one machine, or a shared file system).
 A rerun into the same ``output`` skips the images already there (``resume=True``): rows are
 written block by block, so an interrupted run keeps what was finished. Ray is optional:
 ``pip install 'onnxlrp[ray]'``.
+
+``explain_files`` is the same work with the single-process command's output: a PNG and/or
+an NPY per image, written by the actors (each batch's files together) and skipped on a
+rerun where they exist. ``evaluate(..., cluster=)`` and ``audit(..., cluster=)`` run their
+per-image work the same way (onnxlrp.runtime.cluster).
 """
 from __future__ import annotations
 
 import json
 import math
 import os
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import numpy as np
 
 from .errors import OnnxLrpError, first_line
+from .explainer import Explainer, Portable
 from .runtime.cache import file_digest
+from .runtime.cluster import Cluster, actor_resources, connected, import_ray, map_batches
 
 #: Written beside the Parquet files: what produced them, checked on resume. The leading
 #: underscore keeps it out of pyarrow's (and Ray's) view of the Parquet dataset.
 META = "_onnxlrp.json"
 PATH = "path"
-
-
-def _import_ray():
-    try:
-        import ray
-        import ray.data  # noqa: F401
-    except ImportError:
-        raise OnnxLrpError("ray is not installed: pip install 'onnxlrp[ray]'") from None
-    return ray
 
 
 def _parquet_files(output: Path) -> list[Path]:
@@ -118,20 +117,13 @@ def _sources(source, dedupe: bool) -> list[str]:
 class _ExplainActor:
     """One onnxruntime session per actor, on the relevance graph shipped from the driver."""
 
-    def __init__(self, model, summary: str, options, device: str, threads: int | None, batch_size: int,
-                 full_relevance: bool):
+    def __init__(self, explainer, device: str, batch_size: int, full_relevance: bool):
         import ray
 
-        from .compiler import Compiled, Summary
-        from .explainer import Explainer
-
-        if isinstance(model, ray.ObjectRef):
-            model = ray.get(model)
-        if threads is None:  # the CPUs Ray gave this actor
-            cpus = ray.get_runtime_context().get_assigned_resources().get("CPU")
-            threads = max(1, int(cpus)) if cpus else None
-        explainer = Explainer.from_compiled(Compiled(Summary.from_json(summary), data=model), options, device, threads)
-        self.explainer, self.batch_size, self.full_relevance = explainer, batch_size, full_relevance
+        cpus = ray.get_runtime_context().get_assigned_resources().get("CPU")  # its threads
+        threads = max(1, int(cpus)) if cpus and device == "cpu" else None
+        self.explainer = explainer.open(device, threads)
+        self.batch_size, self.full_relevance = batch_size, full_relevance
 
     def __call__(self, batch):
         import pyarrow as pa
@@ -199,16 +191,16 @@ def explain_dataset(
     resume: skip the images that already have a row under `output` (False: replace what is
     there). Returns `output`.
     """
-    ray = _import_ray()
+    import_ray()
     from ray.data import SaveMode
 
-    from .explainer import Explainer
     from .runtime.session import DEVICES
 
     if device not in DEVICES:
         raise OnnxLrpError(f"unknown device '{device}'; choose one of {', '.join(DEVICES)}")
-    if batch_size < 1 or concurrency < 1:
-        raise OnnxLrpError("batch_size and concurrency must be at least 1")
+    if batch_size < 1:
+        raise OnnxLrpError("batch_size must be at least 1")
+    cluster = Cluster(address, concurrency)
     output = Path(output)
     if output.exists() and not output.is_dir():
         raise OnnxLrpError(f"{output}: not a folder")
@@ -230,34 +222,17 @@ def explain_dataset(
     if not files:
         return output
 
-    started = False
-    if address is not None:
-        if not ray.is_initialized():
-            ray.init(address=address)
-    elif not ray.is_initialized():
-        ray.init(include_dashboard=False)
-        started = True
-    try:
+    with connected(cluster) as ray:
         # One block per batch, so that every actor gets work.
         dataset = ray.data.from_items([{PATH: f} for f in files], override_num_blocks=math.ceil(len(files) / batch_size))
-        model_ref = ray.put(explainer.compiled.onnx().SerializeToString())
-        summary = explainer.summary.to_json()
+        shipped = explainer.portable().stored(ray)
         del explainer
-        if device == "cuda":
-            resources = {"num_gpus": 1, "num_cpus": 1}
-            threads = None
-        else:
-            # The cluster's CPUs shared among the actors, but no more than one machine has.
-            total = int(ray.cluster_resources().get("CPU", 1))
-            node = max((int(n["Resources"].get("CPU", 0)) for n in ray.nodes() if n.get("Alive")), default=1)
-            resources = {"num_cpus": max(1, min(node, total // concurrency))}
-            threads = None  # the actor asks Ray for the CPUs it was given
         results = dataset.map_batches(
             _ExplainActor, batch_size=batch_size, batch_format="pyarrow",
             compute=ray.data.ActorPoolStrategy(size=concurrency),
-            fn_constructor_kwargs={"model": model_ref, "summary": summary, "options": options, "device": device,
-                                   "threads": threads, "batch_size": batch_size, "full_relevance": full_relevance},
-            **resources,
+            fn_constructor_kwargs={"explainer": shipped, "device": device, "batch_size": batch_size,
+                                   "full_relevance": full_relevance},
+            **actor_resources(ray, cluster, device),
         )
         output.mkdir(parents=True, exist_ok=True)
         # Before the run (an interrupted run leaves rows to resume from) and after it (an
@@ -268,10 +243,83 @@ def explain_dataset(
         results.write_parquet(str(output), mode=SaveMode.APPEND if resume else SaveMode.OVERWRITE,
                               ray_remote_args={"num_cpus": 0})
         (output / META).write_text(json.dumps(meta, indent=1))
-    finally:
-        if started:
-            ray.shutdown()
     return output
+
+
+@dataclass(frozen=True)
+class FilesJob:
+    """Explain a batch of image files in an actor and write their PNG/NPY files there, as the
+    single-process command does (io.image.write_heatmap); a batch's files appear together."""
+
+    explainer: Portable
+    batch_size: int
+    target: int | None = None
+    top_k: int | None = None
+    style: str = "signed"
+    levels: int | None = None
+    sign: str = "positive"
+    cmap: str | None = None
+
+    def open(self, device: str, threads: int | None) -> Callable[[list], tuple[list[dict], Any]]:
+        from .io.files import Outputs
+        from .io.image import write_heatmap
+
+        explainer = self.explainer.open(device, threads)
+        ranks = self.top_k or 1
+
+        def run(batch: list[tuple[str, list[tuple[Path | None, Path | None]]]]) -> tuple[list[dict], Any]:
+            """batch: (image file, its (PNG, NPY) destinations per rank) -> per image what was
+            explained, and what exploded (lrp.explosion.Explosion or None)."""
+            pixels = explainer.read_images([file for file, _ in batch])
+            # a lone image runs as a pair: onnxruntime takes another path for a batch of one
+            pairs = np.concatenate([pixels, pixels]) if len(batch) == 1 else pixels
+            result = explainer.explain(explainer.images.normalize(pairs), self.target, self.batch_size, self.top_k,
+                                       warn=False)
+            heat = result.heatmap()
+            explosion = _ours(result.explosion, len(batch) * ranks)
+            exploded = set(explosion.indices) if explosion is not None else set()
+            rows = []
+            with Outputs() as outputs:
+                for i, (file, destinations) in enumerate(batch):
+                    for r, (png, npy) in enumerate(destinations):
+                        write_heatmap(outputs, pixels[i], heat[i * ranks + r], png, npy, self.style, self.levels,
+                                      self.sign, self.cmap)
+                    picked = range(i * ranks, (i + 1) * ranks)
+                    rows.append({"file": file, "targets": [int(result.targets[k]) for k in picked],
+                                 "initial": [float(result.initial[k]) for k in picked],
+                                 "input_sum": [float(result.input_sum[k]) for k in picked],
+                                 "exploded": any(k in exploded for k in picked)})
+            return rows, explosion
+
+        return run
+
+
+def explain_files(explainer, work: Sequence[tuple[str, list[tuple[Path | None, Path | None]]]], cluster: Cluster,
+                  *, device: str = "cpu", batch_size: int = 16, target: int | None = None, top_k: int | None = None,
+                  style: str = "signed", levels: int | None = None, sign: str = "positive", cmap: str | None = None,
+                  progress: Callable[[int], None] | None = None) -> tuple[list[dict], Any]:
+    """Each (image file, [(PNG, NPY) per rank]) explained on Ray actors with `explainer`'s
+    compiled graph, its files written as the single-process command writes them. Returns per
+    image: file, targets, initial and input relevance per rank, exploded; and the explosions
+    of the whole run (lrp.explosion.Explosion, None if none)."""
+    from .runtime.cluster import batches_of
+
+    with connected(cluster) as ray:
+        job = FilesJob(explainer.portable().stored(ray), batch_size, target, top_k, style, levels, sign, cmap)
+        done = map_batches(job, batches_of(list(work), batch_size), cluster, device, progress)
+    explosions = [e for _, e in done if e is not None]
+    return [row for rows, _ in done for row in rows], (sum(explosions[1:], explosions[0]) if explosions else None)
+
+
+def _ours(explosion, n: int):
+    """An explosion report restricted to the first n rows (a lone image runs as a pair)."""
+    if explosion is None or explosion.of == n:
+        return explosion
+    from .lrp.explosion import Explosion
+
+    indices = tuple(i for i in explosion.indices if i < n)
+    return Explosion(len(indices), n, explosion.worst if indices else 0.0, explosion.where if indices else None,
+                     indices)
 
 
 def read_heatmaps(output: str | Path) -> dict[str, np.ndarray]:

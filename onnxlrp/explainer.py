@@ -8,8 +8,9 @@ image files.
 from __future__ import annotations
 
 import warnings
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Mapping, Sequence
+from typing import Any, Mapping, Sequence
 
 import numpy as np
 import onnx
@@ -107,6 +108,10 @@ class Explainer:
         explainer.model_file = Path(compiled.summary.model)
         explainer._attach(compiled, session(compiled.source, device, threads), options, device)
         return explainer
+
+    def portable(self) -> Portable:
+        """The compiled explainer as it travels to another process (pickle it, or send it to Ray)."""
+        return Portable(self.compiled.onnx().SerializeToString(), self.summary.to_json(), self.options)
 
     @classmethod
     def from_options(cls, model: str | Path, options: Options, device: str = "cpu", threads: int | None = None,
@@ -229,3 +234,27 @@ class Explainer:
     def save(self, path: str | Path) -> None:
         """Write the explainer as an ONNX model that runs in plain onnxruntime."""
         self.compiled.save(path)
+
+
+@dataclass(frozen=True)
+class Portable:
+    """A compiled explainer on its way to a worker: the relevance graph (bytes, or a Ray
+    ObjectRef to them, so that a cluster ships it once), its summary and its options.
+    open() gives the worker its Explainer without reading the model or building a graph."""
+
+    graph: Any
+    summary: str
+    options: Options
+
+    def open(self, device: str = "cpu", threads: int | None = None) -> Explainer:
+        graph = self.graph
+        if not isinstance(graph, bytes):
+            import ray
+
+            graph = ray.get(graph)
+        return Explainer.from_compiled(Compiled(Summary.from_json(self.summary), data=graph), self.options, device,
+                                       threads)
+
+    def stored(self, ray) -> Portable:
+        """The same, with the graph put in Ray's object store (once for all actors)."""
+        return Portable(ray.put(self.graph), self.summary, self.options)

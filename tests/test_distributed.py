@@ -103,23 +103,143 @@ def test_dataset_source_and_resume(local_ray, reference, tmp_path):
         explain_dataset(ray.data.from_items([{"file": FILES[0]}]), MODEL, output=tmp_path / "other")
 
 
-def test_cli_explain_on_ray(local_ray, reference, tmp_path):
-    """onnxlrp explain --ray: the same rows as the API (the Ray instance this test module started);
-    without -o, a one-line error."""
+def copied_images(tmp_path: Path) -> tuple[Path, dict[str, str]]:
+    """FILES copied into class subfolders of one folder (the CLI takes folders), and the copies'
+    paths -> the originals."""
+    folder = tmp_path / "images"
+    copies = {}
+    for path in FILES:
+        copy = folder / Path(path).parent.name / Path(path).name
+        copy.parent.mkdir(parents=True, exist_ok=True)
+        copy.write_bytes(Path(path).read_bytes())
+        copies[str(copy)] = path
+    return folder, copies
+
+
+def test_cli_explain_to_parquet(local_ray, reference, tmp_path):
+    """onnxlrp explain --ray --parquet DIR: the same rows as the API (the Ray instance this test
+    module started); -o beside --parquet is a one-line error."""
     from typer.testing import CliRunner
 
     from onnxlrp.cli import app
 
-    folder = tmp_path / "images"
-    folder.mkdir()
-    for path in FILES:  # the CLI takes files and folders; rows hold absolute paths
-        (folder / Path(path).parent.name).mkdir(exist_ok=True)
-        (folder / Path(path).parent.name / Path(path).name).write_bytes(Path(path).read_bytes())
+    folder, copies = copied_images(tmp_path)
     out = tmp_path / "out"
-    result = CliRunner().invoke(app, ["explain", str(MODEL), str(folder), "--ray", "-o", str(out), "--batch-size", "4"])
+    result = CliRunner().invoke(app, ["explain", str(MODEL), str(folder), "--ray", "--parquet", str(out),
+                                      "--batch-size", "4"])
     assert result.exit_code == 0, result.output
     assert "12 image(s) explained" in result.output
-    copies = {str(folder / Path(p).parent.name / Path(p).name): p for p in FILES}
     check_equal({copies[k]: v for k, v in rows(out).items()}, reference)
-    missing = CliRunner().invoke(app, ["explain", str(MODEL), str(folder), "--ray"])
-    assert missing.exit_code == 1 and "give the output folder with -o" in missing.output
+    both = CliRunner().invoke(app, ["explain", str(MODEL), str(folder), "--parquet", str(out), "-o", str(tmp_path)])
+    assert both.exit_code == 1 and "leave out -o and --npy" in both.output
+
+
+def test_cli_explain_on_ray_writes_the_single_process_files_and_resumes(local_ray, tmp_path):
+    """explain --ray -o DIR --npy DIR: the files of the single-process command, byte for byte,
+    under the same names; a rerun after a partial output explains only what is missing."""
+    from typer.testing import CliRunner
+
+    from onnxlrp.cli import app
+
+    folder, _ = copied_images(tmp_path)
+    args = ["explain", str(MODEL), str(folder), "--batch-size", "4", "--top-k", "2"]
+    alone = CliRunner().invoke(app, args + ["-o", str(tmp_path / "png1"), "--npy", str(tmp_path / "npy1")])
+    assert alone.exit_code == 0, alone.output
+    ray_args = args + ["--ray", "--concurrency", "2", "-o", str(tmp_path / "png"), "--npy", str(tmp_path / "npy")]
+    first = CliRunner().invoke(app, ray_args)
+    assert first.exit_code == 0, first.output
+    for kind in ("png", "npy"):
+        ours = sorted(p.relative_to(tmp_path / kind) for p in (tmp_path / kind).rglob(f"*.{kind}"))
+        theirs = sorted(p.relative_to(tmp_path / f"{kind}1") for p in (tmp_path / f"{kind}1").rglob(f"*.{kind}"))
+        assert ours == theirs and len(ours) == 24  # 12 images, top 2
+        for name in ours:
+            assert (tmp_path / kind / name).read_bytes() == (tmp_path / f"{kind}1" / name).read_bytes(), name
+    assert sorted(first.stdout.splitlines()) == sorted(alone.stdout.replace("png1", "png").replace("npy1", "npy")
+                                                       .splitlines())
+    # An interrupted run: three images' files gone; the rerun writes those and leaves the rest.
+    gone = sorted((tmp_path / "png" / "star").glob("*.png")) + sorted((tmp_path / "npy" / "ring").glob("*_top1_lrp.npy"))
+    kept = tmp_path / "png" / "circle" / f"{Path(FILES[0]).stem}_top1_lrp.png"
+    stamp = kept.stat().st_mtime_ns
+    for path in gone:
+        path.unlink()
+    again = CliRunner().invoke(app, ray_args)
+    assert again.exit_code == 0, again.output
+    assert "8 image(s) already explained there: skipped" in again.output
+    assert all(p.is_file() for p in gone) and kept.stat().st_mtime_ns == stamp
+    assert len(again.stdout.splitlines()) == 2 * 4  # the four images redone, two ranks each
+
+
+def test_evaluate_on_ray_equals_single_process(local_ray):
+    """The same per-image values, in the same order, and so the same table: LRP (with its
+    conservation points), a CAM and a gradient method, both protocols, masks."""
+    from onnxlrp.evaluation.evaluate import evaluate, load_dataset
+    from onnxlrp.runtime.cluster import Cluster
+
+    dataset = load_dataset(SHAPES)
+    args = (MODEL, dataset, ["paper-iv", "grad-cam", "gradient"])
+    alone = evaluate(*args, limit=10, batch_size=4)
+    progress = []
+    spread = evaluate(*args, limit=10, batch_size=4, cluster=Cluster(concurrency=2), progress=progress.append)
+    assert spread.values == alone.values and spread.conservation == alone.conservation
+    assert spread.accuracy == alone.accuracy and spread.markdown() == alone.markdown()
+    assert len(alone.values["paper-iv"]["exact:id"]) == 10 and sorted(progress) == [2, 4, 4]
+
+
+def test_audit_on_ray_equals_single_process(local_ray):
+    """The same rows, checks and findings: faithfulness scores and drift come from the actors too."""
+    from onnxlrp.audit.run import audit
+    from onnxlrp.runtime.cluster import Cluster
+
+    models = ROOT / "models" / "audit"
+    args = dict(against=models / "clean.onnx", faithfulness=True, sanity_images=4, limit=24, batch_size=8)
+    alone = audit(models / "shortcut.onnx", ROOT / "examples" / "audit", **args)
+    spread = audit(models / "shortcut.onnx", ROOT / "examples" / "audit", cluster=Cluster(concurrency=2), **args)
+    assert spread.rows == alone.rows and spread.checks == alone.checks
+    assert [(f.check, f.severity, f.message, f.images) for f in spread.findings] == \
+        [(f.check, f.severity, f.message, f.images) for f in alone.findings]
+    assert np.array_equal(spread.heatmaps, alone.heatmaps) and np.array_equal(spread.pixels, alone.pixels)
+    assert np.array_equal(spread.other_heatmaps, alone.other_heatmaps)
+    assert "exact_id" in alone.rows[0] and "drift_rank_correlation" in str(alone.rows[0])
+
+
+def test_cli_evaluate_and_audit_on_ray(local_ray, tmp_path):
+    """--ray on evaluate and audit: the results files of the single-process commands."""
+    import json
+
+    from typer.testing import CliRunner
+
+    from onnxlrp.cli import app
+
+    evaluate = ["evaluate", str(MODEL), str(SHAPES), "--limit", "6", "--batch-size", "4", "-m", "paper-iv,grad-cam"]
+    alone = CliRunner().invoke(app, evaluate + ["-o", str(tmp_path / "e1")])
+    spread = CliRunner().invoke(app, evaluate + ["-o", str(tmp_path / "e2"), "--ray"])
+    assert alone.exit_code == spread.exit_code == 0, spread.output
+    assert (tmp_path / "e1" / "results.md").read_text() == (tmp_path / "e2" / "results.md").read_text()
+    assert json.loads((tmp_path / "e1" / "results.json").read_text()) == \
+        json.loads((tmp_path / "e2" / "results.json").read_text())
+
+    audit = ["audit", str(ROOT / "models" / "audit" / "shortcut.onnx"), str(ROOT / "examples" / "audit"),
+             "--limit", "12", "--sanity-images", "2"]
+    alone = CliRunner().invoke(app, audit + ["-o", str(tmp_path / "a1")])
+    spread = CliRunner().invoke(app, audit + ["-o", str(tmp_path / "a2"), "--ray", "--concurrency", "2"])
+    assert alone.exit_code == spread.exit_code, spread.output
+    assert alone.stdout.replace("a1", "a2") == spread.stdout
+    assert (tmp_path / "a1" / "images.csv").read_text() == (tmp_path / "a2" / "images.csv").read_text()
+
+
+def test_without_ray_the_flags_say_what_to_install(monkeypatch, tmp_path):
+    """No ray installed: one line naming the extra, exit 1 (2 for audit), nothing run."""
+    import sys
+
+    from typer.testing import CliRunner
+
+    from onnxlrp.cli import app
+
+    monkeypatch.setitem(sys.modules, "ray", None)  # import ray -> ImportError
+    for args, code in ((["explain", str(MODEL), FILES[0], "--ray", "-o", str(tmp_path / "x")], 1),
+                       (["evaluate", str(MODEL), str(SHAPES), "--ray", "-o", str(tmp_path / "e")], 1),
+                       (["audit", str(MODEL), str(SHAPES), "--ray", "-o", str(tmp_path / "a")], 2)):
+        result = CliRunner().invoke(app, args)
+        assert result.exit_code == code, result.output
+        assert result.output.strip().splitlines() == ["error: ray is not installed: pip install 'onnxlrp[ray]'"]
+    assert not any(tmp_path.iterdir())

@@ -14,11 +14,11 @@ def test_qdq_logits_are_the_quantized_models_own():
     (default optimisations; models/quantized_fixtures.py found them bit-identical to the
     reference Q/DQ arithmetic with optimisations off). The relevance graph runs that reference
     arithmetic, so they agree to float32 rounding."""
-    from onnxlrp.audit.identity import own_logits
+    from onnxlrp.audit.identity import own_logits, own_session
 
     ref = np.load(FIXTURES / "resnet18.npz")
     result = Explainer(FIXTURES / "resnet18_qdq.onnx", cache=False).explain(ref["x"], warn=False)
-    assert np.abs(result.logits - own_logits(FIXTURES / "resnet18_qdq.onnx", ref["x"])).max() <= 1e-5
+    assert np.abs(result.logits - own_logits(own_session(FIXTURES / "resnet18_qdq.onnx"), ref["x"])).max() <= 1e-5
 
 
 def test_qdq_graph_keeps_its_merges_and_passes_relevance_through_qdq():

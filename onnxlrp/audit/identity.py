@@ -57,12 +57,18 @@ def output_step(path: Path) -> float | None:
     return float(np.max(np.abs(onnx.numpy_helper.to_array(scale)))) if scale is not None else None
 
 
-def own_logits(path: Path, x: np.ndarray, device: str = "cpu", batch_size: int = 16) -> np.ndarray:
-    """The model file's own logits in plain onnxruntime (default options), as deployed."""
+def own_session(path: Path, device: str = "cpu", threads: int | None = None) -> ort.InferenceSession:
+    """The model file in plain onnxruntime (default options), as deployed."""
     providers = ["CUDAExecutionProvider", "CPUExecutionProvider"] if device == "cuda" else ["CPUExecutionProvider"]
     options = ort.SessionOptions()
     options.log_severity_level = 3
-    session = ort.InferenceSession(str(path), options, providers=providers)
+    if threads:
+        options.intra_op_num_threads = threads
+    return ort.InferenceSession(str(path), options, providers=providers)
+
+
+def own_logits(session: ort.InferenceSession, x: np.ndarray, batch_size: int = 16) -> np.ndarray:
+    """The model's own logits (its first output) from a plain session (own_session)."""
     first = session.get_inputs()[0]
     fixed = first.shape[0] if isinstance(first.shape[0], int) else None
     return next(iter(run_batched(session, {first.name: x}, batch_size, fixed).values()))

@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Callable
 
@@ -10,12 +10,13 @@ import numpy as np
 
 from ..errors import OnnxLrpError
 from ..evaluation.evaluate import Dataset, load_dataset, load_mask
-from ..explainer import Explainer
+from ..explainer import Explainer, Portable
+from ..runtime.cluster import Cluster, connected, map_batches
 from . import drift as drift_check
 from . import sanity
 from .findings import FailOn, Finding, finding
 from ..runtime.cache import file_digest
-from .identity import identity, output_step, own_logits
+from .identity import identity, output_step, own_logits, own_session
 from .statistics import downsized, image_statistics, rank_correlation
 from .strategies import ClassStrategies, class_strategies
 
@@ -73,10 +74,13 @@ def audit(model: str | Path, data: str | Path, *, labels: str | Path | None = No
           against: str | Path | None = None, preset: str = "epsilon-plus-flat", split: str | None = None,
           preprocessing: str = "imagenet", image_size: tuple[int, int] | None = None, fail_on: FailOn | None = None,
           faithfulness: bool = False, sanity_images: int = 16, limit: int | None = None, batch_size: int = 16,
-          device: str = "cpu", progress: Callable[[float], None] | None = None) -> Audit:
+          device: str = "cpu", progress: Callable[[float], None] | None = None,
+          cluster: Cluster | None = None) -> Audit:
     """Audit `model` on the images of `data` (ImageFolder layout, or flat with a labels file).
     progress(n) is called as images are done (n images' worth of work; the calls add up to the
-    number of images), the checks after the explanations counting as one more image."""
+    number of images), the checks after the explanations counting as one more image.
+    cluster: explain (and score, and compare) the images on Ray actors (runtime.cluster); the
+    checks then run here on what they return, with the same results as in one process."""
     start = time.perf_counter()
     model, data = Path(model), Path(data)
     fail_on = fail_on or FailOn.parse(None)
@@ -99,28 +103,36 @@ def audit(model: str | Path, data: str | Path, *, labels: str | Path | None = No
         raise OnnxLrpError(f"{data}: {len(dataset.classes)} classes, but the model has {explainer.num_classes}")
     facts = identity(model, explainer)
     height, width = explainer.summary.height, explainer.summary.width
+    other = None
+    if against is not None:
+        other = Explainer(against, preset=preset, split=split, preprocessing=preprocessing, image_size=image_size,
+                          device=device)
+        if other.input_shape[1:] != explainer.input_shape[1:]:
+            raise OnnxLrpError(f"{against}: input {list(other.input_shape[1:])} differs from the audited model's "
+                               f"{list(explainer.input_shape[1:])}")
 
-    # 1. Explain every image once (progress over the images).
-    pixels, inputs, heatmaps, logits, targets, initial, sums, merge_sums, nonfinite = [], [], [], [], [], [], [], [], []
-    for begin in range(0, count, batch_size):
-        batch = explainer.read_images(files[begin:begin + batch_size])
-        x = explainer.images.normalize(batch)
-        result = explainer.explain(x, batch_size=batch_size, warn=False)
-        pixels.append(batch)
-        inputs.append(x)
-        heatmaps.append(result.heatmap())
-        logits.append(result.logits)
-        targets.append(result.targets)
-        initial.append(result.initial)
-        sums.append(result.input_sum)
-        merge_sums.append(result.merge_sums)
-        nonfinite += [begin + i for i in (result.explosion.indices if result.explosion else ())]
-        if progress:
-            progress(len(x))
-    pixels, heatmaps = np.concatenate(pixels), np.concatenate(heatmaps)
-    logits, targets = np.concatenate(logits), np.concatenate(targets)
-    initial, sums = np.concatenate(initial), np.concatenate(sums)
-    x_all = np.concatenate(inputs)
+    # 1. Explain every image once (progress over the images): in this process, or batch by
+    # batch on Ray actors; the batches are the same either way, and so are the numbers.
+    job = Job(explainer.portable(), str(model), batch_size, faithfulness,
+              other.portable() if other is not None else None)
+    batches = [files[k:k + batch_size] for k in range(0, count, batch_size)]
+    if cluster is None:
+        run = job.open(device, None, explainer, other)
+        parts = []
+        for batch in batches:
+            parts.append(run(batch))
+            if progress:
+                progress(len(batch))
+    else:
+        with connected(cluster) as ray:
+            shipped = replace(job, explainer=job.explainer.stored(ray),
+                              against=job.against.stored(ray) if job.against is not None else None)
+            parts = map_batches(shipped, batches, cluster, device, progress)
+    joined = {key: np.concatenate([part[key] for part in parts]) for key in parts[0] if key != "faithfulness"}
+    pixels, heatmaps, logits, targets = joined["pixels"], joined["heatmaps"], joined["logits"], joined["targets"]
+    initial, sums, merge_sums, own = joined["initial"], joined["input_sum"], joined["merge_sums"], joined["own_logits"]
+    nonfinite = [int(i) for i in np.flatnonzero(joined["exploded"])]
+    x_all = explainer.images.normalize(pixels)
     masks_loaded = [load_mask(m, height, width) for m in mask_files]
     classes = dataset.classes or [str(k) for k in range(explainer.num_classes)]
     findings: list[Finding] = []
@@ -131,7 +143,6 @@ def audit(model: str | Path, data: str | Path, *, labels: str | Path | None = No
             findings.append(found)
 
     # 2. Integrity: the explainer's logits are the model's own; no NaN/Inf; conservation.
-    own = own_logits(model, x_all, device, batch_size)
     ours = _softmax(logits) if any("before the final Softmax" in n for n in facts["notes"]) else logits
     # allowed: float32 rounding, 1e-4 of the largest logit; for an int8 output one quantisation step more
     difference = float(np.abs(ours - own).max())
@@ -148,7 +159,6 @@ def audit(model: str | Path, data: str | Path, *, labels: str | Path | None = No
     # per merge); the totals per image only where no bias absorbs relevance.
     conservation = np.abs(sums - initial) / np.maximum(np.abs(initial), 1e-30)
     conserving = explainer.options.preset.initial != "one" and explainer.options.split.method != "copy"
-    merge_sums = np.concatenate(merge_sums)
     if conserving and merge_sums.size:
         totals = merge_sums[..., 0].astype(np.float64)
         with np.errstate(invalid="ignore"):
@@ -176,8 +186,8 @@ def audit(model: str | Path, data: str | Path, *, labels: str | Path | None = No
                "initial_relevance": float(initial[i]), "conservation_error": float(conservation[i]),
                **image_statistics(heatmaps[i], masks_loaded[i])}
         rows.append(row)
-    if faithfulness:
-        _faithfulness(model, explainer, x_all, heatmaps, targets, rows, device)
+    for row, scores in zip(rows, (s for part in parts for s in part.get("faithfulness", ()))):
+        row.update({f"exact_{k}": v for k, v in scores.items()})
     labelled = [r["correct"] for r in rows if r["correct"] is not None]
     if labelled:
         checks["accuracy"] = float(np.mean(labelled))
@@ -232,17 +242,12 @@ def audit(model: str | Path, data: str | Path, *, labels: str | Path | None = No
     else:
         random_logit = None
 
-    # 6. Drift against another model.
+    # 6. Drift against another model (explained with the images above).
     drift = other_heatmaps = None
-    if against is not None:
-        other = Explainer(against, preset=preset, split=split, preprocessing=preprocessing, image_size=image_size,
-                          device=device)
-        if other.input_shape[1:] != explainer.input_shape[1:]:
-            raise OnnxLrpError(f"{against}: input {list(other.input_shape[1:])} differs from the audited model's "
-                               f"{list(explainer.input_shape[1:])}")
-        result = other.explain(x_all, target=targets, batch_size=batch_size, warn=False)
-        other_heatmaps = result.heatmap()
-        drift = drift_check.compare(str(against), targets, result.logits.argmax(axis=1), heatmaps, other_heatmaps)
+    if other is not None:
+        other_heatmaps = joined["other_heatmaps"]
+        drift = drift_check.compare(str(against), targets, joined["other_logits"].argmax(axis=1), heatmaps,
+                                    other_heatmaps)
         checks["drift-agreement"], checks["drift-explanation"] = drift.agreement, drift.correlation
         changed = [names[i] for i in drift.most_changed()]
         add(finding(fail_on, "drift-agreement", drift.agreement,
@@ -266,17 +271,50 @@ def _shown(path: Path, root: Path) -> str:
         return str(path)
 
 
-def _faithfulness(model: Path, explainer: Explainer, x: np.ndarray, heatmaps: np.ndarray, targets: np.ndarray,
-                  rows: list[dict], device: str) -> None:
-    """Insertion and Deletion under the tie-robust protocol ("exact"), per image."""
-    from ..evaluation import metrics
-    from ..evaluation.baselines import Forward
+@dataclass(frozen=True)
+class Job:
+    """What auditing a batch of image files needs, picklable for Ray actors: the compiled
+    explainer, the model file (its own logits, and the Insertion/Deletion curves), and the
+    other model's compiled explainer for drift."""
 
-    forward = Forward(model, device=device)
-    image = explainer.summary.image
-    shape = (1, explainer.summary.height, explainer.summary.width, image.channels)
-    black = explainer.images.normalize(np.zeros(shape, np.uint8))[0]
-    for i, row in enumerate(rows):
-        curves = metrics.insertion_deletion(forward.probabilities, x[i], heatmaps[i], int(targets[i]), black,
-                                            "exact", image.layout)
-        row.update({f"exact_{k}": v for k, v in curves.scores.items()})
+    explainer: Portable
+    model: str
+    batch_size: int
+    faithfulness: bool = False
+    against: Portable | None = None
+
+    def open(self, device: str = "cpu", threads: int | None = None, explainer: Explainer | None = None,
+             other: Explainer | None = None) -> Callable[[list[Path]], dict]:
+        """A worker: a batch of files -> arrays per image (explainers given are used as they are)."""
+        from ..evaluation import metrics
+        from ..evaluation.baselines import Forward
+
+        explainer = explainer or self.explainer.open(device, threads)
+        if self.against is not None:
+            other = other or self.against.open(device, threads)
+        image, size = explainer.summary.image, self.batch_size
+        forward = Forward(self.model, device=device, threads=threads) if self.faithfulness else None
+        shape = (1, explainer.summary.height, explainer.summary.width, image.channels)
+        black = explainer.images.normalize(np.zeros(shape, np.uint8))[0]
+        plain = own_session(Path(self.model), device, threads)
+
+        def run(files: list[Path]) -> dict:
+            pixels = explainer.read_images(files)
+            x = explainer.images.normalize(pixels)
+            result = explainer.explain(x, batch_size=size, warn=False)
+            heatmaps = result.heatmap()
+            exploded = np.zeros(len(x), dtype=bool)
+            exploded[list(result.explosion.indices if result.explosion else ())] = True
+            out = {"pixels": pixels, "heatmaps": heatmaps, "logits": result.logits, "targets": result.targets,
+                   "initial": result.initial, "input_sum": result.input_sum, "merge_sums": result.merge_sums,
+                   "exploded": exploded, "own_logits": own_logits(plain, x, size)}
+            if forward is not None:  # Insertion and Deletion, tie-robust protocol ("exact")
+                out["faithfulness"] = [
+                    metrics.insertion_deletion(forward.probabilities, x[i], heatmaps[i], int(result.targets[i]), black,
+                                               "exact", image.layout).scores for i in range(len(x))]
+            if other is not None:
+                theirs = other.explain(x, target=result.targets, batch_size=size, warn=False)
+                out["other_heatmaps"], out["other_logits"] = theirs.heatmap(), theirs.logits
+            return out
+
+        return run

@@ -40,7 +40,7 @@ class Forward:
     output: a probe tensor such as the last conv block's feature map."""
 
     def __init__(self, model: str | Path, probe: str | None = None, device: str = "cpu",
-                 image_size: tuple[int, int] | None = None):
+                 image_size: tuple[int, int] | None = None, threads: int | None = None):
         analysis = analyse(model, image_size=image_size)
         canonical = analysis.graph.canonical
         graph = canonical.graph
@@ -55,7 +55,8 @@ class Forward:
             outputs.append(tensor)
         graph.outputs = outputs
         graph.cleanup()
-        self.session = session(gs.export_onnx(graph, do_type_check=False, ir_version=analysis.ir_version), device)
+        self.session = session(gs.export_onnx(graph, do_type_check=False, ir_version=analysis.ir_version), device,
+                               threads)
         self.input_name = canonical.input.name
         self.image, self.height, self.width = analysis.image, analysis.height, analysis.width
         self.num_classes = analysis.num_classes
@@ -105,10 +106,11 @@ def _lrp(name: str, label: str, model, preset: str, **options) -> Method:
 
 
 def methods(model: str | Path, black: np.ndarray, layout: str = "NCHW", device: str = "cpu",
-            steps: int = 32, image_size=None) -> dict[str, Callable[[], Method]]:
+            steps: int = 32, image_size=None, threads: int | None = None) -> dict[str, Callable[[], Method]]:
     """Method name -> a factory (methods build their sessions only when asked for).
-    black: the model input of one all-black image (no batch axis), for Integrated Gradients and Score-CAM."""
-    common = dict(device=device, image_size=image_size)
+    black: the model input of one all-black image (no batch axis), for Integrated Gradients and Score-CAM.
+    threads: onnxruntime's intra-op threads per session (default: its own choice)."""
+    common = dict(device=device, image_size=image_size, threads=threads)
 
     def gradients(preset):
         explainer = Explainer(model, preset=preset, **common)

@@ -29,6 +29,7 @@ from .baselines import Forward, methods as method_registry
 from ..errors import OnnxLrpError
 from ..io.image import quantize
 from ..io.preprocessing import IMAGE_SUFFIXES, get_preprocessing, load_image, load_images
+from ..runtime.cluster import Cluster, map_batches
 
 METRICS = ("insertion", "deletion", "id")
 MASK_METRICS = ("mass_accuracy", "rank_accuracy", "pointing_game")
@@ -192,65 +193,130 @@ class Results:
         return "\n".join(lines) + note + ".\n"
 
 
+@dataclass(frozen=True)
+class Job:
+    """What evaluating a batch of images needs; picklable, so that Ray actors can open it."""
+
+    model: str
+    method_names: tuple[str, ...]
+    protocols: tuple[str, ...]
+    levels: int
+    preprocessing: str
+
+    def open(self, device: str = "cpu", threads: int | None = None) -> "BatchEvaluator":
+        return BatchEvaluator(self, device, threads)
+
+
+@dataclass
+class Batch:
+    """One batch of the dataset: image files, labels, mask files."""
+
+    files: list[Path]
+    labels: np.ndarray
+    masks: list[Path | None]
+
+    def __len__(self) -> int:
+        return len(self.files)
+
+
+@dataclass
+class BatchResults:
+    """What a batch contributes: per method and metric the values of its images, in order."""
+
+    correct: int = 0
+    values: dict[str, dict[str, list[float]]] = field(default_factory=dict)
+    conservation: dict[str, dict[str, list[float]]] = field(default_factory=dict)
+
+    def add(self, method: str, metric: str, value: float) -> None:
+        self.values.setdefault(method, {}).setdefault(metric, []).append(float(value))
+
+
+class BatchEvaluator:
+    """The model's forward pass and the methods' sessions, opened once; called per batch."""
+
+    def __init__(self, job: Job, device: str = "cpu", threads: int | None = None):
+        self.job = job
+        self.forward = forward = Forward(job.model, device=device, threads=threads)  # scores the curves
+        image = forward.image
+        self.prep = get_preprocessing(job.preprocessing)
+        self.black = self.prep.normalize(np.zeros((1, forward.height, forward.width, image.channels), np.uint8),
+                                         image.layout)[0]
+        registry = method_registry(job.model, self.black, image.layout, device, threads=threads)
+        unknown = [m for m in job.method_names if m not in registry]
+        if unknown:
+            raise OnnxLrpError(f"unknown method(s) {', '.join(unknown)}; choose from {', '.join(registry)}")
+        self.methods = {name: registry[name]() for name in job.method_names}
+        self.labels = {name: method.label for name, method in self.methods.items()}
+
+    def __call__(self, batch: Batch, advance: Callable[[float], None] | None = None) -> BatchResults:
+        """advance(n): n images' worth of the batch done (fractions: per method, maps then metrics)."""
+        job, forward, image = self.job, self.forward, self.forward.image
+        out = BatchResults()
+        pixels = load_images(batch.files, forward.height, forward.width, image.channels)
+        x = self.prep.normalize(pixels, image.layout)
+        y = batch.labels
+        masks = [load_mask(m, forward.height, forward.width) for m in batch.masks]
+        out.correct = int((forward.probabilities(x).argmax(axis=1) == y).sum())
+        share = 1 / len(self.methods) if self.methods else 0.0  # of one image, per method: half maps, half metrics
+        for name, method in self.methods.items():
+            maps = method(x, y)
+            if advance:
+                advance(len(x) * share / 2)
+            for i in range(len(x)):
+                saliency = quantize(maps[i], job.levels) if job.levels else maps[i]
+                for protocol in job.protocols:
+                    curves = metrics.insertion_deletion(forward.probabilities, x[i], saliency, int(y[i]), self.black,
+                                                        protocol, image.layout)
+                    for metric, value in curves.scores.items():
+                        out.add(name, f"{protocol}:{metric}", value)
+                if masks[i] is not None:
+                    out.add(name, "mass_accuracy", metrics.mass_accuracy(saliency, masks[i]))
+                    out.add(name, "rank_accuracy", metrics.rank_accuracy(saliency, masks[i]))
+                    out.add(name, "pointing_game", metrics.pointing_game(saliency, masks[i]))
+                if advance:
+                    advance(share / 2)
+            if method.explainer is not None:
+                _conservation(out, name, method)
+        return out
+
+
 def evaluate(
     model: str | Path, dataset: Dataset, method_names: Sequence[str] = DEFAULT_METHODS,
     protocols: Sequence[str] = metrics.PROTOCOLS, levels: int = 8, preprocessing: str = "imagenet",
     limit: int | None = None, batch_size: int = 16, device: str = "cpu",
-    progress: Callable[[float], None] | None = None,
+    progress: Callable[[float], None] | None = None, cluster: Cluster | None = None,
 ) -> Results:
     """progress(n) is called as the work goes on, n in images (fractions of one: each method's
-    maps for a batch, then each image's metrics); the calls add up to the number of images."""
-    forward = Forward(model, device=device)  # the model's own forward pass scores the curves
-    image, height, width = forward.image, forward.height, forward.width
-    prep = get_preprocessing(preprocessing)
+    maps for a batch, then each image's metrics); the calls add up to the number of images.
+    cluster: run the batches on Ray actors (onnxlrp.runtime.cluster); the results are the
+    same as in one process, image for image."""
     count = min(limit or len(dataset.files), len(dataset.files))
-    files, labels = dataset.files[:count], dataset.labels[:count]
+    labels = dataset.labels[:count]
+    job = Job(str(model), tuple(method_names), tuple(protocols), levels, preprocessing)
+    files, masks = dataset.files[:count], dataset.masks[:count]
+    batches = [Batch(files[k:k + batch_size], labels[k:k + batch_size], masks[k:k + batch_size])
+               for k in range(0, count, batch_size)]
+    # Opened here in any case: bad labels, methods or models are errors before Ray starts.
+    evaluator = job.open(device)
     if labels.min(initial=0) < 0:
         raise OnnxLrpError(f"label {labels.min()} is negative")
-    if labels.max(initial=0) >= forward.num_classes:
-        raise OnnxLrpError(f"label {labels.max()} out of range: the model has {forward.num_classes} classes")
-    black = prep.normalize(np.zeros((1, height, width, image.channels), np.uint8), image.layout)[0]
-    registry = method_registry(model, black, image.layout, device)
-    unknown = [m for m in method_names if m not in registry]
-    if unknown:
-        raise OnnxLrpError(f"unknown method(s) {', '.join(unknown)}; choose from {', '.join(registry)}")
-    chosen = {name: registry[name]() for name in method_names}
-    results = Results(str(model), count, tuple(protocols), levels, {n: m.label for n, m in chosen.items()})
-    reported = 0.0  # images' worth of work passed to progress so far
-
-    def advance(to: float) -> None:
-        nonlocal reported
-        if progress is not None and to > reported:
-            progress(to - reported)
-            reported = to
-
-    correct = 0
-    for start in range(0, count, batch_size):
-        pixels = load_images(files[start:start + batch_size], height, width, image.channels)
-        x = prep.normalize(pixels, image.layout)
-        y = labels[start:start + batch_size]
-        masks = [load_mask(m, height, width) for m in dataset.masks[start:start + batch_size]]
-        correct += int((forward.probabilities(x).argmax(axis=1) == y).sum())
-        share = 1 / len(chosen) if chosen else 0.0  # of one image, per method: half maps, half metrics
-        for k, (name, method) in enumerate(chosen.items()):
-            maps = method(x, y)
-            advance(start + len(x) * (k + 0.5) * share)
-            for i in range(len(x)):
-                saliency = quantize(maps[i], levels) if levels else maps[i]
-                for protocol in protocols:
-                    curves = metrics.insertion_deletion(forward.probabilities, x[i], saliency, int(y[i]), black,
-                                                        protocol, image.layout)
-                    for metric, value in curves.scores.items():
-                        results.add(name, f"{protocol}:{metric}", value)
-                if masks[i] is not None:
-                    results.add(name, "mass_accuracy", metrics.mass_accuracy(saliency, masks[i]))
-                    results.add(name, "rank_accuracy", metrics.rank_accuracy(saliency, masks[i]))
-                    results.add(name, "pointing_game", metrics.pointing_game(saliency, masks[i]))
-                advance(start + len(x) * (k + 0.5) * share + (i + 1) * share / 2)
-            if method.explainer is not None:
-                _conservation(results, name, method)
-        advance(start + len(x))
-    results.accuracy = correct / count
+    if labels.max(initial=0) >= evaluator.forward.num_classes:
+        raise OnnxLrpError(f"label {labels.max()} out of range: the model has {evaluator.forward.num_classes} classes")
+    results = Results(str(model), count, tuple(protocols), levels, dict(evaluator.labels))
+    if cluster is None:
+        done = [evaluator(batch, progress) for batch in batches]
+    else:
+        del evaluator  # its sessions: the actors open their own
+        done = map_batches(job, batches, cluster, device, progress)
+    # In batch order: every list holds its images in dataset order, wherever they ran.
+    for part in done:
+        for method, per in part.values.items():
+            for metric, values in per.items():
+                results.values.setdefault(method, {}).setdefault(metric, []).extend(values)
+        for method, per in part.conservation.items():
+            for point, values in per.items():
+                results.conservation.setdefault(method, {}).setdefault(point, []).extend(values)
+    results.accuracy = sum(part.correct for part in done) / count
     return results
 
 
@@ -259,7 +325,7 @@ def load_mask(path: Path | None, height: int, width: int) -> np.ndarray | None:
     return None if path is None else load_image(path, height, width, channels=1)[..., 0] > 127
 
 
-def _conservation(results: Results, name: str, method) -> None:
+def _conservation(results: BatchResults, name: str, method) -> None:
     """Per image: the model output's relevance, and the relevance totals at the network input,
     at the first and at the last block's input (the paper's Fig. 5), and the conservation error."""
     result = method.last[0]

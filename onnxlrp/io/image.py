@@ -124,3 +124,15 @@ def write_png(picture: Image.Image, path: str | Path) -> None:
 def write_npy(array: np.ndarray, path: str | Path) -> None:
     with open(path, "wb") as f:
         np.save(f, array)
+
+
+def write_heatmap(outputs, pixels: np.ndarray, heat: np.ndarray, png: Path | None, npy: Path | None,
+                  style: str = "signed", levels: int | None = None, sign: str = "positive",
+                  cmap: str | None = None) -> None:
+    """One heatmap's files, staged in `outputs` (io.files.Outputs): the PNG over the image, the
+    raw map as float32 .npy."""
+    if png is not None:
+        picture = render(pixels, heat, style, levels, sign, cmap)
+        outputs.write(png, lambda tmp: write_png(picture, tmp))
+    if npy is not None:
+        outputs.write(npy, lambda tmp: write_npy(heat.astype(np.float32), tmp))

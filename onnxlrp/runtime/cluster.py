@@ -1,0 +1,151 @@
+"""Run batches of work on Ray actors, on a local Ray instance or an existing cluster.
+
+A *job* is a small picklable object that says how to start a worker: ``job.open(device,
+threads)`` runs once per actor (it opens the onnxruntime sessions) and returns a callable
+that takes one batch and returns its result. ``map_batches(job, batches, cluster)`` runs
+every batch through Ray Data's actor pool and returns the results in the order of the
+batches: the driver then aggregates them exactly as a single process would, so the numbers
+do not depend on where a batch ran. The batches are the single-process command's batches,
+one item each, so that onnxruntime sees the same inputs in the same groupings.
+
+Ray is an optional extra: ``pip install 'onnxlrp[ray]'``.
+"""
+from __future__ import annotations
+
+import logging
+import pickle
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Any, Callable, Iterator, Protocol, Sequence
+
+from ..errors import OnnxLrpError
+
+INSTALL = "pip install 'onnxlrp[ray]'"
+
+
+@dataclass(frozen=True)
+class Cluster:
+    """Where to run: address None starts a local Ray instance (or uses the one this process
+    has started); 'auto' or 'ray://host:port' joins a cluster. concurrency: actors, one
+    onnxruntime session (set) each."""
+
+    address: str | None = None
+    concurrency: int = 1
+
+    def __post_init__(self) -> None:
+        if self.concurrency < 1:
+            raise OnnxLrpError("concurrency must be at least 1")
+
+
+class Job(Protocol):
+    def open(self, device: str, threads: int | None) -> Callable[[Any], Any]: ...
+
+
+_QUIET = False
+
+
+def quiet() -> None:
+    """Ray's own INFO and WARNING lines off (the command line says what it does itself)."""
+    global _QUIET
+    _QUIET = True
+
+
+def _silence() -> None:
+    # Ray sets its loggers up when it starts and when Ray Data starts a dataset; after both.
+    for name in ("ray", "ray.data"):
+        logging.getLogger(name).setLevel(logging.ERROR)
+
+
+def import_ray():
+    try:
+        import ray
+        import ray.data  # noqa: F401
+    except ImportError:
+        raise OnnxLrpError(f"ray is not installed: {INSTALL}") from None
+    return ray
+
+
+@contextmanager
+def connected(cluster: Cluster) -> Iterator[Any]:
+    """Ray, initialised for `cluster`; a local instance started here is shut down after."""
+    ray = import_ray()
+    started = False
+    if not ray.is_initialized():
+        try:
+            level = logging.ERROR if _QUIET else logging.INFO
+            if cluster.address is not None:
+                ray.init(address=cluster.address, log_to_driver=False, logging_level=level)
+            else:
+                ray.init(include_dashboard=False, log_to_driver=False, logging_level=level)
+        except (ConnectionError, RuntimeError, ValueError) as exc:
+            where = f"the Ray cluster at {cluster.address}" if cluster.address else "a local Ray instance"
+            raise OnnxLrpError(f"cannot start {where} ({str(exc).splitlines()[0] if str(exc) else type(exc).__name__})") from None
+        started = True
+    try:
+        ray.data.DataContext.get_current().enable_progress_bars = False  # onnxlrp draws its own
+        if _QUIET:
+            import ray.data._internal.logging  # noqa: F401 (Ray Data's logging setup, before we quiet it)
+
+            _silence()
+        yield ray
+    finally:
+        if started:
+            ray.shutdown()
+
+
+def actor_resources(ray, cluster: Cluster, device: str) -> dict[str, float]:
+    """A GPU each on cuda; on the CPU the cluster's CPUs shared among the actors, but no more
+    than one machine has (an actor's threads share one machine)."""
+    if device == "cuda":
+        return {"num_gpus": 1, "num_cpus": 1}
+    total = int(ray.cluster_resources().get("CPU", 1))
+    node = max((int(n["Resources"].get("CPU", 0)) for n in ray.nodes() if n.get("Alive")), default=1)
+    return {"num_cpus": max(1, min(node, total // cluster.concurrency))}
+
+
+class _Worker:
+    """One Ray actor: the job's worker, opened once with the CPUs Ray assigned to it."""
+
+    def __init__(self, job: Job, device: str):
+        import ray
+
+        cpus = ray.get_runtime_context().get_assigned_resources().get("CPU")
+        self.run = job.open(device, max(1, int(cpus)) if cpus and device == "cpu" else None)
+
+    def __call__(self, rows: dict) -> dict:
+        results = [pickle.dumps(self.run(pickle.loads(item))) for item in rows["batch"]]
+        return {"index": rows["index"], "result": results}
+
+
+def map_batches(job: Job, batches: Sequence[Any], cluster: Cluster, device: str = "cpu",
+                progress: Callable[[int], None] | None = None, size: Callable[[Any], int] = len) -> list[Any]:
+    """Each batch through `job` on Ray actors; the results in the order of `batches`.
+    progress(n) is called as batches finish, n = size(batch)."""
+    if not batches:
+        return []
+    with connected(cluster) as ray:
+        items = [{"index": k, "batch": pickle.dumps(b)} for k, b in enumerate(batches)]
+        # One batch per block and per call: every actor gets work, and a batch is never cut.
+        dataset = ray.data.from_items(items, override_num_blocks=len(items))
+        results = dataset.map_batches(
+            _Worker, batch_size=1, batch_format="numpy",
+            compute=ray.data.ActorPoolStrategy(size=min(cluster.concurrency, len(items))),
+            fn_constructor_kwargs={"job": job, "device": device}, **actor_resources(ray, cluster, device),
+        )
+        done: dict[int, Any] = {}
+        for row in results.iter_rows():  # streamed: Ray's back-pressure bounds what is in flight
+            index = int(row["index"])
+            done[index] = pickle.loads(row["result"])
+            if progress is not None:
+                progress(size(batches[index]))
+    missing = [k for k in range(len(batches)) if k not in done]
+    if missing:
+        raise OnnxLrpError(f"Ray returned no result for {len(missing)} batch(es)")
+    return [done[k] for k in range(len(batches))]
+
+
+def batches_of(items: Sequence[Any], batch_size: int) -> list[Sequence[Any]]:
+    """`items` cut as the single-process loops cut them."""
+    return [items[k:k + batch_size] for k in range(0, len(items), max(1, batch_size))] if items else []
+
+
