@@ -21,7 +21,8 @@ from onnxlrp.io.preprocessing import get_preprocessing, load_image  # noqa: E402
 ROOT = Path(__file__).resolve().parent.parent
 MODEL = ROOT / "models" / "demo" / "tiny_resnet.onnx"
 TITLES = {"lrp-captum": "LRP (Captum)", "integrated-gradients": "Integrated Grad.", "guided-backprop": "Guided Backprop",
-          "grad-cam": "Grad-CAM", "score-cam": "Score-CAM", "paper-iii": "LRP (iii)", "paper-iv": "LRP (iv)"}
+          "grad-cam": "Grad-CAM", "score-cam": "Score-CAM", "paper-iii": "LRP (iii)", "paper-iv": "LRP (iv)",
+          "relevance-cam": "Relevance-CAM", "gated-lrp": "Gated LRP"}
 METHODS = tuple(TITLES)
 
 

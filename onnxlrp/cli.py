@@ -42,6 +42,7 @@ from .io.image import SIGNS, STYLES, write_heatmap
 from .io.preprocessing import PREPROCESSING, check_images, image_sources
 from .lrp import explosion as explode
 from .lrp.composites import PRESETS
+from .lrp.heatmaps import KINDS
 from .lrp.splitting import SPLITS
 from .options import PRECISIONS
 from .runtime.cluster import Cluster, import_ray, quiet
@@ -116,6 +117,9 @@ Size = Annotated[Optional[int], typer.Option("--size", min=1, help="Input height
                                              show_default="224")]
 Preprocess = Annotated[PreprocessName, typer.Option("--preprocess", metavar="NAME",
                                                     help=f"Input normalisation: {', '.join(PREPROCESSING)}.")]
+HeatmapName = Literal[KINDS]  # type: ignore[valid-type]
+HeatmapOpt = Annotated[HeatmapName, typer.Option("--heatmap", help="pixel: the input relevance; layer: Relevance-CAM at --layer; gated: pixel relevance gated by the positive layer relevance (neither conserves).")]
+LayerOpt = Annotated[str, typer.Option("--layer", metavar="TENSOR", help="Tensor for --heatmap layer/gated: 'last' (the last conv block), 'input', or a tensor name (see onnxlrp graph).")]
 RayFlag = Annotated[bool, typer.Option("--ray", help="Run on a local Ray instance (pip install 'onnxlrp[ray]').")]
 RayAddress = Annotated[Optional[str], typer.Option("--ray-address", metavar="ADDRESS", help="Run on this Ray cluster ('auto': the one `ray start` runs here); implies --ray.")]
 Concurrency = Annotated[int, typer.Option("--concurrency", min=1, help="With --ray: actors, one onnxruntime session each.")]
@@ -213,6 +217,8 @@ def explain(
     top_k: Annotated[Optional[int], typer.Option("--top-k", min=1, metavar="K", help="Explain each image's K best classes (<image>_top<r>_lrp.png).")] = None,
     low: Annotated[Optional[float], typer.Option(help="z^B lower box bound.", show_default="pixel 0 after preprocessing")] = None,
     high: Annotated[Optional[float], typer.Option(help="z^B upper box bound.", show_default="pixel 255 after preprocessing")] = None,
+    heatmap: HeatmapOpt = "pixel",
+    layer: LayerOpt = "last",
     parquet: Annotated[Optional[Path], typer.Option("--parquet", metavar="DIR", help="On Ray: a folder of Parquet rows (path, target, logits, relevance totals, float16 heatmap) instead of PNG/NPY; a rerun resumes.")] = None,
     ray: RayFlag = False,
     ray_address: RayAddress = None,
@@ -222,7 +228,7 @@ def explain(
     cluster = _cluster(ray, ray_address, concurrency)
     if parquet is not None:
         _explain_to_parquet(model, images, parquet, output, npy, preset, split, preprocess, _image_size(size),
-                            batch_size, device, cluster)
+                            heatmap, layer, batch_size, device, cluster)
         return
     with _user_errors():
         sources = image_sources(images)
@@ -248,6 +254,7 @@ def explain(
         explainer = Explainer(
             model, preset=preset, split=split, include_identity=include_identity, bias=bias, low=low,
             high=high, device=device, preprocessing=preprocess, image_size=_image_size(size), precision=precision,
+            heatmap=heatmap, layer=layer,
         )
         explainer.targets(target, 1)  # a bad --target or --top-k is an error before anything is said or run
         if top_k and top_k > explainer.num_classes:
@@ -331,8 +338,8 @@ def _explain_on_ray(explainer, per_image, cluster, device, batch_size, target, t
         typer.echo(f"warning: {explode.message(explosion, explainer.summary.preset, explainer.bias)}", err=True)
 
 
-def _explain_to_parquet(model, images, parquet, output, npy, preset, split, preprocess, image_size, batch_size,
-                        device, cluster) -> None:
+def _explain_to_parquet(model, images, parquet, output, npy, preset, split, preprocess, image_size, heatmap, layer,
+                        batch_size, device, cluster) -> None:
     """explain --parquet DIR: onnxlrp.distributed.explain_dataset (Parquet rows, resumable)."""
     from .distributed import done_paths, explain_dataset
 
@@ -341,8 +348,8 @@ def _explain_to_parquet(model, images, parquet, output, npy, preset, split, prep
             raise OnnxLrpError("--parquet writes Parquet rows only: leave out -o and --npy")
         cluster = cluster or Cluster()
         explain_dataset([str(p) for p in images], model, output=parquet, preset=preset, split=split,
-                        preprocessing=preprocess, image_size=image_size, batch_size=batch_size,
-                        concurrency=cluster.concurrency, device=device, address=cluster.address)
+                        preprocessing=preprocess, image_size=image_size, heatmap=heatmap, layer=layer,
+                        batch_size=batch_size, concurrency=cluster.concurrency, device=device, address=cluster.address)
         console.print(f"wrote {parquet}: {len(done_paths(parquet))} image(s) explained (Parquet)", highlight=False,
                       soft_wrap=True)
 
@@ -434,7 +441,7 @@ def _list_methods(value: bool) -> None:
 def evaluate(
     model: Model,
     data: Annotated[Path, typer.Argument(help="Image folder: one subfolder per class (order: classes.txt, else by name), optional masks/.", show_default=False, metavar="DATA")],
-    methods: Annotated[str, typer.Option("--methods", "-m", help="Comma-separated methods (see --list-methods).")] = ",".join(DEFAULT_METHODS),
+    methods: Annotated[str, typer.Option("--methods", "-m", help="Comma-separated methods (see --list-methods); also any preset by name, and NAME:layer or NAME:gated for an LRP method's Relevance-CAM or gated map.")] = ",".join(DEFAULT_METHODS),
     labels: Annotated[Optional[Path], typer.Option("--labels", help="CSV of 'path,label' lines instead of class subfolders.")] = None,
     limit: Annotated[Optional[int], typer.Option("--limit", min=1, help="Evaluate the first N images only.")] = None,
     protocol: Annotated[ProtocolName, typer.Option("--protocol", help="Insertion/Deletion protocol: paper (>= thresholds), exact (tie-robust), or both.")] = "both",
@@ -481,6 +488,8 @@ def audit(
     against: Annotated[Optional[Path], typer.Option("--against", help="Another model file to compare with (the previous release, the float source of an int8 model).")] = None,
     preset: Preset = "epsilon-plus-flat",
     split: SplitOpt = None,
+    heatmap: HeatmapOpt = "pixel",
+    layer: LayerOpt = "last",
     fail_on: Annotated[Optional[list[str]], typer.Option("--fail-on", metavar="CHECK[=THRESHOLD]",
                                                          help="Checks that fail the audit (repeat or comma-separate; 'none' for none). "
                                                               f"Default: {','.join(DEFAULT_FAIL_ON)}. Checks: {', '.join(CHECKS)}.")] = None,
@@ -509,7 +518,8 @@ def audit(
         with _progress() as progress:
             task = progress.add_task(f"auditing {total} images", total=total + 1)
             result = run_audit(model, data, labels=labels, masks=masks, against=against, preset=preset, split=split,
-                               preprocessing=preprocess, image_size=_image_size(size), fail_on=rules,
+                               preprocessing=preprocess, image_size=_image_size(size), heatmap=heatmap,
+                               layer=layer, fail_on=rules,
                                faithfulness=faithfulness, sanity_images=sanity_images, limit=limit,
                                batch_size=batch_size, device=device, progress=lambda n: progress.advance(task, n),
                                cluster=cluster)
@@ -535,12 +545,15 @@ def compile_model(
     preprocess: Preprocess = "imagenet",
     precision: Annotated[PrecisionName, typer.Option("--precision", help="Precision of the relevance pass.")] = "fp32",
     size: Size = None,
+    heatmap: HeatmapOpt = "pixel",
+    layer: LayerOpt = "last",
 ) -> None:
     """Save the explainer as an ONNX model (inputs images, target; outputs logits, relevance, ...)."""
     with _user_errors():
         check_writable([output])
         explainer = Explainer(model, preset=preset, split=split, include_identity=include_identity, bias=bias,
-                              preprocessing=preprocess, image_size=_image_size(size), precision=precision)
+                              preprocessing=preprocess, image_size=_image_size(size), precision=precision,
+                              heatmap=heatmap, layer=layer)
         for note in explainer.summary.notes:
             typer.echo(f"note: {note}", err=True)
         explainer.save(output)
@@ -548,7 +561,9 @@ def compile_model(
                  *explainer.input_shape[1:]]
         console.print(f"wrote {output}: inputs images [{', '.join(map(str, shape))}], target [N]; "
                       "outputs logits, relevance, targets, initial_relevance"
-                      + (", merge_relevance" if explainer.merges else ""), highlight=False, soft_wrap=True)
+                      + (", merge_relevance" if explainer.merges else "")
+                      + (f", heatmap [N, {explainer.summary.height}, {explainer.summary.width}] ({heatmap})"
+                         if heatmap != "pixel" else ""), highlight=False, soft_wrap=True)
 
 
 if __name__ == "__main__":

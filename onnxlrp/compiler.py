@@ -21,6 +21,7 @@ from .io.files import write_atomic
 from .ir.merges import Merge
 from .ir.model import ImageInput
 from .lrp import relevance_graph as rg
+from .lrp.heatmaps import INPUT, LAST, Heatmap
 from .options import Options
 from .runtime import cache as cache_store
 
@@ -44,6 +45,8 @@ class Summary:
     warnings: list[str]
     trace_nodes: list[str]
     probe: str | None
+    heatmap: str = "pixel"  # lrp.heatmaps KINDS: what Explanation.heatmap() returns
+    heatmap_layer: str | None = None  # the tensor a layer or gated map comes from
 
     def to_json(self) -> str:
         return json.dumps(asdict(self))
@@ -123,9 +126,11 @@ def build(analysis: Analysis, options: Options) -> tuple[Summary, onnx.ModelProt
         probe = analysis.graph.last_feature_map()
         if probe is None:
             raise OnnxLrpError(f"{analysis.path}: no global average pool, so no last conv block to probe")
+    layer, layer_axis = heatmap_layer(analysis, options.heatmap)
     compiled = rg.build(
         analysis.graph, analysis.rules, initial=analysis.preset.initial, bias=options.bias, low=low,
         high=high, ir_version=analysis.ir_version, opset=analysis.opset, trace=options.trace, probe=probe,
+        heatmap=options.heatmap, layer=layer, layer_axis=layer_axis, pixel_axis=analysis.image.channel_axis,
     )
     if options.precision == "fp16":
         compiled = rg.to_float16(compiled)
@@ -133,9 +138,44 @@ def build(analysis: Analysis, options: Options) -> tuple[Summary, onnx.ModelProt
     summary = Summary(
         analysis.path, analysis.preset.name, analysis.split.method, analysis.split.include_identity,
         analysis.image, analysis.height, analysis.width, analysis.num_classes, analysis.merges,
-        analysis.notes, analysis.warnings, json.loads(props.get(rg.TRACE_KEY, "[]")), probe,
+        analysis.notes + _heatmap_note(options.heatmap, layer), analysis.warnings, json.loads(props.get(rg.TRACE_KEY, "[]")), probe,
+        options.heatmap.kind, layer,
     )
     return summary, compiled
+
+
+def _heatmap_note(spec: Heatmap, layer: str | None) -> list[str]:
+    if not spec.needs_layer:
+        return []
+    return [f"heatmap: {spec.describe(layer)}; it does not conserve relevance: the conservation figures "
+            "are those of the pixel relevance it is computed with"]
+
+
+def heatmap_layer(analysis: Analysis, spec: Heatmap) -> tuple[str | None, int]:
+    """The tensor a layer or gated map is taken at (given by its name, its node's name, "last"
+    or "input"), and its channel axis: 1 by ONNX's
+    convention, or the axis the global pooling over it keeps (a ReduceMean over rows and
+    columns of a channels-last map)."""
+    if not spec.needs_layer:
+        return None, 1
+    graph = analysis.graph
+    name = {LAST: graph.last_feature_map(), INPUT: graph.canonical.input.name}.get(spec.layer, spec.layer)
+    if name is None:
+        raise OnnxLrpError(f"{analysis.path}: no global average pool, so no last conv block for the layer map")
+    if name == graph.canonical.input.name:
+        return name, analysis.image.channel_axis
+    # a tensor name, or the name of the node that writes it (what `onnxlrp graph` lists)
+    producer = graph.ops.get(name) or next((op for op in graph.ops.values() if op.output.name == name), None)
+    if producer is None:
+        raise OnnxLrpError(f"{analysis.path}: no node or tensor '{name}' on the path from the image to the logits "
+                           "(onnxlrp graph lists the nodes)")
+    name = producer.output.name
+    shape = producer.output.shape
+    if shape is None or len(shape) != 4:
+        raise OnnxLrpError(f"{analysis.path}: tensor '{name}' has shape {shape}; a layer map needs a 4-d feature map")
+    pools = [op for op in graph.ops.values() if op.x.name == name and op.node.op in ("GlobalAveragePool", "ReduceMean")]
+    kept = [a for a in range(1, 4) if pools and a not in pools[0].axes]
+    return name, kept[0] if len(kept) == 1 else 1
 
 
 def box_bounds(analysis: Analysis, options: Options) -> tuple[np.ndarray, np.ndarray]:

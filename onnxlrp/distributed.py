@@ -174,6 +174,8 @@ def explain_dataset(
     split: str | None = None,
     preprocessing: str = "imagenet",
     image_size: tuple[int, int] | None = None,
+    heatmap: str = "pixel",
+    layer: str = "last",
     batch_size: int = 16,
     concurrency: int = 1,
     device: str = "cpu",
@@ -189,7 +191,8 @@ def explain_dataset(
     cuda: one GPU each). address: a Ray cluster to connect to; None uses the instance already
     started in this process, else starts a local one (and shuts it down when done).
     resume: skip the images that already have a row under `output` (False: replace what is
-    there). Returns `output`.
+    there). heatmap, layer: the map in the "heatmap" column (Explainer's heatmap=). Returns
+    `output`.
     """
     import_ray()
     from ray.data import SaveMode
@@ -207,7 +210,7 @@ def explain_dataset(
 
     # Compiled once, here: the workers get the graph, not the model.
     explainer = Explainer(model, preset=preset, split=split, preprocessing=preprocessing, image_size=image_size,
-                          device="cpu", threads=1)
+                          heatmap=heatmap, layer=layer, device="cpu", threads=1)
     options = explainer.options
     meta = {
         "model": str(model), "model_sha256": file_digest(Path(model)), "preset": explainer.summary.preset,
@@ -270,13 +273,12 @@ class FilesJob:
         def run(batch: list[tuple[str, list[tuple[Path | None, Path | None]]]]) -> tuple[list[dict], Any]:
             """batch: (image file, its (PNG, NPY) destinations per rank) -> per image what was
             explained, and what exploded (lrp.explosion.Explosion or None)."""
+            # The single-process command's batches, as they are (a lone image included): the
+            # same onnxruntime runs, so the same files, byte for byte.
             pixels = explainer.read_images([file for file, _ in batch])
-            # a lone image runs as a pair: onnxruntime takes another path for a batch of one
-            pairs = np.concatenate([pixels, pixels]) if len(batch) == 1 else pixels
-            result = explainer.explain(explainer.images.normalize(pairs), self.target, self.batch_size, self.top_k,
+            result = explainer.explain(explainer.images.normalize(pixels), self.target, self.batch_size, self.top_k,
                                        warn=False)
-            heat = result.heatmap()
-            explosion = _ours(result.explosion, len(batch) * ranks)
+            heat, explosion = result.heatmap(), result.explosion
             exploded = set(explosion.indices) if explosion is not None else set()
             rows = []
             with Outputs() as outputs:
@@ -309,17 +311,6 @@ def explain_files(explainer, work: Sequence[tuple[str, list[tuple[Path | None, P
         done = map_batches(job, batches_of(list(work), batch_size), cluster, device, progress)
     explosions = [e for _, e in done if e is not None]
     return [row for rows, _ in done for row in rows], (sum(explosions[1:], explosions[0]) if explosions else None)
-
-
-def _ours(explosion, n: int):
-    """An explosion report restricted to the first n rows (a lone image runs as a pair)."""
-    if explosion is None or explosion.of == n:
-        return explosion
-    from .lrp.explosion import Explosion
-
-    indices = tuple(i for i in explosion.indices if i < n)
-    return Explosion(len(indices), n, explosion.worst if indices else 0.0, explosion.where if indices else None,
-                     indices)
 
 
 def read_heatmaps(output: str | Path) -> dict[str, np.ndarray]:

@@ -24,6 +24,7 @@ from .ir.merges import Merge
 from .lrp import explosion as explode
 from .lrp import relevance_graph as rg
 from .lrp.composites import Preset, get_preset
+from .lrp.heatmaps import Heatmap
 from .lrp.rules import Rule
 from .lrp.splitting import Split
 from .options import PRECISIONS, Options, bound_values, resolve_split
@@ -55,6 +56,8 @@ class Explainer:
         trace: bool = False,
         precision: str = "fp32",
         probe: str | None = None,
+        heatmap: str | Heatmap = "pixel",
+        layer: str = "last",
         cache: bool = True,
     ):
         """
@@ -68,7 +71,11 @@ class Explainer:
         every op (Explanation.layer_sums), to see where relevance is absorbed. precision: "fp16"
         runs the relevance pass in float16 (inputs and outputs stay float32), for GPUs. probe: a
         tensor name ("last" for the last conv block's output) whose activation and relevance are
-        returned too (Explanation.probe). cache: reuse a compiled explainer from the on-disk cache
+        returned too (Explanation.probe). heatmap: what Explanation.heatmap() is: "pixel" (the
+        input relevance summed over channels), "layer" (Relevance-CAM: the relevance at tensor
+        `layer`, "last" for the last conv block, summed over channels and upsampled) or "gated"
+        (the pixel map times the upsampled positive layer map squared, scaled to [0, 1]), or an
+        lrp.heatmaps.Heatmap with other settings; layer and gated maps are computed in the graph. cache: reuse a compiled explainer from the on-disk cache
         (onnxlrp.runtime.cache) when model and options are the same, and store new ones there.
         """
         if precision not in PRECISIONS:
@@ -78,6 +85,7 @@ class Explainer:
             preset, resolve_split(preset, split, include_identity), bias, bound_values(low), bound_values(high),
             get_preprocessing(preprocessing), tuple(image_size) if image_size else None,
             tuple((rules or {}).items()), trace, precision, probe,
+            heatmap if isinstance(heatmap, Heatmap) else Heatmap(heatmap, layer),
         )
         self._setup(Path(model), options, device, threads, cache)
 
@@ -209,12 +217,15 @@ class Explainer:
         conserving = preset.initial != "one" and self.options.split.method != "copy"
         relevance, explosion = explode.check(out[rg.RELEVANCE], out[rg.INITIAL], merges,
                                              [m.node for m in self.merges], conserving)
+        maps = out.get(rg.HEATMAP)
+        if maps is not None and not np.isfinite(maps).all():  # where the relevance exploded: set to 0 too
+            maps = np.where(np.isfinite(maps), maps, np.float32(0))
         if explosion.images and warn:
             warnings.warn(explode.message(explosion, preset.name, self.options.bias), OnnxLrpWarning, stacklevel=2)
         return Explanation(
             relevance, out[rg.LOGITS], out[rg.TARGETS], out[rg.INITIAL], merges,
             self.merges, self.summary.image.layout, out.get(rg.LAYER_SUMS), list(self.trace_nodes), probe,
-            explosion,
+            explosion, maps,
         )
 
     # Image files

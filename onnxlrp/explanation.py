@@ -25,6 +25,7 @@ class Explanation:
     layer_names: list[str] = field(default_factory=list)  # the L ops, in forward order
     probe: tuple[np.ndarray, np.ndarray] | None = None  # with probe=: (activation, relevance) there
     explosion: Explosion | None = None  # images whose relevance exploded (NaN/Inf are set to 0)
+    map: np.ndarray | None = None  # [N, H, W] a layer or gated map computed in the graph (lrp.heatmaps)
 
     def layer_report(self, index: int = 0) -> list[dict]:
         """With trace=True: per op (forward order), the relevance at its output, what it passed
@@ -56,7 +57,14 @@ class Explanation:
         return np.abs(self.absorbed) / np.maximum(np.abs(self.initial), 1e-30)
 
     def heatmap(self) -> np.ndarray:
-        """[N, H, W] relevance summed over colour channels."""
+        """[N, H, W]: the explainer's heatmap. Pixel maps (the default): the relevance summed over
+        colour channels; layer and gated maps as the graph computed them."""
+        if self.map is not None:
+            return self.map
+        return self.pixel_map()
+
+    def pixel_map(self) -> np.ndarray:
+        """[N, H, W] the input relevance summed over colour channels."""
         return self.relevance.sum(axis=1 if self.layout == "NCHW" else 3)
 
     def merge_report(self, index: int = 0) -> list[dict]:

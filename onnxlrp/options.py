@@ -12,6 +12,7 @@ import numpy as np
 from .errors import OnnxLrpError
 from .io.preprocessing import Preprocessing, get_preprocessing
 from .lrp.composites import Preset
+from .lrp.heatmaps import Heatmap
 from .lrp.rules import Rule
 from .lrp.splitting import Split
 from .runtime import fingerprint
@@ -48,6 +49,7 @@ class Options:
     trace: bool = False
     precision: str = "fp32"
     probe: str | None = None
+    heatmap: Heatmap = Heatmap()  # pixel, layer (Relevance-CAM) or gated
 
     def digest(self) -> str | None:
         """A digest of every field, or None where one cannot be described (a callable object as modifier)."""

@@ -36,6 +36,7 @@ def identity(path: Path, explainer) -> dict:
         "preset": summary.preset,
         "split": summary.split,
         "include_identity": summary.include_identity,
+        "heatmap": summary.heatmap + (f" at {summary.heatmap_layer}" if summary.heatmap_layer else ""),
         "classes": summary.num_classes,
         "merges": merges,
         "notes": list(summary.notes),

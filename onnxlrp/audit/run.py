@@ -72,7 +72,8 @@ def _no_rule(exc: OnnxLrpError) -> bool:
 
 def audit(model: str | Path, data: str | Path, *, labels: str | Path | None = None, masks: str | Path | None = None,
           against: str | Path | None = None, preset: str = "epsilon-plus-flat", split: str | None = None,
-          preprocessing: str = "imagenet", image_size: tuple[int, int] | None = None, fail_on: FailOn | None = None,
+          preprocessing: str = "imagenet", image_size: tuple[int, int] | None = None, heatmap: str = "pixel",
+          layer: str = "last", fail_on: FailOn | None = None,
           faithfulness: bool = False, sanity_images: int = 16, limit: int | None = None, batch_size: int = 16,
           device: str = "cpu", progress: Callable[[float], None] | None = None,
           cluster: Cluster | None = None) -> Audit:
@@ -80,7 +81,8 @@ def audit(model: str | Path, data: str | Path, *, labels: str | Path | None = No
     progress(n) is called as images are done (n images' worth of work; the calls add up to the
     number of images), the checks after the explanations counting as one more image.
     cluster: explain (and score, and compare) the images on Ray actors (runtime.cluster); the
-    checks then run here on what they return, with the same results as in one process."""
+    checks then run here on what they return, with the same results as in one process.
+    heatmap, layer: the map the checks look at (Explainer's heatmap=: pixel, layer, gated)."""
     start = time.perf_counter()
     model, data = Path(model), Path(data)
     fail_on = fail_on or FailOn.parse(None)
@@ -91,7 +93,7 @@ def audit(model: str | Path, data: str | Path, *, labels: str | Path | None = No
     names = [_shown(f, data) for f in files]
     try:
         explainer = Explainer(model, preset=preset, split=split, preprocessing=preprocessing, image_size=image_size,
-                              device=device)
+                              heatmap=heatmap, layer=layer, device=device)
     except OnnxLrpError as exc:
         if not _no_rule(exc):
             raise
@@ -106,7 +108,7 @@ def audit(model: str | Path, data: str | Path, *, labels: str | Path | None = No
     other = None
     if against is not None:
         other = Explainer(against, preset=preset, split=split, preprocessing=preprocessing, image_size=image_size,
-                          device=device)
+                          heatmap=heatmap, layer=layer, device=device)
         if other.input_shape[1:] != explainer.input_shape[1:]:
             raise OnnxLrpError(f"{against}: input {list(other.input_shape[1:])} differs from the audited model's "
                                f"{list(explainer.input_shape[1:])}")
@@ -220,7 +222,7 @@ def audit(model: str | Path, data: str | Path, *, labels: str | Path | None = No
 
     def explain_with(path, x, chosen):
         other = Explainer(path, preset=preset, split=split, preprocessing=preprocessing, image_size=image_size,
-                          device=device, cache=False)
+                          heatmap=heatmap, layer=layer, device=device, cache=False)
         return other.explain(x, target=chosen, batch_size=batch_size, warn=False).heatmap()
 
     randomised = None

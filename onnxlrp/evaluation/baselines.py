@@ -7,6 +7,9 @@ Every method maps a batch of model inputs and target classes to saliency maps [N
   summed over channels;
 - ``gradient-x-input``, ``integrated-gradients`` (black baseline, 32 midpoint steps, all in
   one batch) and ``guided-backprop``: channel sums of the signed attributions;
+- ``relevance-cam`` (Lee et al. 2021) and ``gated-lrp``: the paper's variant (iv), as a
+  layer map at the last conv block, and as its pixel map gated by that layer map squared
+  (lrp.heatmaps); computed in the relevance graph;
 - ``grad-cam``: at the last conv block (the tensor the global pooling averages), ReLU of the
   channel maps weighted by their average gradient, upsampled bilinearly;
 - ``score-cam``: forward passes only: each channel map of the last conv block, upsampled and
@@ -25,7 +28,8 @@ from PIL import Image
 
 from ..analysis import analyse
 from ..explainer import Explainer, Explanation
-from ..lrp.composites import PAPER_VARIANTS
+from ..lrp.composites import PAPER_VARIANTS, PRESETS
+from ..lrp.heatmaps import KINDS
 from ..errors import OnnxLrpError
 from ..runtime.session import run_batched, session
 
@@ -177,13 +181,55 @@ def methods(model: str | Path, black: np.ndarray, layout: str = "NCHW", device: 
         "guided-backprop": guided_backprop,
         "grad-cam": grad_cam,
         "score-cam": score_cam,
-        "lrp-captum": lambda: _lrp("lrp-captum", "LRP (Captum default: epsilon, no splitting)", model, "captum", **common),
-        "epsilon-plus-flat": lambda: _lrp("epsilon-plus-flat", "LRP epsilon-plus-flat, ratio split", model,
-                                          "epsilon-plus-flat", **common),
     }
-    for variant, (split, include_identity) in PAPER_VARIANTS.items():
-        registry[f"paper-{variant}"] = (
-            lambda v=variant, s=split, i=include_identity: _lrp(
-                f"paper-{v}", f"LRP paper ({v})" + (", proposed" if v == "iv" else ""), model, "paper",
-                split=s, include_identity=i, **common))
-    return registry
+    return LrpMethods(registry, model, common)
+
+
+#: LRP methods by name: (label, preset, options); any of them, and any preset by its name,
+#: also with a heatmap suffix (``paper-iv:gated``, ``epsilon-gamma-box:layer``)
+LRP_METHODS: dict[str, tuple[str, str, dict]] = {
+    "lrp-captum": ("LRP (Captum default: epsilon, no splitting)", "captum", {}),
+    "epsilon-plus-flat": ("LRP epsilon-plus-flat, ratio split", "epsilon-plus-flat", {}),
+    **{f"paper-{v}": (f"LRP paper ({v})" + (", proposed" if v == "iv" else ""), "paper",
+                      {"split": split, "include_identity": identity})
+       for v, (split, identity) in PAPER_VARIANTS.items()},
+    "relevance-cam": ("Relevance-CAM (paper (iv) at the last block)", "paper",
+                      dict(zip(("split", "include_identity"), PAPER_VARIANTS["iv"]), heatmap="layer")),
+    "gated-lrp": ("Gated LRP (paper (iv) x last-block relevance^2)", "paper",
+                  dict(zip(("split", "include_identity"), PAPER_VARIANTS["iv"]), heatmap="gated")),
+}
+
+
+class LrpMethods(dict):
+    """Method name -> factory: the named methods, the LRP_METHODS, and every preset by name,
+    each LRP method also as NAME:layer or NAME:gated (its Relevance-CAM or gated map)."""
+
+    def __init__(self, named: dict[str, Callable[[], Method]], model, common: dict):
+        super().__init__(named)
+        self.model, self.common = model, common
+        for name in LRP_METHODS:
+            self[name] = self._factory(name)
+
+    def _factory(self, name: str) -> Callable[[], Method] | None:
+        base, _, kind = name.partition(":")
+        if base in LRP_METHODS:
+            label, preset, options = LRP_METHODS[base]
+        elif base in PRESETS and base not in ("gradient", "guided-backprop"):
+            label, preset, options = f"LRP {base}", base, {}
+        else:
+            return None
+        if kind:
+            if kind not in KINDS or "heatmap" in options:
+                return None
+            label, options = f"{label}, {kind} map", {**options, "heatmap": kind}
+        return lambda: _lrp(name, label, self.model, preset, **options, **self.common)
+
+    def __contains__(self, name: object) -> bool:
+        return dict.__contains__(self, name) or (isinstance(name, str) and self._factory(name) is not None)
+
+    def __missing__(self, name: str) -> Callable[[], Method]:
+        factory = self._factory(name)
+        if factory is None:
+            raise KeyError(name)
+        return factory
+

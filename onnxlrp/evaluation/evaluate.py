@@ -34,7 +34,7 @@ from ..runtime.cluster import Cluster, map_batches
 METRICS = ("insertion", "deletion", "id")
 MASK_METRICS = ("mass_accuracy", "rank_accuracy", "pointing_game")
 DEFAULT_METHODS = ("lrp-captum", "integrated-gradients", "guided-backprop", "grad-cam", "score-cam",
-                   "paper-i", "paper-ii", "paper-iii", "paper-iv")
+                   "paper-i", "paper-ii", "paper-iii", "paper-iv", "relevance-cam", "gated-lrp")
 
 
 @dataclass
@@ -244,7 +244,8 @@ class BatchEvaluator:
         registry = method_registry(job.model, self.black, image.layout, device, threads=threads)
         unknown = [m for m in job.method_names if m not in registry]
         if unknown:
-            raise OnnxLrpError(f"unknown method(s) {', '.join(unknown)}; choose from {', '.join(registry)}")
+            raise OnnxLrpError(f"unknown method(s) {', '.join(unknown)}; choose from {', '.join(registry)}, or a preset "
+                               "name; an LRP method or preset with :layer or :gated takes that heatmap")
         self.methods = {name: registry[name]() for name in job.method_names}
         self.labels = {name: method.label for name, method in self.methods.items()}
 

@@ -14,6 +14,7 @@ all consumers of a tensor are summed. The result is a plain ONNX model:
              merge_relevance    [N, M, 3] sum of R, R_skip, R_main at each merge (if M > 0)
              probe_activation, probe_relevance   with probe=<tensor>: that tensor and the
                                           relevance (or, for gradient presets, gradient) there
+             heatmap            [N, H, W] with a layer or gated heatmap (lrp.heatmaps): the map
              layer_relevance    [N, L, 3] with trace=True: per op, the relevance total at its output,
                                           the total it passes to its inputs, and the sum of |R| at
                                           its output (the scale float32 totals are rounded on) (op names in the
@@ -31,6 +32,7 @@ import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
 
+from . import heatmaps
 from .emit import Emitter
 from ..errors import OnnxLrpError
 from ..ir.graph import ModelGraph, build_graph
@@ -42,6 +44,7 @@ LOGITS, RELEVANCE, TARGETS, INITIAL, MERGE_SUMS, LAYER_SUMS = (
     "logits", "relevance", "targets", "initial_relevance", "merge_relevance", "layer_relevance",
 )
 PROBE_ACTIVATION, PROBE_RELEVANCE = "probe_activation", "probe_relevance"
+HEATMAP = "heatmap"
 TRACE_KEY = "onnxlrp.trace"
 
 
@@ -96,9 +99,14 @@ def build(
     opset: int = 17,
     trace: bool = False,
     probe: str | None = None,
+    heatmap: heatmaps.Heatmap | None = None,
+    layer: str | None = None,
+    layer_axis: int = 1,
+    pixel_axis: int = 1,
 ) -> onnx.ModelProto:
     """The model graph extended with its relevance pass, as a new ONNX model. `graph` itself
-    is not changed: the builder works on its own copy."""
+    is not changed: the builder works on its own copy. heatmap: a layer or gated map (output
+    `heatmap`) from the relevance at tensor `layer` (channel axis `layer_axis`)."""
     graph = _own_copy(graph)
     canonical = graph.canonical
     g = canonical.graph
@@ -129,7 +137,7 @@ def build(
     contributions[logits.name].append(start)
     merge_sums: dict[str, gs.Tensor] = {}
     layer_sums: dict[str, gs.Tensor] = {}
-    probed = None
+    probed = layered = None
     for name in reversed(list(graph.ops)):
         op = graph.ops[name]
         parts = contributions.pop(op.output.name, None)
@@ -140,6 +148,8 @@ def build(
             R = e.sum(parts)
             if op.output.name == probe:
                 probed = (op.output, R)
+            if op.output.name == layer:
+                layered = R
             ctx = RuleContext(bias=bias, x_nonneg=op.x.name in graph.nonneg,
                               bounds=_bounds_at(graph, box, op.x) if box else None, merge=merge)
             inputs = rules[name].relevance(e, op, R, ctx)
@@ -163,12 +173,15 @@ def build(
     parts = contributions.pop(images.name, None)
     if not parts:
         raise OnnxLrpError("no relevance reaches the image input")
+    input_relevance = e.sum(parts)
+    if layer == images.name:
+        layered = input_relevance
     _claim_name(g, images, INPUT)
     _claim_name(g, target, TARGET)
     _claim_name(g, logits, LOGITS)
     outputs = [
         _output(g, LOGITS, logits, [batch, num_classes]),
-        _output(g, RELEVANCE, e.sum(parts), list(images.shape)),
+        _output(g, RELEVANCE, input_relevance, list(images.shape)),
         _output(g, TARGETS, chosen, [batch], np.int64),
         _output(g, INITIAL, initial_sum, [batch]),
     ]
@@ -182,6 +195,12 @@ def build(
             raise OnnxLrpError(f"probe tensor '{probe}' is not on the path from the image to the logits")
         shape = list(probed[0].shape)
         outputs += [_output(g, PROBE_ACTIVATION, probed[0], shape), _output(g, PROBE_RELEVANCE, probed[1], shape)]
+    if heatmap is not None and heatmap.needs_layer:
+        if layered is None:
+            raise OnnxLrpError(f"heatmap layer '{layer}' is not on the path from the image to the logits")
+        height, width = (images.shape[a] for a in _spatial_axes(len(images.shape), pixel_axis))
+        outputs.append(_output(g, HEATMAP, heatmaps.emit(e, heatmap, input_relevance, pixel_axis, layered, layer_axis,
+                                                         height, width), [batch, height, width]))
     traced = [name for name in graph.ops if name in layer_sums]  # forward order
     if trace:
         outputs.append(_output(g, LAYER_SUMS, e.op("Concat", *(layer_sums[n] for n in traced), axis=1), [batch, len(traced), 3]))
@@ -210,6 +229,10 @@ def _own_copy(graph: ModelGraph) -> ModelGraph:
                                     logits=tensors[graph.canonical.logits.name])
     path = next(iter(graph.ops.values())).path if graph.ops else "model"
     return build_graph(canonical, make_op, path)
+
+
+def _spatial_axes(rank: int, channel_axis: int) -> list[int]:
+    return [a for a in range(1, rank) if a != channel_axis]
 
 
 def _stack(e: Emitter, sums: list[gs.Tensor]) -> gs.Tensor:

@@ -1,0 +1,177 @@
+"""Layer relevance maps (Relevance-CAM) and gated pixel maps, computed in the relevance graph.
+
+References are numpy computations on what the graph exposes anyway: the input relevance and
+the probe relevance at the same tensor, in float64.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+import pytest
+from typer.testing import CliRunner
+
+from onnxlrp import Explainer
+from onnxlrp.cli import app
+from onnxlrp.errors import OnnxLrpError
+from onnxlrp.lrp.heatmaps import Heatmap, upsample_reference
+
+ROOT = Path(__file__).resolve().parent.parent
+DEMO = ROOT / "models" / "demo" / "tiny_resnet.onnx"
+FIXTURES = Path(__file__).resolve().parent / "fixtures"
+U = np.finfo(np.float32).eps / 2  # float32 unit roundoff
+
+
+def images(explainer: Explainer, n: int = 3, seed: int = 0) -> np.ndarray:
+    return np.random.RandomState(seed).randn(n, *explainer.input_shape[1:]).astype(np.float32)
+
+
+def channel_sum_bound(relevance: np.ndarray, axis: int, height: int, width: int) -> np.ndarray:
+    """What float32 rounding can move a channel sum, upsampled, by: a sum of C terms is off by at
+    most (C - 1) u sum |R_c| (in any order), and bilinear interpolation (a convex combination, 3
+    more roundings) carries that bound along; a few u more for the interpolation itself."""
+    channels = relevance.shape[axis]
+    magnitude = upsample_reference(np.abs(relevance).sum(axis=axis), height, width)
+    return (channels + 8) * U * magnitude + 8 * U * np.abs(magnitude).max()
+
+
+@pytest.mark.parametrize("model", [DEMO, FIXTURES / "keras_small.onnx", FIXTURES / "timm_resnet18d.onnx"],
+                         ids=["demo", "keras-nhwc", "timm-resnet-d"])
+def test_layer_map_at_the_last_block_is_the_probe_relevance_summed_and_upsampled(model, explainer_cache):
+    probed = Explainer(model, probe="last")
+    x = images(probed)
+    _, relevance = probed.explain(x, warn=False).probe
+    layer = Explainer(model, heatmap="layer")  # layer="last" by default
+    assert layer.summary.heatmap_layer == probed.summary.probe
+    found = layer.explain(x, warn=False).heatmap()
+    height, width = found.shape[1:]
+    expected = upsample_reference(relevance.astype(np.float64).sum(axis=1), height, width)
+    assert found.shape == (len(x),) + tuple(layer.input_shape[2:] if layer.summary.image.layout == "NCHW"
+                                            else layer.input_shape[1:3])
+    assert np.all(np.abs(found - expected) <= channel_sum_bound(relevance, 1, height, width))
+
+
+def test_layer_map_at_the_input_is_the_pixel_map(explainer_cache):
+    """At the input the layer map is the channel sum of the input relevance; Resize to the same
+    size interpolates with weights 1 and 0, one rounding at most."""
+    pixel = Explainer(DEMO)
+    x = images(pixel)
+    expected = pixel.explain(x).heatmap()
+    found = Explainer(DEMO, heatmap="layer", layer="input").explain(x).heatmap()
+    assert np.all(np.abs(found - expected) <= 2 * U * np.abs(expected).max())
+    # and the default map is the pixel map, computed as before (no heatmap output in the graph)
+    assert "heatmap" not in [o.name for o in pixel.session.get_outputs()]
+
+
+def test_gated_map_is_zero_where_the_layer_map_is_not_positive(explainer_cache):
+    # preset epsilon at an early block: a fifth of the layer map is negative on these images
+    # (epsilon-plus-flat's z+ rules keep it positive everywhere)
+    where = dict(preset="epsilon", layer="/stages/stages.1/relu_1/Relu")
+    x = images(Explainer(DEMO), n=6)
+    pixel = Explainer(DEMO, preset="epsilon").explain(x).heatmap().astype(np.float64)
+    layer = Explainer(DEMO, heatmap="layer", **where).explain(x).heatmap().astype(np.float64)
+    gated = Explainer(DEMO, heatmap="gated", **where).explain(x).heatmap()
+    assert 0.05 < (layer <= 0).mean() < 0.95  # both cases occur
+    assert np.all(gated[layer <= 0] == 0)
+    # elsewhere: the pixel map times the positive layer map squared, scaled to [0, 1] per image
+    positive = np.maximum(layer, 0) ** 2
+    expected = pixel * positive / np.maximum(positive.max(axis=(1, 2), keepdims=True), 1e-300)
+    # each factor carries its own float32 rounding (pixel: a sum of 3 channels; gate: the layer
+    # map's channel sum over 64 channels and its interpolation, doubled by the square, then a
+    # division), a relative error of a few hundred u of the largest pixel value
+    assert np.allclose(gated, expected, rtol=0, atol=400 * U * np.abs(pixel).max())
+    linear = Explainer(DEMO, heatmap=Heatmap("gated", where["layer"], power=1.0), preset="epsilon").explain(x)
+    positive = np.maximum(layer, 0)
+    expected = pixel * positive / np.maximum(positive.max(axis=(1, 2), keepdims=True), 1e-300)
+    assert np.allclose(linear.heatmap(), expected, rtol=0, atol=400 * U * np.abs(pixel).max())
+
+
+def test_a_node_name_or_a_tensor_name_picks_the_layer(explainer_cache):
+    x = images(Explainer(DEMO))
+    by_tensor = Explainer(DEMO, heatmap="layer", layer="/stages/stages.4/relu_1/Relu_output_0").explain(x).heatmap()
+    by_node = Explainer(DEMO, heatmap="layer", layer="/stages/stages.4/relu_1/Relu").explain(x).heatmap()
+    last = Explainer(DEMO, heatmap="layer").explain(x).heatmap()
+    assert np.array_equal(by_tensor, by_node) and not np.allclose(by_tensor, last)
+    with pytest.raises(OnnxLrpError, match="no node or tensor 'nope'"):
+        Explainer(DEMO, heatmap="layer", layer="nope")
+    with pytest.raises(OnnxLrpError, match="needs a 4-d feature map"):
+        Explainer(DEMO, heatmap="layer", layer="/fc/Gemm")
+    with pytest.raises(OnnxLrpError, match="unknown heatmap 'cam'"):
+        Explainer(DEMO, heatmap="cam")
+    with pytest.raises(OnnxLrpError, match="power must be positive"):
+        Heatmap("gated", power=0)
+
+
+def test_the_compiled_explainer_carries_its_map(tmp_path, explainer_cache):
+    """compile --heatmap gated: plain onnxruntime returns the same map as the API."""
+    out = tmp_path / "gated.onnx"
+    result = CliRunner().invoke(app, ["compile", str(DEMO), "--heatmap", "gated", "-o", str(out)])
+    assert result.exit_code == 0, result.output
+    assert "heatmap [N, 64, 64] (gated)" in result.stdout
+    explainer = Explainer(DEMO, heatmap="gated")
+    x = images(explainer)
+    session = ort.InferenceSession(str(out), providers=["CPUExecutionProvider"])
+    found = session.run(["heatmap"], {"images": x, "target": np.full(len(x), -1, np.int64)})[0]
+    assert np.array_equal(found, explainer.explain(x).heatmap())
+
+
+def test_maps_say_they_do_not_conserve(explainer_cache):
+    notes = Explainer(DEMO, heatmap="gated").summary.notes
+    assert any("does not conserve relevance" in n for n in notes)
+    assert not any("does not conserve" in n for n in Explainer(DEMO).summary.notes)
+    # the conservation figures are those of the pixel relevance: the same with any map
+    x = images(Explainer(DEMO))
+    plain, gated = Explainer(DEMO).explain(x), Explainer(DEMO, heatmap="gated").explain(x)
+    assert np.array_equal(plain.conservation_error, gated.conservation_error)
+    assert np.array_equal(plain.relevance, gated.relevance)
+
+
+def test_explain_cli_writes_the_gated_map(tmp_path, explainer_cache):
+    npy = tmp_path / "map.npy"
+    result = CliRunner().invoke(app, ["explain", str(DEMO), str(ROOT / "examples" / "demo.png"),
+                                      "--heatmap", "gated", "--npy", str(npy)])
+    assert result.exit_code == 0, result.output
+    explainer = Explainer(DEMO, heatmap="gated")
+    expected, _ = explainer.explain_files([ROOT / "examples" / "demo.png"])
+    assert np.array_equal(np.load(npy), expected.heatmap()[0])
+    bad = CliRunner().invoke(app, ["explain", str(DEMO), str(ROOT / "examples" / "demo.png"), "--heatmap", "layer",
+                                   "--layer", "nope", "--npy", str(tmp_path / "x.npy")])
+    assert bad.exit_code == 1 and bad.output.count("\n") == 1 and "no node or tensor 'nope'" in bad.output
+    assert not (tmp_path / "x.npy").exists()
+
+
+def test_audit_looks_at_the_chosen_map_and_says_it_does_not_conserve(tmp_path, explainer_cache):
+    """audit --heatmap gated: the checks run on the gated maps; the conservation figures are
+    the pixel relevance's, and the report says so."""
+    data = ROOT / "examples" / "audit"
+    model = ROOT / "models" / "audit" / "shortcut.onnx"
+    out = tmp_path / "audit"
+    result = CliRunner().invoke(app, ["audit", str(model), str(data), "--heatmap", "gated", "--limit", "12",
+                                      "--sanity-images", "0", "-o", str(out), "--fail-on", "none"])
+    assert result.exit_code == 0, result.output
+    html = (out / "report.html").read_text()
+    assert "the gated heatmaps the checks look at do not conserve relevance" in html
+    assert "does not conserve relevance" in html  # the explainer's note, in the facts table
+    from onnxlrp.audit import audit
+
+    gated = audit(model, data, heatmap="gated", limit=12, sanity_images=0)
+    pixel = audit(model, data, limit=12, sanity_images=0)
+    explainer = Explainer(model, heatmap="gated")
+    same, _ = explainer.explain_files([data / f for f in gated.files])  # the audit's one batch of 12
+    assert np.array_equal(gated.heatmaps, same.heatmap())
+    assert gated.checks["conservation"] == pixel.checks["conservation"]
+    assert gated.identity["heatmap"].startswith("gated at ") and pixel.identity["heatmap"] == "pixel"
+
+
+def test_evaluate_compares_them_by_default_and_takes_any_preset_with_a_map(explainer_cache):
+    from onnxlrp.evaluation.evaluate import DEFAULT_METHODS, evaluate, load_dataset
+
+    assert {"relevance-cam", "gated-lrp"} <= set(DEFAULT_METHODS)
+    results = evaluate(DEMO, load_dataset(ROOT / "examples" / "shapes"),
+                       ["gated-lrp", "paper-iv:gated", "epsilon-gamma-box:layer"], protocols=("exact",), limit=3)
+    assert results.values["gated-lrp"] == results.values["paper-iv:gated"]  # the same method, by two names
+    assert results.labels["epsilon-gamma-box:layer"] == "LRP epsilon-gamma-box, layer map"
+    assert results.values["epsilon-gamma-box:layer"] != results.values["gated-lrp"]
+    with pytest.raises(OnnxLrpError, match="unknown method.*grad-cam:gated"):
+        evaluate(DEMO, load_dataset(ROOT / "examples" / "shapes"), ["grad-cam:gated"], limit=1)
