@@ -119,7 +119,7 @@ Preprocess = Annotated[PreprocessName, typer.Option("--preprocess", metavar="NAM
                                                     help=f"Input normalisation: {', '.join(PREPROCESSING)}.")]
 HeatmapName = Literal[KINDS]  # type: ignore[valid-type]
 HeatmapOpt = Annotated[HeatmapName, typer.Option("--heatmap", help="pixel: the input relevance; layer: Relevance-CAM at --layer; gated: pixel relevance gated by the positive layer relevance (neither conserves).")]
-LayerOpt = Annotated[str, typer.Option("--layer", metavar="TENSOR", help="Tensor for --heatmap layer/gated: 'last' (the last conv block), 'input', or a tensor name (see onnxlrp graph).")]
+LayerOpt = Annotated[str, typer.Option("--layer", metavar="NAME", help="Where --heatmap layer/gated look: 'last' (the last conv block), 'input', or a node (onnxlrp graph lists them) or tensor name.")]
 RayFlag = Annotated[bool, typer.Option("--ray", help="Run on a local Ray instance (pip install 'onnxlrp[ray]').")]
 RayAddress = Annotated[Optional[str], typer.Option("--ray-address", metavar="ADDRESS", help="Run on this Ray cluster ('auto': the one `ray start` runs here); implies --ray.")]
 Concurrency = Annotated[int, typer.Option("--concurrency", min=1, help="With --ray: actors, one onnxruntime session each.")]

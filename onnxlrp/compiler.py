@@ -138,8 +138,8 @@ def build(analysis: Analysis, options: Options) -> tuple[Summary, onnx.ModelProt
     summary = Summary(
         analysis.path, analysis.preset.name, analysis.split.method, analysis.split.include_identity,
         analysis.image, analysis.height, analysis.width, analysis.num_classes, analysis.merges,
-        analysis.notes + _heatmap_note(options.heatmap, layer), analysis.warnings, json.loads(props.get(rg.TRACE_KEY, "[]")), probe,
-        options.heatmap.kind, layer,
+        analysis.notes + _heatmap_note(options.heatmap, layer), analysis.warnings,
+        json.loads(props.get(rg.TRACE_KEY, "[]")), probe, options.heatmap.kind, layer,
     )
     return summary, compiled
 
@@ -153,9 +153,8 @@ def _heatmap_note(spec: Heatmap, layer: str | None) -> list[str]:
 
 def heatmap_layer(analysis: Analysis, spec: Heatmap) -> tuple[str | None, int]:
     """The tensor a layer or gated map is taken at (given by its name, its node's name, "last"
-    or "input"), and its channel axis: 1 by ONNX's
-    convention, or the axis the global pooling over it keeps (a ReduceMean over rows and
-    columns of a channels-last map)."""
+    or "input"), and its channel axis: 1 by ONNX's convention, or the axis the global pooling
+    over it keeps (a ReduceMean over rows and columns of a channels-last map)."""
     if not spec.needs_layer:
         return None, 1
     graph = analysis.graph

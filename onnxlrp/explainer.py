@@ -75,8 +75,9 @@ class Explainer:
         input relevance summed over channels), "layer" (Relevance-CAM: the relevance at tensor
         `layer`, "last" for the last conv block, summed over channels and upsampled) or "gated"
         (the pixel map times the upsampled positive layer map squared, scaled to [0, 1]), or an
-        lrp.heatmaps.Heatmap with other settings; layer and gated maps are computed in the graph. cache: reuse a compiled explainer from the on-disk cache
-        (onnxlrp.runtime.cache) when model and options are the same, and store new ones there.
+        lrp.heatmaps.Heatmap with other settings; layer and gated maps are computed in the
+        graph. cache: reuse a compiled explainer from the on-disk cache (onnxlrp.runtime.cache)
+        when model and options are the same, and store new ones there.
         """
         if precision not in PRECISIONS:
             raise OnnxLrpError(f"unknown precision '{precision}'; choose one of {', '.join(PRECISIONS)}")

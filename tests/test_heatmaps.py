@@ -175,3 +175,18 @@ def test_evaluate_compares_them_by_default_and_takes_any_preset_with_a_map(expla
     assert results.values["epsilon-gamma-box:layer"] != results.values["gated-lrp"]
     with pytest.raises(OnnxLrpError, match="unknown method.*grad-cam:gated"):
         evaluate(DEMO, load_dataset(ROOT / "examples" / "shapes"), ["grad-cam:gated"], limit=1)
+
+
+def test_float16_pass_carries_the_maps(explainer_cache):
+    """precision fp16: the converter keeps some ops (TopK, Max) in float32, so the maps use
+    none of them; the structure holds in any precision (zero where the layer map is <= 0),
+    and the maps follow the float32 ones (rank correlation, not a rounding bound)."""
+    from scipy.stats import spearmanr
+
+    where = dict(preset="epsilon", layer="/stages/stages.1/relu_1/Relu")
+    x = images(Explainer(DEMO), n=2)
+    layer = Explainer(DEMO, heatmap="layer", precision="fp16", **where).explain(x).heatmap()
+    gated = Explainer(DEMO, heatmap="gated", precision="fp16", **where).explain(x).heatmap()
+    full = Explainer(DEMO, heatmap="gated", **where).explain(x).heatmap()
+    assert np.isfinite(gated).all() and np.all(gated[layer <= 0] == 0)
+    assert spearmanr(gated.ravel(), full.ravel())[0] > 0.95

@@ -72,12 +72,12 @@ def emit(e: Emitter, spec: Heatmap, pixel: gs.Tensor, pixel_axis: int, layer: gs
         gate = e.op("Relu", coarse)
         if spec.power != 1:
             gate = e.op("Pow", gate, np.float32(spec.power))
-        # the per-image maximum as TopK of the flattened map: ReduceMax changes its signature at opset 18
-        top, _ = e.op("TopK", e.op("Flatten", gate, axis=1), e.ints([1]), axis=1, outputs=2)
-        top = e.op("Unsqueeze", top, e.ints([2]))
+        # the per-image maximum: GlobalMaxPool (ReduceMax changes its signature at opset 18, and
+        # the float16 converter keeps TopK and Max in float32)
+        top = e.op("Squeeze", e.op("GlobalMaxPool", e.op("Unsqueeze", gate, e.ints([1]))), e.ints([1]))
         # scaled to [0, 1] per image: the gated map keeps the pixel map's units; an all-zero gate stays 0
-        tiny = np.float32(np.finfo(np.float32).tiny)
-        return e.mul(pixels, e.div(gate, e.op("Max", top, tiny)))
+        safe = e.op("Where", e.op("Greater", top, np.float32(0)), top, np.float32(1))
+        return e.mul(pixels, e.div(gate, safe))
 
 
 def upsample(e: Emitter, maps: gs.Tensor, height: int, width: int) -> gs.Tensor:
