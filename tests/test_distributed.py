@@ -64,6 +64,27 @@ def check_equal(found: dict[str, dict], reference, files=FILES) -> None:
         assert np.array_equal(np.asarray(row["heatmap"], np.float16).reshape(row["heatmap_shape"]), heat[i])
 
 
+def test_a_cluster_address_nothing_answers_at_is_one_line(tmp_path):
+    """Ray itself retries a dead address for minutes; onnxlrp says so at once. Nothing is written.
+    First in the module: once the module's Ray instance runs, a process uses that one."""
+    assert not ray.is_initialized()
+    import socket
+
+    from typer.testing import CliRunner
+
+    from onnxlrp.cli import app
+
+    with socket.socket() as probe:  # a port that was free a moment ago: nothing listens there
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    for address, message in ((f"127.0.0.1:{port}", f"cannot reach the Ray cluster at 127.0.0.1:{port}"),
+                             ("nonsense", "expected 'auto', HOST:PORT or ray://HOST:PORT")):
+        result = CliRunner().invoke(app, ["evaluate", str(MODEL), str(SHAPES), "--limit", "1", "-m", "grad-cam",
+                                          "--ray-address", address, "-o", str(tmp_path / "out")])
+        assert result.exit_code == 1 and result.output.count("\n") == 1 and message in result.output, result.output
+    assert not (tmp_path / "out").exists()
+
+
 def test_same_as_single_process(local_ray, reference, tmp_path):
     out = explain_dataset(FILES, MODEL, output=tmp_path / "out", batch_size=4, concurrency=2, full_relevance=True)
     found = rows(out)
@@ -244,3 +265,4 @@ def test_without_ray_the_flags_say_what_to_install(monkeypatch, tmp_path):
         assert result.exit_code == code, result.output
         assert result.output.strip().splitlines() == ["error: ray is not installed: pip install 'onnxlrp[ray]'"]
     assert not any(tmp_path.iterdir())
+

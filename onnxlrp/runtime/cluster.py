@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import logging
 import pickle
+import socket
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any, Callable, Iterator, Protocol, Sequence
@@ -71,6 +72,8 @@ def connected(cluster: Cluster) -> Iterator[Any]:
     ray = import_ray()
     started = False
     if not ray.is_initialized():
+        if cluster.address not in (None, "auto"):
+            _reachable(cluster.address)
         try:
             level = logging.ERROR if _QUIET else logging.INFO
             if cluster.address is not None:
@@ -78,8 +81,8 @@ def connected(cluster: Cluster) -> Iterator[Any]:
             else:
                 ray.init(include_dashboard=False, log_to_driver=False, logging_level=level)
         except (ConnectionError, RuntimeError, ValueError) as exc:
-            where = f"the Ray cluster at {cluster.address}" if cluster.address else "a local Ray instance"
-            raise OnnxLrpError(f"cannot start {where} ({str(exc).splitlines()[0] if str(exc) else type(exc).__name__})") from None
+            where = f"join the Ray cluster at {cluster.address}" if cluster.address else "start a local Ray instance"
+            raise OnnxLrpError(f"cannot {where} ({str(exc).splitlines()[0] if str(exc) else type(exc).__name__})") from None
         started = True
     try:
         ray.data.DataContext.get_current().enable_progress_bars = False  # onnxlrp draws its own
@@ -91,6 +94,19 @@ def connected(cluster: Cluster) -> Iterator[Any]:
     finally:
         if started:
             ray.shutdown()
+
+
+def _reachable(address: str, seconds: float = 5.0) -> None:
+    """A one-line error for a cluster address nothing answers at (Ray itself retries for minutes)."""
+    where = address.removeprefix("ray://")
+    host, _, port = where.rpartition(":")
+    if not host or not port.isdigit():
+        raise OnnxLrpError(f"Ray address '{address}': expected 'auto', HOST:PORT or ray://HOST:PORT")
+    try:
+        socket.create_connection((host, int(port)), timeout=seconds).close()
+    except OSError as exc:
+        raise OnnxLrpError(f"cannot reach the Ray cluster at {address} ({exc.strerror or type(exc).__name__}); "
+                           "is `ray start --head` running there?") from None
 
 
 def actor_resources(ray, cluster: Cluster, device: str) -> dict[str, float]:
