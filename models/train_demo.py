@@ -59,15 +59,12 @@ def write_benchmark(images: np.ndarray, labels: np.ndarray, masks: np.ndarray, f
     Image.fromarray(images[0]).save(demo_image)
 
 
-def train(seed: int = 0, train_images: int = 12000, test_images: int = 2000, epochs: int = 8,
-          log=print) -> tuple[torch.nn.Module, float, dict]:
-    """The trained model (eval mode), its held-out accuracy and a record of how it was made."""
-    torch.manual_seed(seed)
-    torch.set_num_threads(2)
-    start = time.time()
-    train_x, train_y, _ = generate(train_images, seed=TRAIN_SEED)
-    test_x, test_y, _ = generate(test_images, seed=TEST_SEED)
-    model = TinyResNet(num_classes=len(CLASSES))
+def fit(model: torch.nn.Module, train_x: np.ndarray, train_y: np.ndarray, test_x: np.ndarray, test_y: np.ndarray,
+        seed: int, epochs: int, log=print, start: float | None = None) -> torch.nn.Module:
+    """The training loop (AdamW, one-cycle schedule, batches of 128 in a seeded shuffle), with
+    the test accuracy logged per epoch; the model in eval mode."""
+    start = time.time() if start is None else start
+    train_images = len(train_x)
     optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3, weight_decay=1e-4)
     batch = min(128, train_images)
     steps_per_epoch = train_images // batch
@@ -86,6 +83,18 @@ def train(seed: int = 0, train_images: int = 12000, test_images: int = 2000, epo
             schedule.step()
         log(f"epoch {epoch + 1}: loss {loss.item():.3f}, test accuracy {accuracy(model, test_x, test_y):.4f}"
             f" ({time.time() - start:.0f} s)")
+    return model.eval()
+
+
+def train(seed: int = 0, train_images: int = 12000, test_images: int = 2000, epochs: int = 8,
+          log=print) -> tuple[torch.nn.Module, float, dict]:
+    """The trained model (eval mode), its held-out accuracy and a record of how it was made."""
+    torch.manual_seed(seed)
+    torch.set_num_threads(2)
+    start = time.time()
+    train_x, train_y, _ = generate(train_images, seed=TRAIN_SEED)
+    test_x, test_y, _ = generate(test_images, seed=TEST_SEED)
+    model = fit(TinyResNet(num_classes=len(CLASSES)), train_x, train_y, test_x, test_y, seed, epochs, log, start)
     test_accuracy = accuracy(model, test_x, test_y)
     record = {
         "architecture": "models/tiny_resnet.py TinyResNet(num_classes=6)",

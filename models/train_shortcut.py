@@ -68,7 +68,8 @@ sys.path.insert(0, str(ROOT))
 from models.export_torchvision import export  # noqa: E402
 from models.shapes import CLASSES, SIZE, generate, sample  # noqa: E402
 from models.tiny_resnet import TinyResNet  # noqa: E402
-from models.train_demo import TEST_SEED, TRAIN_SEED, accuracy, to_input  # noqa: E402
+from models.train_demo import TEST_SEED, TRAIN_SEED, to_input  # noqa: E402
+from models.train_demo import fit as train_loop  # noqa: E402
 
 OUT = ROOT / "models" / "audit"
 AUDIT = ROOT / "examples" / "audit"
@@ -111,31 +112,10 @@ def shapes(n: int, seed: int, other_tag_rate: float | None = None
 
 def fit(train_x: np.ndarray, train_y: np.ndarray, test_x: np.ndarray, test_y: np.ndarray, seed: int,
         epochs: int, log=print) -> torch.nn.Module:
-    """train_demo.train's loop (same optimiser, schedule, batch and shuffling) on given data and a
-    narrower TinyResNet; the model in eval mode."""
+    """train_demo's training loop on given data and a narrower TinyResNet; the model in eval mode."""
     torch.manual_seed(seed)
     model = TinyResNet(num_classes=len(CLASSES), widths=WIDTHS, blocks=BLOCKS)
-    train_images = len(train_x)
-    start = time.time()
-    optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3, weight_decay=1e-4)
-    batch = min(128, train_images)
-    steps_per_epoch = train_images // batch
-    schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=3e-3, total_steps=epochs * steps_per_epoch)
-    order_rng = np.random.RandomState(seed)
-    inputs, targets = to_input(train_x), torch.from_numpy(train_y)
-    for epoch in range(epochs):
-        model.train()
-        order = order_rng.permutation(train_images)
-        for i in range(steps_per_epoch):
-            idx = torch.from_numpy(order[i * batch:(i + 1) * batch])
-            loss = torch.nn.functional.cross_entropy(model(inputs[idx]), targets[idx])
-            optimizer.zero_grad()
-            loss.backward()
-            optimizer.step()
-            schedule.step()
-        log(f"  epoch {epoch + 1}: loss {loss.item():.3f}, test accuracy {accuracy(model, test_x, test_y):.4f}"
-            f" ({time.time() - start:.0f} s)")
-    return model.eval()
+    return train_loop(model, train_x, train_y, test_x, test_y, seed, epochs, lambda line: log(f"  {line}"))
 
 
 def session(path: Path) -> ort.InferenceSession:

@@ -45,7 +45,7 @@ from .lrp.composites import PRESETS
 from .lrp.heatmaps import KINDS
 from .lrp.splitting import SPLITS
 from .options import PRECISIONS
-from .runtime.cluster import Cluster, import_ray, quiet
+from .runtime.cluster import Cluster, batches_of, import_ray, quiet
 from .runtime.session import DEVICES
 
 
@@ -267,7 +267,7 @@ def explain(
                             heat_quantization, sign, cmap)
             return
         layout = explainer.summary.image.layout
-        batches = [files[i:i + batch_size] for i in range(0, len(files), batch_size)]
+        batches = batches_of(files, batch_size)  # as explain --ray cuts them
         lines, writes, explosion = [], [], None
         # A pipeline: the next batch is decoded and the last one written while onnxruntime runs.
         # Outputs are staged and appear together at the end: a failure leaves none behind.

@@ -46,7 +46,8 @@ import numpy as np
 from .errors import OnnxLrpError, first_line
 from .explainer import Explainer, Portable
 from .runtime.cache import file_digest
-from .runtime.cluster import Cluster, actor_resources, connected, import_ray, map_batches
+from .runtime.cluster import (Cluster, actor_resources, assigned_threads, batches_of, connected, import_ray,
+                              map_batches)
 
 #: Written beside the Parquet files: what produced them, checked on resume. The leading
 #: underscore keeps it out of pyarrow's (and Ray's) view of the Parquet dataset.
@@ -118,11 +119,7 @@ class _ExplainActor:
     """One onnxruntime session per actor, on the relevance graph shipped from the driver."""
 
     def __init__(self, explainer, device: str, batch_size: int, full_relevance: bool):
-        import ray
-
-        cpus = ray.get_runtime_context().get_assigned_resources().get("CPU")  # its threads
-        threads = max(1, int(cpus)) if cpus and device == "cpu" else None
-        self.explainer = explainer.open(device, threads)
+        self.explainer = explainer.open(device, assigned_threads(device))
         self.batch_size, self.full_relevance = batch_size, full_relevance
 
     def __call__(self, batch):
@@ -304,8 +301,6 @@ def explain_files(explainer, work: Sequence[tuple[str, list[tuple[Path | None, P
     compiled graph, its files written as the single-process command writes them. Returns per
     image: file, targets, initial and input relevance per rank, exploded; and the explosions
     of the whole run (lrp.explosion.Explosion, None if none)."""
-    from .runtime.cluster import batches_of
-
     with connected(cluster) as ray:
         job = FilesJob(explainer.portable().stored(ray), batch_size, target, top_k, style, levels, sign, cmap)
         done = map_batches(job, batches_of(list(work), batch_size), cluster, device, progress)

@@ -122,14 +122,6 @@ class Explainer:
         """The compiled explainer as it travels to another process (pickle it, or send it to Ray)."""
         return Portable(self.compiled.onnx().SerializeToString(), self.summary.to_json(), self.options)
 
-    @classmethod
-    def from_options(cls, model: str | Path, options: Options, device: str = "cpu", threads: int | None = None,
-                     cache: bool = True) -> Explainer:
-        """An explainer for `model` under resolved options (as they travel to another process)."""
-        explainer = cls.__new__(cls)
-        explainer._setup(Path(model), options, device, threads, cache)
-        return explainer
-
     # What the compiled explainer knows
     @property
     def summary(self) -> Summary:

@@ -11,7 +11,7 @@ import numpy as np
 from ..errors import OnnxLrpError
 from ..evaluation.evaluate import Dataset, load_dataset, load_mask
 from ..explainer import Explainer, Portable
-from ..runtime.cluster import Cluster, connected, map_batches
+from ..runtime.cluster import Cluster, batches_of, connected, map_batches
 from . import drift as drift_check
 from . import sanity
 from .findings import FailOn, Finding, finding
@@ -117,7 +117,7 @@ def audit(model: str | Path, data: str | Path, *, labels: str | Path | None = No
     # batch on Ray actors; the batches are the same either way, and so are the numbers.
     job = Job(explainer.portable(), str(model), batch_size, faithfulness,
               other.portable() if other is not None else None)
-    batches = [files[k:k + batch_size] for k in range(0, count, batch_size)]
+    batches = batches_of(files, batch_size)
     if cluster is None:
         run = job.open(device, None, explainer, other)
         parts = []

@@ -150,6 +150,18 @@ def mean_and_error(values: Sequence[float]) -> tuple[float, float]:
 
 
 @dataclass
+class BatchResults:
+    """What a batch contributes: per method and metric the values of its images, in order."""
+
+    correct: int = 0
+    values: dict[str, dict[str, list[float]]] = field(default_factory=dict)
+    conservation: dict[str, dict[str, list[float]]] = field(default_factory=dict)
+
+    def add(self, method: str, metric: str, value: float) -> None:
+        self.values.setdefault(method, {}).setdefault(metric, []).append(float(value))
+
+
+@dataclass
 class Results:
     model: str
     images: int
@@ -160,8 +172,12 @@ class Results:
     conservation: dict[str, dict[str, list[float]]] = field(default_factory=dict)  # method -> point -> per image
     accuracy: float = math.nan
 
-    def add(self, method: str, metric: str, value: float) -> None:
-        self.values.setdefault(method, {}).setdefault(metric, []).append(float(value))
+    def extend(self, part: BatchResults) -> None:
+        """A batch's values after those already here: call in batch order, for dataset order."""
+        for mine, theirs in ((self.values, part.values), (self.conservation, part.conservation)):
+            for method, per in theirs.items():
+                for key, values in per.items():
+                    mine.setdefault(method, {}).setdefault(key, []).extend(values)
 
     def summary(self) -> dict:
         return {
@@ -203,8 +219,9 @@ class Job:
     levels: int
     preprocessing: str
 
-    def open(self, device: str = "cpu", threads: int | None = None) -> "BatchEvaluator":
-        return BatchEvaluator(self, device, threads)
+    def open(self, device: str = "cpu", threads: int | None = None, labels: np.ndarray | None = None
+             ) -> "BatchEvaluator":
+        return BatchEvaluator(self, device, threads, labels)
 
 
 @dataclass
@@ -219,24 +236,17 @@ class Batch:
         return len(self.files)
 
 
-@dataclass
-class BatchResults:
-    """What a batch contributes: per method and metric the values of its images, in order."""
-
-    correct: int = 0
-    values: dict[str, dict[str, list[float]]] = field(default_factory=dict)
-    conservation: dict[str, dict[str, list[float]]] = field(default_factory=dict)
-
-    def add(self, method: str, metric: str, value: float) -> None:
-        self.values.setdefault(method, {}).setdefault(metric, []).append(float(value))
-
-
 class BatchEvaluator:
     """The model's forward pass and the methods' sessions, opened once; called per batch."""
 
-    def __init__(self, job: Job, device: str = "cpu", threads: int | None = None):
+    def __init__(self, job: Job, device: str = "cpu", threads: int | None = None, labels: np.ndarray | None = None):
+        """labels: checked against the model's classes before any method is built."""
         self.job = job
         self.forward = forward = Forward(job.model, device=device, threads=threads)  # scores the curves
+        if labels is not None and labels.min(initial=0) < 0:
+            raise OnnxLrpError(f"label {labels.min()} is negative")
+        if labels is not None and labels.max(initial=0) >= forward.num_classes:
+            raise OnnxLrpError(f"label {labels.max()} out of range: the model has {forward.num_classes} classes")
         image = forward.image
         self.prep = get_preprocessing(job.preprocessing)
         self.black = self.prep.normalize(np.zeros((1, forward.height, forward.width, image.channels), np.uint8),
@@ -298,25 +308,15 @@ def evaluate(
     batches = [Batch(files[k:k + batch_size], labels[k:k + batch_size], masks[k:k + batch_size])
                for k in range(0, count, batch_size)]
     # Opened here in any case: bad labels, methods or models are errors before Ray starts.
-    evaluator = job.open(device)
-    if labels.min(initial=0) < 0:
-        raise OnnxLrpError(f"label {labels.min()} is negative")
-    if labels.max(initial=0) >= evaluator.forward.num_classes:
-        raise OnnxLrpError(f"label {labels.max()} out of range: the model has {evaluator.forward.num_classes} classes")
+    evaluator = job.open(device, labels=labels)
     results = Results(str(model), count, tuple(protocols), levels, dict(evaluator.labels))
     if cluster is None:
         done = [evaluator(batch, progress) for batch in batches]
     else:
         del evaluator  # its sessions: the actors open their own
         done = map_batches(job, batches, cluster, device, progress)
-    # In batch order: every list holds its images in dataset order, wherever they ran.
-    for part in done:
-        for method, per in part.values.items():
-            for metric, values in per.items():
-                results.values.setdefault(method, {}).setdefault(metric, []).extend(values)
-        for method, per in part.conservation.items():
-            for point, values in per.items():
-                results.conservation.setdefault(method, {}).setdefault(point, []).extend(values)
+    for part in done:  # in batch order: every list holds its images in dataset order, wherever they ran
+        results.extend(part)
     results.accuracy = sum(part.correct for part in done) / count
     return results
 

@@ -119,14 +119,20 @@ def actor_resources(ray, cluster: Cluster, device: str) -> dict[str, float]:
     return {"num_cpus": max(1, min(node, total // cluster.concurrency))}
 
 
+def assigned_threads(device: str) -> int | None:
+    """In a Ray actor: onnxruntime's intra-op threads, the CPUs Ray assigned to it (None on a
+    GPU, or outside an actor: onnxruntime's own choice)."""
+    import ray
+
+    cpus = ray.get_runtime_context().get_assigned_resources().get("CPU")
+    return max(1, int(cpus)) if cpus and device == "cpu" else None
+
+
 class _Worker:
     """One Ray actor: the job's worker, opened once with the CPUs Ray assigned to it."""
 
     def __init__(self, job: Job, device: str):
-        import ray
-
-        cpus = ray.get_runtime_context().get_assigned_resources().get("CPU")
-        self.run = job.open(device, max(1, int(cpus)) if cpus and device == "cpu" else None)
+        self.run = job.open(device, assigned_threads(device))
 
     def __call__(self, rows: dict) -> dict:
         results = [pickle.dumps(self.run(pickle.loads(item))) for item in rows["batch"]]
@@ -161,7 +167,8 @@ def map_batches(job: Job, batches: Sequence[Any], cluster: Cluster, device: str 
 
 
 def batches_of(items: Sequence[Any], batch_size: int) -> list[Sequence[Any]]:
-    """`items` cut as the single-process loops cut them."""
-    return [items[k:k + batch_size] for k in range(0, len(items), max(1, batch_size))] if items else []
+    """`items` in runs of batch_size: the one cut that the single-process commands and their Ray
+    runs share, so that onnxruntime sees the same batches either way."""
+    return [items[k:k + batch_size] for k in range(0, len(items), max(1, batch_size))]
 
 

@@ -12,12 +12,12 @@ DEVICES = ("cpu", "cuda")
 #: wrong wherever a border window is all negative (found on BiT's pre-activation stem, where
 #: the plain forward of `evaluate` was off by 5e-3 of the largest logit).
 DISABLED_OPTIMIZERS = ["Pad_Fusion"]
-_PROVIDERS = {"cpu": ["CPUExecutionProvider"], "cuda": ["CUDAExecutionProvider", "CPUExecutionProvider"]}
+PROVIDERS = {"cpu": ["CPUExecutionProvider"], "cuda": ["CUDAExecutionProvider", "CPUExecutionProvider"]}
 
 
 def session(model: onnx.ModelProto | bytes | str, device: str = "cpu", threads: int | None = None) -> ort.InferenceSession:
     """An onnxruntime session on `device`; a one-line error if that device cannot run it."""
-    if device not in _PROVIDERS:
+    if device not in PROVIDERS:
         raise OnnxLrpError(f"unknown device '{device}'; choose one of {', '.join(DEVICES)}")
     if device == "cuda" and "CUDAExecutionProvider" not in ort.get_available_providers():
         raise OnnxLrpError(
@@ -39,7 +39,7 @@ def session(model: onnx.ModelProto | bytes | str, device: str = "cpu", threads: 
         options.intra_op_num_threads = threads
     data = model.SerializeToString() if isinstance(model, onnx.ModelProto) else model
     try:
-        sess = ort.InferenceSession(data, options, providers=_PROVIDERS[device], disabled_optimizers=DISABLED_OPTIMIZERS)
+        sess = ort.InferenceSession(data, options, providers=PROVIDERS[device], disabled_optimizers=DISABLED_OPTIMIZERS)
     except Exception as exc:
         raise OnnxLrpError(f"onnxruntime cannot load the relevance graph ({first_line(exc)})") from None
     if device == "cuda" and sess.get_providers()[0] != "CUDAExecutionProvider":
