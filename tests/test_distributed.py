@@ -266,3 +266,23 @@ def test_without_ray_the_flags_say_what_to_install(monkeypatch, tmp_path):
         assert result.output.strip().splitlines() == ["error: ray is not installed: pip install 'onnxlrp[ray]'"]
     assert not any(tmp_path.iterdir())
 
+
+
+def test_bad_input_in_an_actor_is_its_one_line(local_ray, tmp_path):
+    """An unreadable image met by a Ray actor: the same one-line error as in one process (exit 1,
+    nothing written), not Ray's wrapped task error."""
+    from typer.testing import CliRunner
+
+    from onnxlrp.cli import app
+
+    data = tmp_path / "data"
+    (data / "circle").mkdir(parents=True)
+    for path in FILES[:3]:
+        (data / "circle" / Path(path).name).write_bytes(Path(path).read_bytes())
+    (data / "circle" / "zz.png").write_bytes(Path(FILES[0]).read_bytes()[:100])  # truncated
+    (data / "classes.txt").write_text("circle\nsquare\ntriangle\nplus\nstar\nring\n")
+    args = ["evaluate", str(MODEL), str(data), "-m", "grad-cam", "--batch-size", "2", "-o", str(tmp_path / "out")]
+    alone, spread = CliRunner().invoke(app, args), CliRunner().invoke(app, args + ["--ray"])
+    assert alone.exit_code == spread.exit_code == 1, spread.output
+    assert spread.output == alone.output and "zz.png: cannot read image" in alone.output
+    assert not (tmp_path / "out").exists()

@@ -135,8 +135,21 @@ class _Worker:
         self.run = job.open(device, assigned_threads(device))
 
     def __call__(self, rows: dict) -> dict:
-        results = [pickle.dumps(self.run(pickle.loads(item))) for item in rows["batch"]]
+        results = []
+        for item in rows["batch"]:
+            try:
+                result = self.run(pickle.loads(item))
+            except OnnxLrpError as exc:  # bad input: the driver raises it as it is, not as Ray's wrapped error
+                result = _Failed(str(exc))
+            results.append(pickle.dumps(result))
         return {"index": rows["index"], "result": results}
+
+
+@dataclass(frozen=True)
+class _Failed:
+    """A batch that ended in an OnnxLrpError (an unreadable image, ...): its one line."""
+
+    message: str
 
 
 def map_batches(job: Job, batches: Sequence[Any], cluster: Cluster, device: str = "cpu",
@@ -158,6 +171,8 @@ def map_batches(job: Job, batches: Sequence[Any], cluster: Cluster, device: str 
         for row in results.iter_rows():  # streamed: Ray's back-pressure bounds what is in flight
             index = int(row["index"])
             done[index] = pickle.loads(row["result"])
+            if isinstance(done[index], _Failed):
+                raise OnnxLrpError(done[index].message)
             if progress is not None:
                 progress(size(batches[index]))
     missing = [k for k in range(len(batches)) if k not in done]
