@@ -16,6 +16,7 @@ from onnxlrp import Explainer
 from onnxlrp.cli import app
 from onnxlrp.errors import OnnxLrpError
 from onnxlrp.lrp.heatmaps import Heatmap, upsample_reference
+from onnxlrp.runtime.session import session
 
 ROOT = Path(__file__).resolve().parent.parent
 DEMO = ROOT / "models" / "demo" / "tiny_resnet.onnx"
@@ -115,20 +116,28 @@ def test_the_compiled_explainer_carries_its_map(tmp_path, explainer_cache):
     assert "heatmap [N, 64, 64] (gated)" in result.stdout
     explainer = Explainer(DEMO, heatmap="gated")
     x = images(explainer)
-    session = ort.InferenceSession(str(out), providers=["CPUExecutionProvider"])
-    found = session.run(["heatmap"], {"images": x, "target": np.full(len(x), -1, np.int64)})[0]
-    assert np.array_equal(found, explainer.explain(x).heatmap())
+    feeds = {"images": x, "target": np.full(len(x), -1, np.int64)}
+    expected = explainer.explain(x).heatmap()
+    # the file under the explainer's own session options: the same graph, the same kernels
+    assert np.array_equal(session(str(out)).run(["heatmap"], feeds)[0], expected)
+    # in plain onnxruntime (its default optimisations may fuse otherwise on another CPU: float32
+    # rounding of one pass, orders of magnitude below 1e-5 of the map's scale)
+    plain = ort.InferenceSession(str(out), providers=["CPUExecutionProvider"]).run(["heatmap"], feeds)[0]
+    assert plain.shape == (len(x), 64, 64)
+    assert np.allclose(plain, expected, rtol=0, atol=1e-5 * np.abs(expected).max())
 
 
 def test_maps_say_they_do_not_conserve(explainer_cache):
     notes = Explainer(DEMO, heatmap="gated").summary.notes
     assert any("does not conserve relevance" in n for n in notes)
     assert not any("does not conserve" in n for n in Explainer(DEMO).summary.notes)
-    # the conservation figures are those of the pixel relevance: the same with any map
-    x = images(Explainer(DEMO))
-    plain, gated = Explainer(DEMO).explain(x), Explainer(DEMO, heatmap="gated").explain(x)
-    assert np.array_equal(plain.conservation_error, gated.conservation_error)
-    assert np.array_equal(plain.relevance, gated.relevance)
+    # the conservation figures are those of the pixel relevance: the map only adds nodes after
+    # the relevance pass, which is the same node for node
+    plain, gated = (Explainer(DEMO, heatmap=kind).compiled.onnx().graph for kind in ("pixel", "gated"))
+    nodes = {node.name: node for node in gated.node}
+    assert all(nodes.get(node.name) == node for node in plain.node)
+    added = [name for name in nodes if name not in {node.name for node in plain.node}]
+    assert added and all(name.startswith(("lrp/heatmap/", "lrp/output/heatmap")) for name in added)
 
 
 def test_explain_cli_writes_the_gated_map(tmp_path, explainer_cache):
@@ -164,7 +173,9 @@ def test_audit_looks_at_the_chosen_map_and_says_it_does_not_conserve(tmp_path, e
     explainer = Explainer(model, heatmap="gated")
     same, _ = explainer.explain_files([data / f for f in gated.files])  # the audit's one batch of 12
     assert np.array_equal(gated.heatmaps, same.heatmap())
-    assert gated.checks["conservation"] == pixel.checks["conservation"]
+    # the same relevance pass (node for node, above); onnxruntime may still fuse the two graphs
+    # differently on another CPU: float32 rounding of the totals, far below 1e-5 relative
+    assert gated.checks["conservation"] == pytest.approx(pixel.checks["conservation"], rel=1e-5)
     assert gated.identity["heatmap"].startswith("gated at ") and pixel.identity["heatmap"] == "pixel"
 
 
