@@ -19,7 +19,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any, Callable, Iterator, Protocol, Sequence
 
-from ..errors import OnnxLrpError
+from ..errors import OnnxLrpError, first_line
 
 INSTALL = "pip install 'onnxlrp[ray]'"
 
@@ -82,7 +82,7 @@ def connected(cluster: Cluster) -> Iterator[Any]:
                 ray.init(include_dashboard=False, log_to_driver=False, logging_level=level)
         except (ConnectionError, RuntimeError, ValueError) as exc:
             where = f"join the Ray cluster at {cluster.address}" if cluster.address else "start a local Ray instance"
-            raise OnnxLrpError(f"cannot {where} ({str(exc).splitlines()[0] if str(exc) else type(exc).__name__})") from None
+            raise OnnxLrpError(f"cannot {where} ({first_line(exc)})") from None
         started = True
     try:
         ray.data.DataContext.get_current().enable_progress_bars = False  # onnxlrp draws its own
