@@ -46,7 +46,7 @@ from .lrp.heatmaps import KINDS
 from .lrp.splitting import SPLITS
 from .options import PRECISIONS
 from .runtime.cluster import Cluster, batches_of, import_ray, quiet
-from .runtime.session import DEVICES
+from .runtime.session import DEVICES, quiet as quiet_onnxruntime
 
 
 class _OneLineUsageError(ClickException):
@@ -133,6 +133,8 @@ AUDIT_FAIL, AUDIT_ERROR = 1, 2
 
 @contextmanager
 def _user_errors(code: int = 1) -> Iterator[None]:
+    if not os.environ.get("ONNXLRP_DEBUG"):
+        quiet_onnxruntime()
     try:
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")

@@ -1,6 +1,9 @@
 """The `onnxlrp` command: outputs, the compiled explainer, and one-line errors on bad input."""
 import json
+import os
 import re
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -122,6 +125,20 @@ def test_bad_input_gives_one_line_and_no_output(case, demo_model, demo_image, tm
     assert re.search(message, lines[0]), lines[0]
     assert "Traceback" not in result.output
     assert not out.exists() and not npy.exists()
+
+
+def test_cuda_unavailable_is_one_line_in_a_real_process(demo_model, demo_image, tmp_path):
+    """onnxruntime's own logger writes a failed CUDA provider's library errors straight to the
+    process's stderr, which CliRunner does not see: run the console script itself."""
+    if "CUDAExecutionProvider" in ort.get_available_providers():
+        probe = ort.InferenceSession(str(demo_model), providers=["CUDAExecutionProvider", "CPUExecutionProvider"])
+        if probe.get_providers()[0] == "CUDAExecutionProvider":
+            pytest.skip("a CUDA device is present")
+    result = subprocess.run([sys.executable, "-c", "from onnxlrp.cli import app; app()", "explain", str(demo_model),
+                             str(demo_image), "--device", "cuda", "-o", str(tmp_path / "x.png")],
+                            capture_output=True, text=True, env={**os.environ, "ONNXLRP_DEBUG": ""})
+    assert result.returncode == 1
+    assert result.stderr.strip().splitlines() == [result.stderr.strip()] and result.stderr.startswith("error: device cuda"), result.stderr
 
 
 def test_several_images_need_a_folder(demo_model, demo_image, tmp_path):

@@ -10,7 +10,7 @@ import onnxruntime as ort
 
 from .. import __version__
 from ..runtime.cache import file_digest
-from ..runtime.session import PROVIDERS, run_batched
+from ..runtime.session import providers, run_batched
 
 
 def identity(path: Path, explainer) -> dict:
@@ -59,12 +59,13 @@ def output_step(path: Path) -> float | None:
 
 
 def own_session(path: Path, device: str = "cpu", threads: int | None = None) -> ort.InferenceSession:
-    """The model file in plain onnxruntime (default options), as deployed."""
+    """The model file in plain onnxruntime (default session options), as deployed; on CUDA with
+    TF32 off, as onnxlrp's own sessions, so that the two logits can agree to float32 rounding."""
     options = ort.SessionOptions()
     options.log_severity_level = 3
     if threads:
         options.intra_op_num_threads = threads
-    return ort.InferenceSession(str(path), options, providers=PROVIDERS[device])
+    return ort.InferenceSession(str(path), options, providers=providers(device))
 
 
 def own_logits(session: ort.InferenceSession, x: np.ndarray, batch_size: int = 16) -> np.ndarray:

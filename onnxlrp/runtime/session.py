@@ -1,6 +1,9 @@
 """Run the relevance graph in onnxruntime (CPU, or CUDA when asked)."""
 from __future__ import annotations
 
+import contextlib
+import io
+
 import numpy as np
 import onnx
 import onnxruntime as ort
@@ -12,17 +15,27 @@ DEVICES = ("cpu", "cuda")
 #: wrong wherever a border window is all negative (found on BiT's pre-activation stem, where
 #: the plain forward of `evaluate` was off by 5e-3 of the largest logit).
 DISABLED_OPTIMIZERS = ["Pad_Fusion"]
-PROVIDERS = {"cpu": ["CPUExecutionProvider"], "cuda": ["CUDAExecutionProvider", "CPUExecutionProvider"]}
+#: CUDA provider settings. TF32 (on by default in onnxruntime, on Ampere and later GPUs) rounds
+#: float32 convolution inputs to 10 mantissa bits, about 1e-3 relative: far beyond the 1e-4 at
+#: which GPU relevance should equal the CPU's. float16 graphs are not affected.
+CUDA_OPTIONS = {"use_tf32": "0"}
 
 
-def session(model: onnx.ModelProto | bytes | str, device: str = "cpu", threads: int | None = None) -> ort.InferenceSession:
-    """An onnxruntime session on `device`; a one-line error if that device cannot run it."""
-    if device not in PROVIDERS:
-        raise OnnxLrpError(f"unknown device '{device}'; choose one of {', '.join(DEVICES)}")
-    if device == "cuda" and "CUDAExecutionProvider" not in ort.get_available_providers():
-        raise OnnxLrpError(
-            "device cuda: this onnxruntime build has no CUDA execution provider (install onnxruntime-gpu)"
-        )
+def providers(device: str) -> list:
+    """onnxruntime's provider list for `device` (the CUDA provider with CUDA_OPTIONS)."""
+    if device == "cuda":
+        return [("CUDAExecutionProvider", dict(CUDA_OPTIONS)), "CPUExecutionProvider"]
+    return ["CPUExecutionProvider"]
+
+
+def quiet() -> None:
+    """Silence onnxruntime's process-wide logger, which prints a failed CUDA provider's library
+    errors (in colour, twice) before onnxlrp's one-line error says the same (the CLI)."""
+    ort.set_default_logger_severity(4)
+
+
+def session_options(threads: int | None = None) -> ort.SessionOptions:
+    """The session options onnxlrp runs every graph with."""
     options = ort.SessionOptions()
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     options.log_severity_level = 3  # onnxruntime's warnings are not the user's business
@@ -37,9 +50,26 @@ def session(model: onnx.ModelProto | bytes | str, device: str = "cpu", threads: 
     options.add_session_config_entry("session.disable_quant_qdq", "1")
     if threads:
         options.intra_op_num_threads = threads
+    return options
+
+
+def session(model: onnx.ModelProto | bytes | str, device: str = "cpu", threads: int | None = None) -> ort.InferenceSession:
+    """An onnxruntime session on `device`; a one-line error if that device cannot run it."""
+    if device not in DEVICES:
+        raise OnnxLrpError(f"unknown device '{device}'; choose one of {', '.join(DEVICES)}")
+    if device == "cuda" and "CUDAExecutionProvider" not in ort.get_available_providers():
+        raise OnnxLrpError(
+            "device cuda: this onnxruntime build has no CUDA execution provider (install onnxruntime-gpu)"
+        )
+    if device == "cuda" and hasattr(ort, "preload_dlls"):
+        # CUDA and cuDNN from the nvidia-* wheels (onnxruntime-gpu[cuda,cudnn]) or from torch;
+        # it prints its warnings, which would land in a command's output
+        with contextlib.redirect_stdout(io.StringIO()):
+            ort.preload_dlls()
+    options = session_options(threads)
     data = model.SerializeToString() if isinstance(model, onnx.ModelProto) else model
     try:
-        sess = ort.InferenceSession(data, options, providers=PROVIDERS[device], disabled_optimizers=DISABLED_OPTIMIZERS)
+        sess = ort.InferenceSession(data, options, providers=providers(device), disabled_optimizers=DISABLED_OPTIMIZERS)
     except Exception as exc:
         raise OnnxLrpError(f"onnxruntime cannot load the relevance graph ({first_line(exc)})") from None
     if device == "cuda" and sess.get_providers()[0] != "CUDAExecutionProvider":
