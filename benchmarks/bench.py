@@ -133,6 +133,26 @@ def torch_model(arch: str, device: str):
     return build(arch, seed=0).to(device), torch
 
 
+def zennit_attributor(model, preset: str):
+    """Zennit's Gradient attributor with the preset's composite and ResNetCanonizer, registered
+    once (untimed); attr_output = one-hot(top-1) * top-1 logit."""
+    import torch
+    import zennit.composites
+    from zennit.attribution import Gradient
+    from zennit.torchvision import ResNetCanonizer
+    cls, kwargs = ZENNIT[preset]
+    composite = getattr(zennit.composites, cls)(canonizers=[ResNetCanonizer()], **kwargs)
+
+    def top1(logits):
+        logits = logits.detach()
+        idx = logits.argmax(1, keepdim=True)
+        return torch.zeros_like(logits).scatter_(1, idx, logits.gather(1, idx))
+
+    attributor = Gradient(model=model, composite=composite, attr_output=top1)
+    attributor.__enter__()
+    return attributor
+
+
 def worker(job: dict) -> dict:
     """Set up, reset the memory high-water mark, time. Returns seconds and MiB."""
     n, size, device = job["batch"], job["size"], job["device"]
@@ -163,19 +183,7 @@ def worker(job: dict) -> dict:
                 with torch.inference_mode():
                     model(xt)
         else:
-            import zennit.composites
-            from zennit.attribution import Gradient
-            from zennit.torchvision import ResNetCanonizer
-            cls, kwargs = ZENNIT[job["preset"]]
-            composite = getattr(zennit.composites, cls)(canonizers=[ResNetCanonizer()], **kwargs)
-
-            def top1(logits):
-                logits = logits.detach()
-                idx = logits.argmax(1, keepdim=True)
-                return torch.zeros_like(logits).scatter_(1, idx, logits.gather(1, idx))
-
-            attributor = Gradient(model=model, composite=composite, attr_output=top1)
-            attributor.__enter__()  # register the composite (and canonizers) once, untimed
+            attributor = zennit_attributor(model, job["preset"])
             fn = lambda: attributor(xt)
     out["before_mib"] = current_rss_mib()
     reset_ok = reset_peak_rss()

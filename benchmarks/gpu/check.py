@@ -47,7 +47,7 @@ ROOT = Path(__file__).resolve().parents[2]
 sys.path[:0] = [str(ROOT), str(ROOT / "benchmarks")]
 
 import bench  # noqa: E402  (the CPU benchmark's models and Zennit composites)
-from bench import ZENNIT, exported  # noqa: E402
+from bench import exported  # noqa: E402
 
 #: the share of --budget each section may take
 SHARES = {"environment": 0.02, "correctness": 0.35, "throughput": 0.4, "profile": 0.08, "options": 0.13,
@@ -213,10 +213,7 @@ def worker(job: dict) -> dict:
                 return lambda: sess.run_with_iobinding(binding)
     else:  # zennit
         import torch
-        import zennit.composites
-        from zennit.attribution import Gradient
-        from zennit.torchvision import ResNetCanonizer
-        from bench import torch_model
+        from bench import torch_model, zennit_attributor
         torch_device = "cuda" if job["device"] == "cuda" else "cpu"
         torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False  # as onnxlrp's fp32
         model, _ = torch_model(job["arch"], torch_device)
@@ -224,16 +221,7 @@ def worker(job: dict) -> dict:
         model = model.to(dtype)
         if torch_device == "cuda":
             sync = torch.cuda.synchronize
-        cls, kwargs = ZENNIT[job["preset"]]
-        composite = getattr(zennit.composites, cls)(canonizers=[ResNetCanonizer()], **kwargs)
-
-        def top1(logits):
-            logits = logits.detach()
-            idx = logits.argmax(1, keepdim=True)
-            return torch.zeros_like(logits).scatter_(1, idx, logits.gather(1, idx))
-
-        attributor = Gradient(model=model, composite=composite, attr_output=top1)
-        attributor.__enter__()
+        attributor = zennit_attributor(model, job["preset"])
         make = lambda x: (lambda xt=torch.from_numpy(x).to(torch_device, dtype): attributor(xt))
     out["setup_s"] = time.perf_counter() - start
     rng = np.random.default_rng(0)

@@ -15,7 +15,6 @@ while it stays warm, 30 s between calls), the last one carries the rest and runs
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import shutil
 import subprocess
@@ -23,6 +22,8 @@ import sys
 import tempfile
 import zipfile
 from pathlib import Path
+
+from install import sha256  # the GPU machine's side of the parts (this folder)
 
 ROOT = Path(__file__).resolve().parents[2]
 FOLDER = ROOT / ".gpu"
@@ -40,14 +41,6 @@ def tree_bytes(root: Path = ROOT) -> int:
     listed = subprocess.run(["git", "ls-files", "-z", "--cached", "--others", "--exclude-standard"], cwd=root,
                             capture_output=True, check=True).stdout.split(b"\0")
     return sum((root / name.decode()).stat().st_size for name in listed if name and (root / name.decode()).is_file())
-
-
-def sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as f:
-        for block in iter(lambda: f.read(2**20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def download(folder: Path) -> list[Path]:
