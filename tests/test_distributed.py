@@ -286,3 +286,21 @@ def test_bad_input_in_an_actor_is_its_one_line(local_ray, tmp_path):
     assert alone.exit_code == spread.exit_code == 1, spread.output
     assert spread.output == alone.output and "zz.png: cannot read image" in alone.output
     assert not (tmp_path / "out").exists()
+
+
+def test_bad_input_in_a_parquet_actor_is_its_one_line(local_ray, tmp_path):
+    """explain --parquet: Ray Data brings an actor's error back as its traceback's text; the
+    user gets the one line the single-process command gives (exit 1), not Ray's error."""
+    from typer.testing import CliRunner
+
+    from onnxlrp.cli import app
+
+    data = tmp_path / "data"
+    data.mkdir()
+    (data / "a.png").write_bytes(Path(FILES[0]).read_bytes())
+    (data / "zz.png").write_bytes(Path(FILES[0]).read_bytes()[:100])  # truncated
+    alone = CliRunner().invoke(app, ["explain", str(MODEL), str(data), "-o", str(tmp_path / "png")])
+    spread = CliRunner().invoke(app, ["explain", str(MODEL), str(data), "--ray", "--parquet", str(tmp_path / "pq")])
+    assert alone.exit_code == spread.exit_code == 1, spread.output
+    assert spread.output.strip().splitlines() == alone.output.strip().splitlines(), spread.output
+    assert "zz.png: cannot read image" in alone.output

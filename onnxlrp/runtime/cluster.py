@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import logging
 import pickle
+import re
 import socket
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -53,8 +54,21 @@ def quiet() -> None:
 
 def _silence() -> None:
     # Ray sets its loggers up when it starts and when Ray Data starts a dataset; after both.
+    # Its ERROR lines too: a failed actor reaches the user as onnxlrp's one line (user_error).
     for name in ("ray", "ray.data"):
-        logging.getLogger(name).setLevel(logging.ERROR)
+        logging.getLogger(name).setLevel(logging.CRITICAL)
+
+
+#: the last line of an OnnxLrpError's traceback, as Ray passes the text of an actor's error
+_REMOTE_ERROR = re.compile(rf"^{re.escape(OnnxLrpError.__module__)}\.OnnxLrpError: (.+)$", re.MULTILINE)
+
+
+def user_error(exc: BaseException) -> OnnxLrpError | None:
+    """The OnnxLrpError an actor raised (an unreadable image, ...) inside the error Ray raises
+    for it; None for any other failure. Ray Data brings back only the actor's traceback as text,
+    not the exception."""
+    match = _REMOTE_ERROR.search(str(exc))
+    return OnnxLrpError(match.group(1)) if match else None
 
 
 def import_ray():
