@@ -123,8 +123,11 @@ def main() -> None:
     repack(ort_wheel, archive)
     parts = cut(archive, FOLDER, part_bytes, ort_wheel.name)
     shutil.rmtree(FOLDER / "download")
-    print(f"{len(parts)} parts of at most {part_bytes / 2**20:.1f} MiB in {FOLDER.relative_to(ROOT)}/\n")
-    print(plan(parts))
+    calls = plan(parts)
+    (FOLDER / "PLAN.txt").write_text(calls + "\n")
+    print(f"{len(parts)} parts of at most {part_bytes / 2**20:.1f} MiB in {FOLDER.relative_to(ROOT)}/ "
+          f"(the calls below are in {FOLDER.relative_to(ROOT)}/PLAN.txt too)\n")
+    print(calls)
 
 
 if __name__ == "__main__":
