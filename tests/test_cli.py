@@ -138,7 +138,8 @@ def test_cuda_unavailable_is_one_line_in_a_real_process(demo_model, demo_image, 
                              str(demo_image), "--device", "cuda", "-o", str(tmp_path / "x.png")],
                             capture_output=True, text=True, env={**os.environ, "ONNXLRP_DEBUG": ""})
     assert result.returncode == 1
-    assert result.stderr.strip().splitlines() == [result.stderr.strip()] and result.stderr.startswith("error: device cuda"), result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: device cuda"), result.stderr
 
 
 def test_several_images_need_a_folder(demo_model, demo_image, tmp_path):

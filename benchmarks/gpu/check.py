@@ -292,6 +292,16 @@ def environment(ctx) -> tuple[dict, str]:
 
 def correctness(ctx) -> tuple[dict, str]:
     """Each method on the device against the same method on the CPU."""
+    from onnxlrp.runtime import session
+    saved = dict(session.CUDA_OPTIONS)
+    try:
+        return _correctness(ctx)
+    finally:  # the next sections run with onnxlrp's own settings
+        session.CUDA_OPTIONS.clear()
+        session.CUDA_OPTIONS.update(saved)
+
+
+def _correctness(ctx) -> tuple[dict, str]:
     from onnxlrp import Explainer
     from onnxlrp.evaluation.baselines import LRP_METHODS, methods
     set_cuda_options(cudnn_conv_algo_search="HEURISTIC")  # correctness: no per-shape benchmarking of algorithms
@@ -338,7 +348,6 @@ def correctness(ctx) -> tuple[dict, str]:
              "against the CPU's fp32. Largest of 2 images.")
     if tf32:
         text += f" With TF32 on: {', '.join(f'{k} {v:.1e}' for k, v in tf32.items())}."
-    set_cuda_options(cudnn_conv_algo_search="EXHAUSTIVE")
     return results, text
 
 
