@@ -47,7 +47,7 @@ from .errors import OnnxLrpError, first_line
 from .explainer import Explainer, Portable
 from .runtime.cache import file_digest
 from .runtime.cluster import (Cluster, actor_resources, assigned_threads, batches_of, connected, import_ray,
-                              map_batches, user_error)
+                              map_batches)
 
 #: Written beside the Parquet files: what produced them, checked on resume. The leading
 #: underscore keeps it out of pyarrow's (and Ray's) view of the Parquet dataset.
@@ -240,14 +240,8 @@ def explain_dataset(
         (output / META).write_text(json.dumps(meta, indent=1))
         # Writing takes no CPU of its own: the actors hold them all, and rows must reach the
         # disk while they run (else an interrupted run leaves nothing to resume from).
-        try:
-            results.write_parquet(str(output), mode=SaveMode.APPEND if resume else SaveMode.OVERWRITE,
-                                  ray_remote_args={"num_cpus": 0})
-        except Exception as exc:
-            error = user_error(exc)
-            if error is None:
-                raise
-            raise error from None
+        results.write_parquet(str(output), mode=SaveMode.APPEND if resume else SaveMode.OVERWRITE,
+                              ray_remote_args={"num_cpus": 0})
         (output / META).write_text(json.dumps(meta, indent=1))
     return output
 

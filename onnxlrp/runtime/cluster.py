@@ -60,6 +60,7 @@ def _silence() -> None:
 
 
 #: the last line of an OnnxLrpError's traceback, as Ray passes the text of an actor's error
+#: (connected() turns it back into the OnnxLrpError)
 _REMOTE_ERROR = re.compile(rf"^{re.escape(OnnxLrpError.__module__)}\.OnnxLrpError: (.+)$", re.MULTILINE)
 
 
@@ -105,6 +106,11 @@ def connected(cluster: Cluster) -> Iterator[Any]:
 
             _silence()
         yield ray
+    except Exception as exc:
+        error = user_error(exc)  # bad input met by an actor: its one line, as in one process
+        if error is None:
+            raise
+        raise error from None
     finally:
         if started:
             ray.shutdown()
@@ -149,21 +155,7 @@ class _Worker:
         self.run = job.open(device, assigned_threads(device))
 
     def __call__(self, rows: dict) -> dict:
-        results = []
-        for item in rows["batch"]:
-            try:
-                result = self.run(pickle.loads(item))
-            except OnnxLrpError as exc:  # bad input: the driver raises it as it is, not as Ray's wrapped error
-                result = _Failed(str(exc))
-            results.append(pickle.dumps(result))
-        return {"index": rows["index"], "result": results}
-
-
-@dataclass(frozen=True)
-class _Failed:
-    """A batch that ended in an OnnxLrpError (an unreadable image, ...): its one line."""
-
-    message: str
+        return {"index": rows["index"], "result": [pickle.dumps(self.run(pickle.loads(b))) for b in rows["batch"]]}
 
 
 def map_batches(job: Job, batches: Sequence[Any], cluster: Cluster, device: str = "cpu",
@@ -185,8 +177,6 @@ def map_batches(job: Job, batches: Sequence[Any], cluster: Cluster, device: str 
         for row in results.iter_rows():  # streamed: Ray's back-pressure bounds what is in flight
             index = int(row["index"])
             done[index] = pickle.loads(row["result"])
-            if isinstance(done[index], _Failed):
-                raise OnnxLrpError(done[index].message)
             if progress is not None:
                 progress(size(batches[index]))
     missing = [k for k in range(len(batches)) if k not in done]
