@@ -227,12 +227,12 @@ def explain(
     concurrency: Concurrency = 1,
 ) -> None:
     """Explain images: a heatmap PNG per image (relevance over the image)."""
-    cluster = _cluster(ray, ray_address, concurrency)
     if parquet is not None:
         _explain_to_parquet(model, images, parquet, output, npy, preset, split, preprocess, _image_size(size),
-                            heatmap, layer, batch_size, device, cluster)
+                            heatmap, layer, batch_size, device, ray, ray_address, concurrency)
         return
     with _user_errors():
+        cluster = _cluster(ray, ray_address, concurrency)
         sources = image_sources(images)
         files = [path for path, _ in sources]
         ranks = top_k or 1
@@ -251,8 +251,6 @@ def explain(
         # Every destination and every image is checked before anything is built or written.
         check_writable(p for pair in destinations for p in pair if p is not None)
         check_images(files)
-        if cluster is not None:
-            import_ray()  # before the explainer is built: a missing extra is the first thing said
         explainer = Explainer(
             model, preset=preset, split=split, include_identity=include_identity, bias=bias, low=low,
             high=high, device=device, preprocessing=preprocess, image_size=_image_size(size), precision=precision,
@@ -310,9 +308,11 @@ def _progress(disable: bool = False) -> Progress:
 
 
 def _cluster(ray: bool, address: str | None, concurrency: int) -> Cluster | None:
-    """--ray / --ray-address: where to run; None: in this process."""
+    """--ray / --ray-address: where to run; None: in this process. Asking for Ray without the
+    extra installed is an error here, before anything is built."""
     if not (ray or address):
         return None
+    import_ray()
     quiet()
     return Cluster(address, concurrency)
 
@@ -341,14 +341,14 @@ def _explain_on_ray(explainer, per_image, cluster, device, batch_size, target, t
 
 
 def _explain_to_parquet(model, images, parquet, output, npy, preset, split, preprocess, image_size, heatmap, layer,
-                        batch_size, device, cluster) -> None:
+                        batch_size, device, ray, ray_address, concurrency) -> None:
     """explain --parquet DIR: onnxlrp.distributed.explain_dataset (Parquet rows, resumable)."""
     from .distributed import done_paths, explain_dataset
 
     with _user_errors():
         if output is not None or npy is not None:
             raise OnnxLrpError("--parquet writes Parquet rows only: leave out -o and --npy")
-        cluster = cluster or Cluster()
+        cluster = _cluster(ray, ray_address, concurrency) or Cluster()
         explain_dataset([str(p) for p in images], model, output=parquet, preset=preset, split=split,
                         preprocessing=preprocess, image_size=image_size, heatmap=heatmap, layer=layer,
                         batch_size=batch_size, concurrency=cluster.concurrency, device=device, address=cluster.address)
@@ -468,8 +468,6 @@ def evaluate(
         protocols = PROTOCOLS if protocol == "both" else (protocol,)
         check_writable(output / name for name in RESULT_FILES)  # before the run, not after it
         cluster = _cluster(ray, ray_address, concurrency)
-        if cluster is not None:
-            import_ray()
         with _progress() as progress:
             task = progress.add_task(f"evaluating {len(chosen)} methods", total=total)
             results = run_evaluation(model, dataset, chosen, protocols, heat_quantization, preprocess, limit,
@@ -515,8 +513,6 @@ def audit(
         total = min(limit or len(dataset.files), len(dataset.files))
         check_writable(output / name for name in REPORT_FILES)  # before the run, not after it
         cluster = _cluster(ray, ray_address, concurrency)
-        if cluster is not None:
-            import_ray()
         with _progress() as progress:
             task = progress.add_task(f"auditing {total} images", total=total + 1)
             result = run_audit(model, data, labels=labels, masks=masks, against=against, preset=preset, split=split,
