@@ -319,7 +319,8 @@ def _correctness(ctx) -> tuple[dict, str]:
                 continue
             if name == "score-cam" and arch != ctx.archs[0]:
                 continue  # one forward pass per channel and image: the first architecture is enough
-            model = with_bn if LRP_METHODS.get(name, ("", name))[1] == "paper" else folded
+            _, preset, extra = LRP_METHODS.get(name, ("", name, {}))  # a preset by its own name otherwise
+            model = with_bn if preset == "paper" else folded
             try:
                 cpu = methods(model, black, device="cpu")[name]()
                 gpu = methods(model, black, device=ctx.device)[name]()
@@ -327,8 +328,6 @@ def _correctness(ctx) -> tuple[dict, str]:
                 if cpu.explainer is not None:
                     row["relevance"] = relative_l2(gpu.last[0].relevance, cpu.last[0].relevance)
                     if name in FP16_METHODS:
-                        preset = LRP_METHODS[name][1] if name in LRP_METHODS else name
-                        extra = LRP_METHODS[name][2] if name in LRP_METHODS else {}
                         half = Explainer(model, preset=preset, device=ctx.device, precision="fp16", **extra)
                         row["fp16_relevance"] = relative_l2(half.explain(x, targets).relevance, cpu.last[0].relevance)
                     if name == "epsilon-plus-flat" and ctx.device == "cuda":

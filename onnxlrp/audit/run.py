@@ -11,11 +11,11 @@ import numpy as np
 from ..errors import OnnxLrpError
 from ..evaluation.evaluate import Dataset, load_dataset, load_mask
 from ..explainer import Explainer, Portable
+from ..runtime.cache import file_digest
 from ..runtime.cluster import Cluster, batches_of, connected, map_batches
 from . import drift as drift_check
 from . import sanity
 from .findings import FailOn, Finding, finding
-from ..runtime.cache import file_digest
 from .identity import identity, output_step, own_logits, own_session
 from .statistics import downsized, image_statistics, rank_correlation
 from .strategies import ClassStrategies, class_strategies
