@@ -46,6 +46,11 @@ class Analysis:
     def num_classes(self) -> int:
         return int(self.graph.canonical.logits.shape[1])
 
+    @property
+    def output_activation(self) -> str | None:
+        """The activation canonicalisation stripped after the logits (Softmax, LogSoftmax, Sigmoid), or None."""
+        return self.graph.canonical.output_activation
+
     def rule_table(self) -> list[dict]:
         """One row per op on the data path: node, op type, shape info and rule."""
         rows = []

@@ -1,8 +1,12 @@
 """The ``onnxlrp`` command: a thin layer over the Python API.
 
-Every user error ends as one line ``error: ...`` on stderr and exit 1, before any output
-file is written: every input and every destination is checked first, and a command's
-outputs are staged and published together (files.Outputs), so a failure leaves none.
+Every user error ends as one line ``error: ...`` on stderr, before any output file is
+written: every input and every destination is checked first, and a command's outputs are
+staged and published together (files.Outputs), so a failure leaves none.
+
+Exit codes, the same in every command: 0 success (audit: pass); 1 bad input, or an audit
+that fails; 2 a usage error (an unknown option, a bad value); 3 an internal error (a bug in
+onnxlrp, with how to report it).
 """
 from __future__ import annotations
 
@@ -16,7 +20,6 @@ from pathlib import Path, PurePosixPath
 from typing import Annotated, Iterator, Literal, Optional
 
 import typer
-from matplotlib import colormaps
 from rich import box
 from rich.console import Console
 from rich.progress import BarColumn, Progress, TaskProgressColumn, TextColumn, TimeRemainingColumn
@@ -24,21 +27,23 @@ from rich.table import Table
 from typer.core import TyperGroup
 
 try:  # typer >= 0.29 vendors click and does not re-export its exceptions
+    from typer._click.core import ParameterSource
     from typer._click.exceptions import ClickException, UsageError
 except ImportError:  # pragma: no cover - typer on the real click
+    from click.core import ParameterSource
     from click.exceptions import ClickException, UsageError
 
 from .analysis import analyse
 from .audit.findings import CHECKS, DEFAULT_FAIL_ON, FailOn
 from .audit.report import FILES as REPORT_FILES, write as write_report
-from .audit.run import audit as run_audit
+from .audit.run import audit as run_audit, audit_dataset
 from .errors import OnnxLrpError, OnnxLrpWarning, first_line
 from .evaluation.evaluate import (DEFAULT_METHODS, RESULT_FILES, evaluate as run_evaluation, load_dataset, method_names,
                                   write as write_results)
 from .evaluation.metrics import PROTOCOLS
 from .explainer import Explainer
 from .io.files import Outputs, check_writable
-from .io.image import SIGNS, STYLES, write_heatmap
+from .io.image import SIGNS, STYLES, is_colormap, write_heatmap
 from .io.preprocessing import PREPROCESSING, check_images, image_sources
 from .lrp import explosion as explode
 from .lrp.composites import PRESETS
@@ -49,8 +54,13 @@ from .runtime.cluster import Cluster, batches_of, import_ray, quiet
 from .runtime.session import DEVICES, quiet as quiet_onnxruntime
 
 
+#: exit codes (module docstring); the audit's verdict "fail" is 1, as bad input is
+BAD_INPUT, USAGE, INTERNAL = 1, 2, 3
+AUDIT_FAIL, AUDIT_ERROR = 1, BAD_INPUT
+
+
 class _OneLineUsageError(ClickException):
-    exit_code = 1
+    exit_code = USAGE
 
     def show(self, file=None) -> None:
         typer.echo(f"error: {self.format_message()}", err=True)
@@ -60,15 +70,12 @@ def _one_line(exc: UsageError) -> ClickException:
     if type(exc).__name__ == "NoArgsIsHelpError":  # `onnxlrp explain` alone: the help, as asked
         return exc
     command = exc.ctx.command_path if exc.ctx is not None else "onnxlrp"
-    error = _OneLineUsageError(f"{exc.format_message()} (see {command} --help)")
-    if exc.ctx is not None and exc.ctx.command.name == "audit":
-        error.exit_code = AUDIT_ERROR  # as diff does: 1 is the audit's verdict, 2 a usage or input error
-    return error
+    return _OneLineUsageError(f"{exc.format_message()} (see {command} --help)")
 
 
 class _Commands(TyperGroup):
-    """Usage errors (an unknown option or value, a missing argument) are one line and exit 1,
-    like every other error of the command."""
+    """Usage errors (an unknown option or value, a missing argument) are one line, like every
+    other error of the command, and exit 2."""
 
     def make_context(self, *args, **kwargs):
         try:
@@ -92,6 +99,35 @@ app = typer.Typer(
 )
 console = Console()
 
+
+def _version(value: bool) -> None:
+    if value:
+        from . import __version__
+
+        typer.echo(f"onnxlrp {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _main(version: Annotated[bool, typer.Option("--version", is_eager=True, callback=_version,
+                                                help="Print onnxlrp's version and exit.")] = False) -> None:
+    """Layer-wise Relevance Propagation with Relevance Splitting for ResNet-family ONNX classifiers."""
+
+
+def _parse_size(value: str | None) -> tuple[int, int] | None:
+    """--size N (square) or HxW (a text-line classifier's 48x192)."""
+    if value is None:
+        return None
+    parts = value.lower().split("x")
+    try:
+        height, width = (int(parts[0]),) * 2 if len(parts) == 1 else map(int, parts)
+    except ValueError:
+        raise typer.BadParameter(f"'{value}' is not N or HxW (e.g. 224 or 48x192)") from None
+    if height < 1 or width < 1:
+        raise typer.BadParameter(f"'{value}': height and width must be at least 1")
+    return height, width
+
+
 Model = Annotated[Path, typer.Argument(help="ONNX classifier (.onnx).", show_default=False, metavar="MODEL")]
 PresetName = Literal[tuple(PRESETS)]  # type: ignore[valid-type]
 SplitName = Literal[SPLITS]  # type: ignore[valid-type]
@@ -113,7 +149,8 @@ IncludeIdentity = Annotated[
     typer.Option("--include-identity/--exclude-identity", show_default="include",
                  help="Whether identity skips take part in the split."),
 ]
-Size = Annotated[Optional[int], typer.Option("--size", min=1, help="Input height and width where the model leaves them open.",
+Size = Annotated[Optional[str], typer.Option("--size", metavar="N|HxW", callback=_parse_size,
+                                             help="Input height and width where the model leaves them open: N, or HxW.",
                                              show_default="224")]
 Preprocess = Annotated[PreprocessName, typer.Option("--preprocess", metavar="NAME",
                                                     help=f"Input normalisation: {', '.join(PREPROCESSING)}.")]
@@ -127,35 +164,36 @@ Concurrency = Annotated[int, typer.Option("--concurrency", min=1, help="With --r
 progress_console = Console(stderr=True)
 
 
-#: onnxlrp audit's exit codes: 0 pass, 1 a finding breaks a --fail-on threshold, 2 usage or input error
-AUDIT_FAIL, AUDIT_ERROR = 1, 2
-
-
 @contextmanager
-def _user_errors(code: int = 1) -> Iterator[None]:
+def _user_errors(code: int = BAD_INPUT) -> Iterator[None]:
+    """Bad input -> its one line and exit `code`; anything else -> an internal error, exit 3.
+    onnxlrp's warnings are printed whichever way the command ends, before the error."""
     if not os.environ.get("ONNXLRP_DEBUG"):
         quiet_onnxruntime()
     try:
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
-            yield
-        for w in caught:
-            if issubclass(w.category, OnnxLrpWarning):
-                typer.echo(f"warning: {w.message}", err=True)
+            try:
+                yield
+            finally:
+                for w in caught:
+                    if issubclass(w.category, OnnxLrpWarning):
+                        typer.echo(f"warning: {w.message}", err=True)
     except OnnxLrpError as exc:
         typer.echo(f"error: {exc}", err=True)
         raise typer.Exit(code) from None
-    except (typer.Exit, typer.Abort):
+    except (typer.Exit, typer.Abort, UsageError):  # a usage error: _Commands makes it one line, exit 2
         raise
     except Exception as exc:
         if os.environ.get("ONNXLRP_DEBUG"):
             raise
-        typer.echo(f"error: internal error ({type(exc).__name__}: {first_line(exc)}); set ONNXLRP_DEBUG=1 for the traceback", err=True)
-        raise typer.Exit(2) from None
+        typer.echo(f"error: internal error ({type(exc).__name__}: {first_line(exc)}); this is a bug in onnxlrp: "
+                   "please report it with the traceback that ONNXLRP_DEBUG=1 prints", err=True)
+        raise typer.Exit(INTERNAL) from None
 
 
-def _image_size(size: int | None) -> tuple[int, int] | None:
-    return (size, size) if size else None
+def _image_size(size: tuple[int, int] | None) -> tuple[int, int] | None:
+    return tuple(size) if size else None
 
 
 def _unique(names: list[str]) -> list[str]:
@@ -194,8 +232,13 @@ def _destinations(sources: list[tuple[Path, PurePosixPath]], suffixes: list[str]
     return result
 
 
+#: explain's options that only shape the PNG files, which --parquet does not write
+_PICTURE_OPTIONS = ("style", "heat_quantization", "sign", "cmap", "top_k")
+
+
 @app.command()
 def explain(
+    ctx: typer.Context,
     model: Model,
     images: Annotated[list[Path], typer.Argument(help="Image files or folders of images (subfolders too).",
                                                  show_default=False, metavar="IMAGES...")],
@@ -228,8 +271,12 @@ def explain(
 ) -> None:
     """Explain images: a heatmap PNG per image (relevance over the image)."""
     if parquet is not None:
-        _explain_to_parquet(model, images, parquet, output, npy, preset, split, preprocess, _image_size(size),
-                            heatmap, layer, batch_size, device, ray, ray_address, concurrency)
+        given = [name for name in _PICTURE_OPTIONS
+                 if ctx.get_parameter_source(name) not in (None, ParameterSource.DEFAULT)]
+        _explain_to_parquet(model, images, parquet, output, npy, given, dict(
+            preset=preset, split=split, include_identity=include_identity, bias=bias, low=low, high=high,
+            precision=precision, preprocessing=preprocess, image_size=_image_size(size), heatmap=heatmap,
+            layer=layer, target=target, batch_size=batch_size, device=device), ray, ray_address, concurrency)
         return
     with _user_errors():
         cluster = _cluster(ray, ray_address, concurrency)
@@ -242,7 +289,7 @@ def explain(
         for option, path, suffix in (("--output", output, ".png"), ("--npy", npy, ".npy")):
             if several and path is not None and path.suffix.lower() == suffix:
                 raise OnnxLrpError(f"{path}: {len(files) * ranks} heatmaps need an output folder for {option}, not a {suffix} file")
-        if cmap is not None and cmap not in colormaps:
+        if cmap is not None and not is_colormap(cmap):
             raise OnnxLrpError(f"unknown colormap '{cmap}'")
         suffixes = [f"_top{r}_lrp" for r in range(1, ranks + 1)] if top_k else ["_lrp"]
         destinations = _destinations(sources, suffixes, output, npy)
@@ -340,18 +387,21 @@ def _explain_on_ray(explainer, per_image, cluster, device, batch_size, target, t
         typer.echo(f"warning: {explode.message(explosion, explainer.summary.preset, explainer.bias)}", err=True)
 
 
-def _explain_to_parquet(model, images, parquet, output, npy, preset, split, preprocess, image_size, heatmap, layer,
-                        batch_size, device, ray, ray_address, concurrency) -> None:
-    """explain --parquet DIR: onnxlrp.distributed.explain_dataset (Parquet rows, resumable)."""
+def _explain_to_parquet(model, images, parquet, output, npy, pictures: list[str], options: dict, ray, ray_address,
+                        concurrency) -> None:
+    """explain --parquet DIR: onnxlrp.distributed.explain_dataset (Parquet rows, resumable), with
+    every explainer option of the command; those it cannot honour are refused."""
     from .distributed import done_paths, explain_dataset
 
     with _user_errors():
         if output is not None or npy is not None:
             raise OnnxLrpError("--parquet writes Parquet rows only: leave out -o and --npy")
+        if pictures:
+            flags = ", ".join("--" + name.replace("_", "-") for name in pictures)
+            raise OnnxLrpError(f"--parquet writes one row per image and no pictures: leave out {flags}")
         cluster = _cluster(ray, ray_address, concurrency) or Cluster()
-        explain_dataset([str(p) for p in images], model, output=parquet, preset=preset, split=split,
-                        preprocessing=preprocess, image_size=image_size, heatmap=heatmap, layer=layer,
-                        batch_size=batch_size, concurrency=cluster.concurrency, device=device, address=cluster.address)
+        explain_dataset([str(p) for p in images], model, output=parquet, concurrency=cluster.concurrency,
+                        address=cluster.address, **options)
         console.print(f"wrote {parquet}: {len(done_paths(parquet))} image(s) explained (Parquet)", highlight=False,
                       soft_wrap=True)
 
@@ -431,6 +481,14 @@ def _fitting(names: list[str], width: int) -> int:
     return max((len(line) for name in names for line in _breakable(name, width).splitlines()), default=0)
 
 
+def _fail_on(value: list[str] | None) -> FailOn:
+    """--fail-on's checks and thresholds; an unknown check is a usage error (exit 2)."""
+    try:
+        return FailOn.parse(value)
+    except OnnxLrpError as exc:
+        raise typer.BadParameter(str(exc).removeprefix("--fail-on: ")) from None
+
+
 def _list_methods(value: bool) -> None:
     """--list-methods runs before the arguments are checked, so it needs none."""
     if value:
@@ -452,6 +510,7 @@ def evaluate(
     preprocess: Preprocess = "imagenet",
     device: Annotated[DeviceName, typer.Option("--device", help="onnxruntime execution provider.")] = "cpu",
     batch_size: Annotated[int, typer.Option("--batch-size", min=1, help="Images per batch.")] = 16,
+    size: Size = None,
     list_methods: Annotated[bool, typer.Option("--list-methods", is_eager=True, callback=_list_methods,
                                                help="List the methods and exit (no MODEL or DATA needed).")] = False,
     ray: RayFlag = False,
@@ -472,7 +531,7 @@ def evaluate(
             task = progress.add_task(f"evaluating {len(chosen)} methods", total=total)
             results = run_evaluation(model, dataset, chosen, protocols, heat_quantization, preprocess, limit,
                                      batch_size, device, progress=lambda n: progress.advance(task, n),
-                                     cluster=cluster)
+                                     cluster=cluster, image_size=_image_size(size))
         paths = write_results(results, output)
         console.print(results.markdown(), highlight=False, soft_wrap=True)
         console.print("wrote " + ", ".join(str(p) for p in paths.values()), highlight=False, soft_wrap=True)
@@ -481,18 +540,24 @@ def evaluate(
 @app.command()
 def audit(
     model: Model,
-    data: Annotated[Path, typer.Argument(help="Image folder: one subfolder per class (order: classes.txt, else by name), optional masks/; or flat with --labels.", show_default=False, metavar="DATA")],
+    data: Annotated[Path, typer.Argument(help="Image folder: one subfolder per class (order: classes.txt, else by name), optional masks/; or flat with --labels; or flat without labels (a production sample: audited on the predicted classes).", show_default=False, metavar="DATA")],
     output: Annotated[Path, typer.Option("--output", "-o", help="Folder for report.html, report.json and images.csv.")] = Path("audit"),
     labels: Annotated[Optional[Path], typer.Option("--labels", help="CSV of 'path,label' lines instead of class subfolders.")] = None,
     masks: Annotated[Optional[Path], typer.Option("--masks", help="Folder of object masks mirroring DATA (default: DATA/masks).")] = None,
     against: Annotated[Optional[Path], typer.Option("--against", help="Another model file to compare with (the previous release, the float source of an int8 model).")] = None,
     preset: Preset = "epsilon-plus-flat",
     split: SplitOpt = None,
+    include_identity: IncludeIdentity = None,
+    bias: Annotated[bool, typer.Option("--bias/--no-bias", help="Keep biases in the rules (--no-bias: Zennit's zero_params=['bias']).")] = True,
+    low: Annotated[Optional[float], typer.Option(help="z^B lower box bound.", show_default="pixel 0 after preprocessing")] = None,
+    high: Annotated[Optional[float], typer.Option(help="z^B upper box bound.", show_default="pixel 255 after preprocessing")] = None,
+    precision: Annotated[PrecisionName, typer.Option("--precision", help="Precision of the relevance pass (fp16: for GPUs).")] = "fp32",
     heatmap: HeatmapOpt = "pixel",
     layer: LayerOpt = "last",
     fail_on: Annotated[Optional[list[str]], typer.Option("--fail-on", metavar="CHECK[=THRESHOLD]",
                                                          help="Checks that fail the audit (repeat or comma-separate; 'none' for none). "
-                                                              f"Default: {','.join(DEFAULT_FAIL_ON)}. Checks: {', '.join(CHECKS)}.")] = None,
+                                                              f"Default: {','.join(DEFAULT_FAIL_ON)}. Checks: "
+                                                              f"{', '.join(n for n, c in CHECKS.items() if not c.informational)}.")] = None,
     faithfulness: Annotated[bool, typer.Option("--faithfulness", help="Also Insertion/Deletion per image (tie-robust protocol; slower).")] = False,
     sanity_images: Annotated[int, typer.Option("--sanity-images", min=0, help="Images for the randomisation and random-logit tests (0: skip them).")] = 16,
     limit: Annotated[Optional[int], typer.Option("--limit", min=1, help="Audit the first N images only.")] = None,
@@ -506,16 +571,17 @@ def audit(
 ) -> None:
     """Audit a deployed model on a folder of images: a report to read and a verdict to gate on.
 
-    Exit code 0: pass; 1: a finding breaks a --fail-on threshold; 2: a usage or input error."""
+    Exit code 0: pass; 1: a finding breaks a --fail-on threshold, or bad input; 2: a usage error."""
     with _user_errors(AUDIT_ERROR):
-        rules = FailOn.parse(fail_on)
-        dataset = load_dataset(data, labels)
+        rules = _fail_on(fail_on)
+        dataset = audit_dataset(data, labels, masks)
         total = min(limit or len(dataset.files), len(dataset.files))
         check_writable(output / name for name in REPORT_FILES)  # before the run, not after it
         cluster = _cluster(ray, ray_address, concurrency)
         with _progress() as progress:
             task = progress.add_task(f"auditing {total} images", total=total + 1)
             result = run_audit(model, data, labels=labels, masks=masks, against=against, preset=preset, split=split,
+                               include_identity=include_identity, bias=bias, low=low, high=high, precision=precision,
                                preprocessing=preprocess, image_size=_image_size(size), heatmap=heatmap,
                                layer=layer, fail_on=rules,
                                faithfulness=faithfulness, sanity_images=sanity_images, limit=limit,
@@ -523,7 +589,10 @@ def audit(
                                cluster=cluster)
         paths = write_report(result, output)
         console.print(f"verdict: {result.verdict.upper()} ({len(result.findings)} finding(s), "
-                      f"{sum(f.severity == 'fail' for f in result.findings)} failing)", highlight=False)
+                      f"{sum(f.severity == 'fail' for f in result.findings)} failing), on {result.based_on}",
+                      highlight=False, soft_wrap=True)
+        for check, why in result.not_run.items():
+            console.print(f"  not run: {check}: {why}", highlight=False, soft_wrap=True)
         for f in result.findings:
             where = f" [{f.class_}]" if f.class_ else ""
             console.print(f"  {f.severity}: {f.check}{where}: {f.message}", highlight=False, soft_wrap=True)
@@ -543,6 +612,8 @@ def compile_model(
     preprocess: Preprocess = "imagenet",
     precision: Annotated[PrecisionName, typer.Option("--precision", help="Precision of the relevance pass.")] = "fp32",
     size: Size = None,
+    low: Annotated[Optional[float], typer.Option(help="z^B lower box bound.", show_default="pixel 0 after preprocessing")] = None,
+    high: Annotated[Optional[float], typer.Option(help="z^B upper box bound.", show_default="pixel 255 after preprocessing")] = None,
     heatmap: HeatmapOpt = "pixel",
     layer: LayerOpt = "last",
 ) -> None:
@@ -550,8 +621,8 @@ def compile_model(
     with _user_errors():
         check_writable([output])
         explainer = Explainer(model, preset=preset, split=split, include_identity=include_identity, bias=bias,
-                              preprocessing=preprocess, image_size=_image_size(size), precision=precision,
-                              heatmap=heatmap, layer=layer)
+                              low=low, high=high, preprocessing=preprocess, image_size=_image_size(size),
+                              precision=precision, heatmap=heatmap, layer=layer)
         for note in explainer.summary.notes:
             typer.echo(f"note: {note}", err=True)
         explainer.save(output)

@@ -19,7 +19,7 @@ from .analysis import Analysis, analyse
 from .errors import OnnxLrpError
 from .io.files import write_atomic
 from .ir.merges import Merge
-from .ir.model import ImageInput
+from .ir.model import ImageInput, readable_ir_version
 from .lrp import relevance_graph as rg
 from .lrp.heatmaps import INPUT, LAST, Heatmap
 from .options import Options
@@ -47,6 +47,10 @@ class Summary:
     probe: str | None
     heatmap: str = "pixel"  # lrp.heatmaps KINDS: what Explanation.heatmap() returns
     heatmap_layer: str | None = None  # the tensor a layer or gated map comes from
+    # the output activation stripped after the logits (ir.canonicalise.OUTPUT_ACTIVATIONS: Softmax,
+    # LogSoftmax, Sigmoid), None for a model that outputs its logits: the model's own output is
+    # this activation of Explanation.logits
+    output_activation: str | None = None
 
     def to_json(self) -> str:
         return json.dumps(asdict(self))
@@ -129,7 +133,7 @@ def build(analysis: Analysis, options: Options) -> tuple[Summary, onnx.ModelProt
     layer, layer_axis = heatmap_layer(analysis, options.heatmap)
     compiled = rg.build(
         analysis.graph, analysis.rules, initial=analysis.preset.initial, bias=options.bias, low=low,
-        high=high, ir_version=analysis.ir_version, opset=analysis.opset, trace=options.trace, probe=probe,
+        high=high, ir_version=readable_ir_version(analysis.ir_version), opset=analysis.opset, trace=options.trace, probe=probe,
         heatmap=options.heatmap, layer=layer, layer_axis=layer_axis, pixel_axis=analysis.image.channel_axis,
     )
     if options.precision == "fp16":
@@ -140,6 +144,7 @@ def build(analysis: Analysis, options: Options) -> tuple[Summary, onnx.ModelProt
         analysis.image, analysis.height, analysis.width, analysis.num_classes, analysis.merges,
         analysis.notes + _heatmap_note(options.heatmap, layer), analysis.warnings,
         json.loads(props.get(rg.TRACE_KEY, "[]")), probe, options.heatmap.kind, layer,
+        output_activation=analysis.output_activation,
     )
     return summary, compiled
 

@@ -39,13 +39,13 @@ import math
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 import numpy as np
 
 from .errors import OnnxLrpError, first_line
 from .explainer import Explainer, Portable
-from .runtime.cache import file_digest
+from .ir.digest import model_digest
 from .runtime.cluster import (Cluster, actor_resources, assigned_threads, batches_of, connected, import_ray,
                               map_batches)
 
@@ -82,7 +82,7 @@ def _check_meta(output: Path, meta: dict[str, Any], keep: bool) -> None:
         raise OnnxLrpError(f"{output}: holds Parquet files that onnxlrp did not write ({META} is missing); "
                            "choose another output folder")
     old = json.loads(file.read_text())
-    for key in ("model_sha256", "options"):
+    for key in ("model_sha256", "options", "target"):
         if old.get(key) != meta[key]:
             raise OnnxLrpError(f"{output}: holds results of another {'model' if key == 'model_sha256' else 'set of options'} "
                                f"({old.get('preset')} on {old.get('model')}); choose another output folder, or resume=False "
@@ -118,9 +118,9 @@ def _sources(source, dedupe: bool) -> list[str]:
 class _ExplainActor:
     """One onnxruntime session per actor, on the relevance graph shipped from the driver."""
 
-    def __init__(self, explainer, device: str, batch_size: int, full_relevance: bool):
+    def __init__(self, explainer, device: str, batch_size: int, full_relevance: bool, target: int | None = None):
         self.explainer = explainer.open(device, assigned_threads(device))
-        self.batch_size, self.full_relevance = batch_size, full_relevance
+        self.batch_size, self.full_relevance, self.target = batch_size, full_relevance, target
 
     def __call__(self, batch):
         import pyarrow as pa
@@ -133,7 +133,7 @@ class _ExplainActor:
         # 3e-9 on the demo model); a lone image is run as a pair, so that the numbers do not
         # depend on how Ray cut the blocks.
         pairs = np.concatenate([pixels, pixels]) if n == 1 else pixels
-        result = explainer.explain(explainer.images.normalize(pairs), None, self.batch_size, warn=False)
+        result = explainer.explain(explainer.images.normalize(pairs), self.target, self.batch_size, warn=False)
         exploded = np.zeros(n, dtype=bool)
         if result.explosion is not None:
             exploded[[i for i in result.explosion.indices if i < n]] = True
@@ -169,10 +169,17 @@ def explain_dataset(
     output: str | Path,
     preset: str = "epsilon-plus-flat",
     split: str | None = None,
+    include_identity: bool | None = None,
+    bias: bool = True,
+    low: float | Sequence[float] | None = None,
+    high: float | Sequence[float] | None = None,
+    rules: Mapping[str, Any] | None = None,
+    precision: str = "fp32",
     preprocessing: str = "imagenet",
     image_size: tuple[int, int] | None = None,
     heatmap: str = "pixel",
     layer: str = "last",
+    target: int | None = None,
     batch_size: int = 16,
     concurrency: int = 1,
     device: str = "cpu",
@@ -188,8 +195,9 @@ def explain_dataset(
     cuda: one GPU each). address: a Ray cluster to connect to; None uses the instance already
     started in this process, else starts a local one (and shuts it down when done).
     resume: skip the images that already have a row under `output` (False: replace what is
-    there). heatmap, layer: the map in the "heatmap" column (Explainer's heatmap=). Returns
-    `output`.
+    there). heatmap, layer: the map in the "heatmap" column (Explainer's heatmap=). target: the
+    class to explain in every image (None: each image's top-1). The explainer options (split
+    to precision) are Explainer's. Returns `output`.
     """
     import_ray()
     from ray.data import SaveMode
@@ -206,12 +214,14 @@ def explain_dataset(
         raise OnnxLrpError(f"{output}: not a folder")
 
     # Compiled once, here: the workers get the graph, not the model.
-    explainer = Explainer(model, preset=preset, split=split, preprocessing=preprocessing, image_size=image_size,
-                          heatmap=heatmap, layer=layer, device="cpu", threads=1)
+    explainer = Explainer(model, preset=preset, split=split, include_identity=include_identity, bias=bias, low=low,
+                          high=high, rules=rules, precision=precision, preprocessing=preprocessing,
+                          image_size=image_size, heatmap=heatmap, layer=layer, device="cpu", threads=1)
+    explainer.targets(target, 1)  # a class out of range is an error before Ray starts
     options = explainer.options
     meta = {
-        "model": str(model), "model_sha256": file_digest(Path(model)), "preset": explainer.summary.preset,
-        "options": options.digest() or repr(options), "device": device,
+        "model": str(model), "model_sha256": model_digest(model), "preset": explainer.summary.preset,
+        "options": options.digest() or repr(options), "target": target, "device": device,
     }
     _check_meta(output, meta, resume)
     done = done_paths(output) if resume and output.is_dir() else set()
@@ -231,7 +241,7 @@ def explain_dataset(
             _ExplainActor, batch_size=batch_size, batch_format="pyarrow",
             compute=ray.data.ActorPoolStrategy(size=concurrency),
             fn_constructor_kwargs={"explainer": shipped, "device": device, "batch_size": batch_size,
-                                   "full_relevance": full_relevance},
+                                   "full_relevance": full_relevance, "target": target},
             **actor_resources(ray, cluster, device),
         )
         output.mkdir(parents=True, exist_ok=True)

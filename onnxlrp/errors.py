@@ -9,6 +9,12 @@ class OnnxLrpError(Exception):
     """
 
 
+class NoRuleError(OnnxLrpError):
+    """A node of the graph that no LRP rule applies to: an op type without an adapter, an
+    adapter that cannot take the node as it is, a preset or rule that does not fit it. The
+    audit reports these as its `rules` check instead of stopping."""
+
+
 class OnnxLrpWarning(UserWarning):
     """The explanation is computed, but not quite as asked (e.g. ``paper`` on a BN-folded graph,
     relevance that exploded, a cache that cannot be written)."""

@@ -214,8 +214,8 @@ def read_only(tmp_path):
     folder.chmod(0o755)
 
 
-def _one_error_line(result, pattern: str) -> None:
-    assert result.exit_code == 1, result.output
+def _one_error_line(result, pattern: str, code: int = 1) -> None:
+    assert result.exit_code == code, result.output
     lines = [line for line in result.stderr.splitlines() if not line.startswith("note: ")]  # notes come first
     assert len(lines) == 1 and lines[0].startswith("error: ") and re.search(pattern, lines[0]), result.stderr
     assert "Traceback" not in result.output
@@ -311,10 +311,12 @@ def test_output_and_npy_must_differ(demo_model, demo_image, tmp_path):
 
 
 def test_usage_errors_are_one_line_too(demo_model, demo_image):
+    """... and exit 2 in every command (1 is bad input, or an audit that fails)."""
     _one_error_line(run("explain", demo_model, demo_image, "--preset", "nope"),
-                    r"Invalid value for '--preset'.*'nope' is not one of .*\(see .* explain --help\)")
-    _one_error_line(run("explain", demo_model), r"Missing argument 'IMAGES\.\.\.'")
-    _one_error_line(run("graph", demo_model, "--bogus"), r"No such option: --bogus")
+                    r"Invalid value for '--preset'.*'nope' is not one of .*\(see .* explain --help\)", code=2)
+    _one_error_line(run("explain", demo_model), r"Missing argument 'IMAGES\.\.\.'", code=2)
+    _one_error_line(run("graph", demo_model, "--bogus"), r"No such option: --bogus", code=2)
+    _one_error_line(run("evaluate", demo_model, demo_image, "--size", "64x"), r"'64x' is not N or HxW", code=2)
 
 
 def test_compile_says_the_batch_is_dynamic(demo_model, tmp_path):

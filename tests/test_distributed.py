@@ -304,3 +304,32 @@ def test_bad_input_in_a_parquet_actor_is_its_one_line(local_ray, tmp_path):
     assert alone.exit_code == spread.exit_code == 1, spread.output
     assert spread.output.strip().splitlines() == alone.output.strip().splitlines(), spread.output
     assert "zz.png: cannot read image" in alone.output
+
+
+def test_cli_explain_to_parquet_honours_every_explainer_option(local_ray, tmp_path):
+    """Every option of explain that shapes the explanation reaches the Parquet run (the meta
+    file's options digest is the one of an Explainer given the same options, and the rows
+    explain the class asked for); the picture options, which a row cannot hold, are refused."""
+    import json
+
+    from typer.testing import CliRunner
+
+    from onnxlrp.cli import app
+    from onnxlrp.distributed import META
+
+    files = FILES[:2]
+    out = tmp_path / "out"
+    flags = ["--preset", "epsilon-gamma-box", "--no-bias", "--exclude-identity", "--low", "-1.5", "--high", "2.5",
+             "--precision", "fp16", "--target", "3", "--size", "64x64", "--preprocess", "raw"]
+    result = CliRunner().invoke(app, ["explain", str(MODEL), *files, "--ray", "--parquet", str(out), *flags])
+    assert result.exit_code == 0, result.output
+    expected = Explainer(MODEL, preset="epsilon-gamma-box", bias=False, include_identity=False, low=-1.5, high=2.5,
+                         precision="fp16", image_size=(64, 64), preprocessing="raw")
+    meta = json.loads((out / META).read_text())
+    assert meta["options"] == expected.options.digest() and meta["target"] == 3
+    found = rows(out)
+    assert all(found[f]["target"] == 3 for f in files)
+    refused = CliRunner().invoke(app, ["explain", str(MODEL), *files, "--parquet", str(tmp_path / "b"), "--top-k", "2",
+                                       "--cmap", "jet"])
+    assert refused.exit_code == 1 and "leave out --cmap, --top-k" in refused.output
+    assert not (tmp_path / "b").exists()

@@ -167,3 +167,16 @@ def test_alpha_beta_accepts_alpha_minus_beta_one_up_to_rounding():
     assert dict(rule.params) == {"alpha": 1.4, "beta": 0.4}
     with pytest.raises(ValueError, match="alpha - beta = 1"):
         R.alpha_beta(1.5, 0.4)
+
+
+def test_a_rule_override_that_matches_nothing_names_the_closest_nodes(resnet18):
+    """A torch module name ('layer4.0.conv1', as a user of torchvision would write it) is no
+    ONNX node name: it is an error naming the exporter's node, not an override ignored."""
+    from onnxlrp.errors import OnnxLrpError
+
+    with pytest.raises(OnnxLrpError, match=r"rule override 'layer4.0.conv1' matches no node.*closest: /layer4/layer4.0/conv1/Conv"):
+        Explainer(resnet18.folded, rules={"layer4.0.conv1": R.epsilon(0.25)}, cache=False)
+    with pytest.raises(OnnxLrpError, match=r"rule override 'Comv' matches no node.*closest: Conv"):
+        Explainer(resnet18.folded, rules={"Comv": R.epsilon(0.25)}, cache=False)
+    # a node name and an op type the graph lacks are both fine
+    Explainer(resnet18.folded, rules={"/layer4/layer4.0/conv1/Conv": R.epsilon(0.25), "MatMul": R.epsilon()}, cache=False)

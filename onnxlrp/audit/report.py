@@ -72,12 +72,16 @@ def payload(audit: Audit) -> dict:
     return {
         "schema_version": SCHEMA_VERSION,
         "verdict": audit.verdict,
+        "based_on": audit.basis(),
         "findings": [f.to_dict() for f in audit.findings],
         "model": audit.identity,
         "images": len(audit.files),
         "classes": audit.classes,
         "checks": {name: audit.checks.get(name) for name in CHECKS if name in audit.checks},
-        "thresholds": {name: {"threshold": check.threshold, "direction": check.direction, "summary": check.summary}
+        "not_run": dict(audit.not_run),
+        "deployed_kernels": audit.deployed,
+        "thresholds": {name: {"threshold": check.threshold, "direction": check.direction, "summary": check.summary,
+                              "informational": check.informational}
                        for name, check in CHECKS.items()},
         "per_class": [{"class": s.name, "images": len(s.images), "region_area": s.region_area,
                        "hans_score": s.hans_score, "eigengap": s.eigengap,
@@ -122,7 +126,8 @@ def html(audit: Audit) -> str:
     return env.get_template("report.html.j2").render(
         audit=audit, verdict=audit.verdict, findings=findings, facts=audit.identity, classes=classes,
         randomisation=audit.randomisation.steps if audit.randomisation else [], random_logit=audit.random_logit,
-        drift=drift, rows=rows, checks=CHECKS, seconds=audit.seconds)
+        drift=drift, rows=rows, checks=CHECKS, seconds=audit.seconds, based_on=audit.based_on,
+        not_run=audit.not_run, deployed=audit.deployed)
 
 
 def write(audit: Audit, folder: str | Path) -> dict[str, Path]:

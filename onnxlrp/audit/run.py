@@ -4,19 +4,19 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Mapping
 
 import numpy as np
 
-from ..errors import OnnxLrpError
+from ..errors import NoRuleError, OnnxLrpError
 from ..evaluation.evaluate import Dataset, load_dataset, load_mask
 from ..explainer import Explainer, Portable
-from ..runtime.cache import file_digest
+from ..ir.digest import model_digest
 from ..runtime.cluster import Cluster, batches_of, connected, map_batches
 from . import drift as drift_check
 from . import sanity
 from .findings import FailOn, Finding, finding
-from .identity import identity, output_step, own_logits, own_session
+from .identity import identity, output_step, own_logits, own_session, reference_session
 from .statistics import downsized, image_statistics, rank_correlation
 from .strategies import ClassStrategies, class_strategies
 
@@ -40,10 +40,25 @@ class Audit:
     other_heatmaps: np.ndarray | None = None
     checks: dict = field(default_factory=dict)  # every measured value, by check
     seconds: float = 0.0
+    labels: str | None = None  # where the labels came from ("class folders", a labels file), None: unlabeled
+    not_run: dict = field(default_factory=dict)  # check -> why it did not run ("no labels")
+    deployed: dict | None = None  # the deployed kernels against the reference arithmetic (deployed-kernels)
 
     @property
     def verdict(self) -> str:
         return "fail" if any(f.severity == "fail" for f in self.findings) else "pass"
+
+    @property
+    def based_on(self) -> str:
+        """What the verdict rests on: "48 images, labels: class folders", "12 images, labels: none
+        (predicted classes)"."""
+        labels = self.labels if self.labels is not None else "none (predicted classes)"
+        return f"{len(self.files)} images, labels: {labels}"
+
+    def basis(self) -> dict:
+        """based_on for machines (report.json)."""
+        return {"images": len(self.files), "labels": self.labels,
+                "classes": "labelled" if self.labels is not None else "predicted", "text": self.based_on}
 
 
 def _softmax(logits: np.ndarray) -> np.ndarray:
@@ -51,64 +66,75 @@ def _softmax(logits: np.ndarray) -> np.ndarray:
     return shifted / shifted.sum(axis=1, keepdims=True)
 
 
-def _masks(dataset: Dataset, masks: Path | None, root: Path) -> list[Path | None]:
-    if masks is None:
-        return dataset.masks
-    found = []
-    for file in dataset.files:
-        try:
-            relative = file.relative_to(root)
-        except ValueError:
-            relative = Path(file.name)
-        candidates = [masks / relative, *(masks / relative.with_suffix(s) for s in (".png", ".PNG"))]
-        found.append(next((c for c in candidates if c.is_file()), None))
-    return found
+def activated(logits: np.ndarray, activation: str | None) -> np.ndarray:
+    """The model's output from the relevance graph's logits: the output activation canonicalisation
+    stripped (Summary.output_activation: Softmax, LogSoftmax, Sigmoid), or the logits themselves."""
+    z = np.asarray(logits, dtype=np.float64)
+    if activation is None:
+        return z
+    if activation == "Softmax":
+        return _softmax(z)
+    if activation == "LogSoftmax":
+        shifted = z - z.max(axis=1, keepdims=True)
+        return shifted - np.log(np.exp(shifted).sum(axis=1, keepdims=True))
+    if activation == "Sigmoid":
+        return 1 / (1 + np.exp(-z))
+    raise OnnxLrpError(f"unknown output activation '{activation}'")
 
 
-def _no_rule(exc: OnnxLrpError) -> bool:
-    text = str(exc)
-    return "no LRP rule" in text or "does not apply" in text
+def _confidences(logits: np.ndarray, activation: str | None) -> np.ndarray:
+    """Per image and class, the probability the model gives: a one-logit Sigmoid head's sigmoid,
+    else the softmax of the logits (whatever the model's own output is)."""
+    return activated(logits, "Sigmoid") if activation == "Sigmoid" else _softmax(np.asarray(logits, np.float64))
 
 
 def audit(model: str | Path, data: str | Path, *, labels: str | Path | None = None, masks: str | Path | None = None,
           against: str | Path | None = None, preset: str = "epsilon-plus-flat", split: str | None = None,
+          include_identity: bool | None = None, bias: bool = True, low: float | list[float] | None = None,
+          high: float | list[float] | None = None, precision: str = "fp32", rules: Mapping | None = None,
           preprocessing: str = "imagenet", image_size: tuple[int, int] | None = None, heatmap: str = "pixel",
           layer: str = "last", fail_on: FailOn | None = None,
           faithfulness: bool = False, sanity_images: int = 16, limit: int | None = None, batch_size: int = 16,
           device: str = "cpu", progress: Callable[[float], None] | None = None,
           cluster: Cluster | None = None) -> Audit:
-    """Audit `model` on the images of `data` (ImageFolder layout, or flat with a labels file).
+    """Audit `model` on the images of `data`: ImageFolder layout, flat with a labels file, or a
+    flat unlabeled sample (every image under it), audited on the classes the model predicts;
+    the checks that need labels (accuracy) then say they did not run (Audit.not_run).
     progress(n) is called as images are done (n images' worth of work; the calls add up to the
     number of images), the checks after the explanations counting as one more image.
     cluster: explain (and score, and compare) the images on Ray actors (runtime.cluster); the
     checks then run here on what they return, with the same results as in one process.
-    heatmap, layer: the map the checks look at (Explainer's heatmap=: pixel, layer, gated)."""
+    heatmap, layer: the map the checks look at (Explainer's heatmap=: pixel, layer, gated).
+    include_identity, bias, low, high, precision, rules: as Explainer's, for every explainer the
+    audit builds (the model's, the --against model's, the randomised copies')."""
     start = time.perf_counter()
     model, data = Path(model), Path(data)
     fail_on = fail_on or FailOn.parse(None)
-    dataset = load_dataset(data, labels)
+    dataset = audit_dataset(data, labels, masks)
     count = min(limit or len(dataset.files), len(dataset.files))
-    files, truth = dataset.files[:count], dataset.labels[:count]
-    mask_files = _masks(dataset, Path(masks) if masks else None, data)[:count]
+    files = dataset.files[:count]
+    truth = dataset.labels[:count] if dataset.labelled else None
+    mask_files = dataset.masks[:count]
+    source = None if not dataset.labelled else (str(labels) if labels is not None else "class folders")
     names = [_shown(f, data) for f in files]
+    settings = dict(preset=preset, split=split, include_identity=include_identity, bias=bias, low=low, high=high,
+                    precision=precision, rules=rules, preprocessing=preprocessing, image_size=image_size,
+                    heatmap=heatmap, layer=layer, device=device)
     try:
-        explainer = Explainer(model, preset=preset, split=split, preprocessing=preprocessing, image_size=image_size,
-                              heatmap=heatmap, layer=layer, device=device)
-    except OnnxLrpError as exc:
-        if not _no_rule(exc):
-            raise
-        facts = {"model": str(model), "sha256": file_digest(model), "preset": preset}
+        explainer = Explainer(model, **settings)
+    except NoRuleError as exc:  # the rules check's finding, not a stop
+        facts = {"model": str(model), "sha256": model_digest(model), "preset": preset}
         failed = Finding("rules", "fail" if fail_on.fails("rules") else "warning", str(exc), 1.0,
                          fail_on.threshold("rules"))
-        return Audit(facts, dataset.classes, names, [], [failed], checks={"rules": 1}, seconds=time.perf_counter() - start)
+        return Audit(facts, dataset.classes, names, [], [failed], checks={"rules": 1}, seconds=time.perf_counter() - start,
+                     labels=source)
     if len(dataset.classes) and len(dataset.classes) != explainer.num_classes:
         raise OnnxLrpError(f"{data}: {len(dataset.classes)} classes, but the model has {explainer.num_classes}")
     facts = identity(model, explainer)
     height, width = explainer.summary.height, explainer.summary.width
     other = None
     if against is not None:
-        other = Explainer(against, preset=preset, split=split, preprocessing=preprocessing, image_size=image_size,
-                          heatmap=heatmap, layer=layer, device=device)
+        other = Explainer(against, **settings)
         if other.input_shape[1:] != explainer.input_shape[1:]:
             raise OnnxLrpError(f"{against}: input {list(other.input_shape[1:])} differs from the audited model's "
                                f"{list(explainer.input_shape[1:])}")
@@ -133,27 +159,48 @@ def audit(model: str | Path, data: str | Path, *, labels: str | Path | None = No
     joined = {key: np.concatenate([part[key] for part in parts]) for key in parts[0] if key != "faithfulness"}
     pixels, heatmaps, logits, targets = joined["pixels"], joined["heatmaps"], joined["logits"], joined["targets"]
     initial, sums, merge_sums, own = joined["initial"], joined["input_sum"], joined["merge_sums"], joined["own_logits"]
+    deployed_own = joined["deployed_logits"]
     nonfinite = [int(i) for i in np.flatnonzero(joined["exploded"])]
     x_all = explainer.images.normalize(pixels)
     masks_loaded = [load_mask(m, height, width) for m in mask_files]
     classes = dataset.classes or [str(k) for k in range(explainer.num_classes)]
     findings: list[Finding] = []
     checks: dict = {}
+    not_run: dict = {}
+    activation = explainer.summary.output_activation
 
     def add(found: Finding | None) -> None:
         if found is not None:
             findings.append(found)
 
     # 2. Integrity: the explainer's logits are the model's own; no NaN/Inf; conservation.
-    ours = _softmax(logits) if any("before the final Softmax" in n for n in facts["notes"]) else logits
-    # allowed: float32 rounding, 1e-4 of the largest logit; for an int8 output one quantisation step more
+    # Like with like: the relevance graph's logits, through the output activation the model ends
+    # in (a field of the summary), against the model run in the same arithmetic (reference_session:
+    # graph optimisations off, so an int8 model's reference Q/DQ arithmetic on any CPU).
+    ours = activated(logits, activation)
     difference = float(np.abs(ours - own).max())
     step = output_step(model)
+    # allowed: float32 rounding, 1e-4 of the largest output (rounding of ~6e-8 relative per op, grown
+    # over the layers' sums, stays far below); for an int8 output one quantisation step more: a
+    # float32 rounding difference before the last QuantizeLinear can tip an x.5 tie the other way
     allowed = 1e-4 * float(np.abs(own).max()) + (step or 0.0)
     checks["logits"] = logit_error = difference / max(allowed, 1e-30)
-    what = f"one quantisation step ({step:.3g})" if step and step >= allowed else "1e-4 of the largest logit"
-    add(finding(fail_on, "logits", logit_error, f"the explainer's logits differ from the model's own by "
-                                                f"{difference:.2e}, {logit_error:.1f} x {what}"))
+    what = f"one quantisation step ({step:.3g})" if step and step >= allowed / 2 else "1e-4 of the largest output"
+    add(finding(fail_on, "logits", logit_error, f"the explainer's logits differ from the model's own (reference "
+                                                f"arithmetic) by {difference:.2e}, {logit_error:.1f} x {what}"))
+    # The deployed kernels (default optimisations: fused int8 kernels) against that reference: a
+    # separate, informational figure, in output steps (int8) or 1e-4 of the largest output.
+    kernel_difference = float(np.abs(deployed_own.astype(np.float64) - own).max())
+    unit, per = (("output quantisation steps", step) if step else
+                 ("1e-4 of the largest output", 1e-4 * float(np.abs(own).max())))
+    checks["deployed-kernels"] = kernels = kernel_difference / max(per, 1e-30)
+    deployed = {"max_difference": kernel_difference, "value": kernels, "unit": unit,
+                "reference": "onnxruntime, graph optimisations off (reference arithmetic)",
+                "deployed": "onnxruntime, default optimisations"}
+    add(finding(fail_on, "deployed-kernels", kernels,
+                f"onnxruntime's deployed kernels (default optimisations) give outputs {kernel_difference:.2e} "
+                f"({kernels:.1f} {unit}) away from the reference arithmetic the audit explains: the deployed "
+                "model computes something else than the one audited on this CPU"))
     checks["nonfinite"] = len(nonfinite)
     add(finding(fail_on, "nonfinite", len(nonfinite), f"{len(nonfinite)} image(s) whose relevance exploded "
                 "(NaN/Inf set to 0, or totals far beyond the initial relevance)", images=[names[i] for i in nonfinite]))
@@ -178,10 +225,10 @@ def audit(model: str | Path, data: str | Path, *, labels: str | Path | None = No
                     images=[names[i] for i in worst]))
 
     # 3. Per image.
-    probabilities = _softmax(logits)
+    probabilities = _confidences(logits, activation)
     rows = []
     for i in range(count):
-        label = int(truth[i]) if truth is not None and len(truth) else None
+        label = int(truth[i]) if truth is not None else None
         row = {"image": names[i], "label": classes[label] if label is not None else None,
                "prediction": classes[int(targets[i])], "confidence": float(probabilities[i, targets[i]]),
                "correct": None if label is None else bool(label == targets[i]),
@@ -191,7 +238,9 @@ def audit(model: str | Path, data: str | Path, *, labels: str | Path | None = No
     for row, scores in zip(rows, (s for part in parts for s in part.get("faithfulness", ()))):
         row.update({f"exact_{k}": v for k, v in scores.items()})
     labelled = [r["correct"] for r in rows if r["correct"] is not None]
-    if labelled:
+    if not dataset.labelled:
+        not_run["accuracy"] = "no labels"
+    elif labelled:
         checks["accuracy"] = float(np.mean(labelled))
         wrong = [r["image"] for r in rows if r["correct"] is False][:12]
         add(finding(fail_on, "accuracy", checks["accuracy"], f"accuracy {checks['accuracy']:.1%}", images=wrong))
@@ -221,8 +270,7 @@ def audit(model: str | Path, data: str | Path, *, labels: str | Path | None = No
     subset = list(range(min(sanity_images, count)))
 
     def explain_with(path, x, chosen):
-        other = Explainer(path, preset=preset, split=split, preprocessing=preprocessing, image_size=image_size,
-                          heatmap=heatmap, layer=layer, device=device, cache=False)
+        other = Explainer(path, **settings, cache=False)
         return other.explain(x, target=chosen, batch_size=batch_size, warn=False).heatmap()
 
     randomised = None
@@ -233,6 +281,10 @@ def audit(model: str | Path, data: str | Path, *, labels: str | Path | None = No
             add(finding(fail_on, "randomisation", randomised.final,
                         f"with every layer's weights randomised, the heatmaps keep a rank correlation of "
                         f"{randomised.final:.2f} with the model's own: they say little about the model"))
+    random_logit = None
+    if subset and explainer.num_classes < 2:
+        not_run["random-logit"] = "one output (no other class to explain)"
+    elif subset:
         others = sanity.other_classes(targets[subset], explainer.num_classes)
         other_maps = explainer.explain(x_all[subset], target=others, batch_size=batch_size, warn=False).heatmap()
         random_logit = float(np.mean([rank_correlation(np.abs(a), np.abs(b))
@@ -241,8 +293,6 @@ def audit(model: str | Path, data: str | Path, *, labels: str | Path | None = No
         add(finding(fail_on, "random-logit", random_logit,
                     f"explaining a random other class gives nearly the same maps (rank correlation "
                     f"{random_logit:.2f}): the explanations barely depend on the class"))
-    else:
-        random_logit = None
 
     # 6. Drift against another model (explained with the images above).
     drift = other_heatmaps = None
@@ -263,7 +313,13 @@ def audit(model: str | Path, data: str | Path, *, labels: str | Path | None = No
         progress(1)
     findings.sort(key=lambda f: (f.severity != "fail", f.check))
     return Audit(facts, classes, names, rows, findings, pixels, heatmaps, strategies, randomised, random_logit,
-                 drift, other_heatmaps, checks, time.perf_counter() - start)
+                 drift, other_heatmaps, checks, time.perf_counter() - start, source, not_run, deployed)
+
+
+def audit_dataset(data: str | Path, labels: str | Path | None = None, masks: str | Path | None = None) -> Dataset:
+    """The images an audit of `data` looks at, with their labels (None for an unlabeled sample:
+    a flat folder without a labels file) and masks (evaluate's lookup, in `masks` or data/masks)."""
+    return load_dataset(data, labels, masks=masks, need_labels=False)
 
 
 def _shown(path: Path, root: Path) -> str:
@@ -298,6 +354,9 @@ class Job:
         forward = Forward(self.model, device=device, threads=threads) if self.faithfulness else None
         shape = (1, explainer.summary.height, explainer.summary.width, image.channels)
         black = explainer.images.normalize(np.zeros(shape, np.uint8))[0]
+        # the model's own output twice: in the reference arithmetic (the integrity gate) and with
+        # the deployed kernels (reported beside it)
+        reference = reference_session(Path(self.model), device, threads)
         plain = own_session(Path(self.model), device, threads)
 
         def run(files: list[Path]) -> dict:
@@ -309,7 +368,8 @@ class Job:
             exploded[list(result.explosion.indices if result.explosion else ())] = True
             out = {"pixels": pixels, "heatmaps": heatmaps, "logits": result.logits, "targets": result.targets,
                    "initial": result.initial, "input_sum": result.input_sum, "merge_sums": result.merge_sums,
-                   "exploded": exploded, "own_logits": own_logits(plain, x, size)}
+                   "exploded": exploded, "own_logits": own_logits(reference, x, size),
+                   "deployed_logits": own_logits(plain, x, size)}
             if forward is not None:  # Insertion and Deletion, tie-robust protocol ("exact")
                 out["faithfulness"] = [
                     metrics.insertion_deletion(forward.probabilities, x[i], heatmaps[i], int(result.targets[i]), black,

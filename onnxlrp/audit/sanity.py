@@ -17,6 +17,7 @@ import numpy as np
 import onnx
 from onnx import numpy_helper
 
+from ..ir.model import constants_to_initializers
 from .statistics import rank_correlation
 
 #: the cascade: share of the weighted layers randomised, top down
@@ -60,6 +61,7 @@ def randomisation(model_path: Path, explain, x: np.ndarray, targets: np.ndarray,
                   seed: int = 0) -> Randomisation:
     """explain(path, x, targets) -> heatmaps [N, H, W]; the cascade's rank correlations."""
     model = onnx.load(str(model_path))
+    constants_to_initializers(model)  # weights written as Constant nodes (paddle2onnx) are weights too
     layers = weighted_layers(model)
     steps = []
     if not layers:  # e.g. an int8 model: its weights are integers behind DequantizeLinear

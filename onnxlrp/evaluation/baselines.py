@@ -31,6 +31,7 @@ from ..explainer import Explainer, Explanation
 from ..lrp.composites import PAPER_VARIANTS, PRESETS
 from ..lrp.heatmaps import KINDS
 from ..errors import OnnxLrpError
+from ..ir.model import readable_ir_version
 from ..runtime.session import run_batched, session
 
 
@@ -59,8 +60,9 @@ class Forward:
             outputs.append(tensor)
         graph.outputs = outputs
         graph.cleanup()
-        self.session = session(gs.export_onnx(graph, do_type_check=False, ir_version=analysis.ir_version), device,
-                               threads)
+        forward = gs.export_onnx(graph, do_type_check=False)
+        forward.ir_version = readable_ir_version(analysis.ir_version)  # gs would write the model's own
+        self.session = session(forward, device, threads)
         self.input_name = canonical.input.name
         self.image, self.height, self.width = analysis.image, analysis.height, analysis.width
         self.num_classes = analysis.num_classes
@@ -110,10 +112,12 @@ def _lrp(name: str, label: str, model, preset: str, **options) -> Method:
 
 
 def methods(model: str | Path, black: np.ndarray, layout: str = "NCHW", device: str = "cpu",
-            steps: int = 32, image_size=None, threads: int | None = None) -> dict[str, Callable[[], Method]]:
+            steps: int = 32, image_size=None, threads: int | None = None,
+            preprocessing: str = "imagenet") -> dict[str, Callable[[], Method]]:
     """Method name -> a factory (methods build their sessions only when asked for).
     black: the model input of one all-black image (no batch axis), for Integrated Gradients and Score-CAM.
-    threads: onnxruntime's intra-op threads per session (default: its own choice)."""
+    threads: onnxruntime's intra-op threads per session (default: its own choice).
+    preprocessing: what the inputs went through, for the LRP methods' z^B box bounds."""
     common = dict(device=device, image_size=image_size, threads=threads)
 
     def gradients(preset):
@@ -182,7 +186,7 @@ def methods(model: str | Path, black: np.ndarray, layout: str = "NCHW", device: 
         "grad-cam": grad_cam,
         "score-cam": score_cam,
     }
-    return LrpMethods(registry, model, common)
+    return LrpMethods(registry, model, {**common, "preprocessing": preprocessing})
 
 
 #: LRP methods by name: (label, preset, options); any of them, and any preset by its name,

@@ -3,7 +3,7 @@
 Data: an ImageFolder layout (one subfolder per class) or a CSV labels file (``path,label`` per
 line, label an index or a class name). Either way the class order comes from ``classes.txt``
 (one name per line) if present, else from the class subfolders sorted by name. Ground-truth
-masks are optional: ``masks/<same relative path>`` (non-zero = object). Every method explains
+masks are optional: ``masks/<same relative path>``, or the same with .png (non-zero = object). Every method explains
 the image's label; maps are channel sums, heat-quantized (8 levels, as the paper evaluates)
 unless asked otherwise.
 
@@ -28,7 +28,7 @@ from ..io.files import Outputs
 from .baselines import Forward, methods as method_registry
 from ..errors import OnnxLrpError
 from ..io.image import quantize
-from ..io.preprocessing import IMAGE_SUFFIXES, get_preprocessing, load_image, load_images
+from ..io.preprocessing import MASKS, find_mask, get_preprocessing, load_image, load_images, walk_images
 from ..runtime.cluster import Cluster, map_batches
 
 METRICS = ("insertion", "deletion", "id")
@@ -40,40 +40,53 @@ DEFAULT_METHODS = ("lrp-captum", "integrated-gradients", "guided-backprop", "gra
 @dataclass
 class Dataset:
     files: list[Path]
-    labels: np.ndarray
+    labels: np.ndarray | None  # None: an unlabeled sample (load_dataset(..., need_labels=False))
     masks: list[Path | None]
     classes: list[str]
+
+    @property
+    def labelled(self) -> bool:
+        return self.labels is not None
 
 
 def method_names() -> list[str]:
     return list(method_registry("model.onnx", np.zeros(1)))
 
 
-def load_dataset(root: str | Path, labels_file: str | Path | None = None) -> Dataset:
+def load_dataset(root: str | Path, labels_file: str | Path | None = None, *, masks: str | Path | None = None,
+                 need_labels: bool = True) -> Dataset:
     """The images of `root` with their labels and masks.
 
     The class list (Dataset.classes) comes from ``root/classes.txt`` (one name per line) when
-    present, else from the class subfolders sorted by name (``masks/`` excluded). Without a
-    labels file every class subfolder holds that class's images; with one, each ``path,label``
-    line gives a path relative to `root` and a label: a class index, or a class name (which
-    needs the class list). Blank lines and lines starting with ``#`` are skipped."""
+    present, else from the class subfolders sorted by name (``masks/`` and hidden folders
+    excluded). Without a labels file every class subfolder holds that class's images (found
+    by walk_images: recursively, hidden names skipped); with one, each ``path,label`` line
+    gives a path relative to `root` and a label: a class index, or a class name (which needs
+    the class list). Blank lines and lines starting with ``#`` are skipped. Masks: find_mask,
+    in `masks` (default root/masks). need_labels=False: a folder with neither class folders
+    nor a labels file is an unlabeled sample, every image under it (walk_images), labels None."""
     root = Path(root)
     if not root.is_dir():
         raise OnnxLrpError(f"{root}: {'not a folder' if root.exists() else 'no such folder'}")
     classes, source = _class_list(root)
+    labels: list[int] | None
     if labels_file is not None:
         files, labels = _from_labels(root, Path(labels_file), classes, source)
-    else:
-        if not classes:
-            raise OnnxLrpError(f"{root}: no class folders (ImageFolder layout) and no labels file")
+    elif any((root / name).is_dir() for name in classes):
         files, labels = [], []
         for index, name in enumerate(classes):
-            found = sorted(p for p in (root / name).glob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
+            found = [(root / name).joinpath(*rel.parts) for rel in walk_images(root / name)] \
+                if (root / name).is_dir() else []
             files += found
             labels += [index] * len(found)
+    elif need_labels:
+        raise OnnxLrpError(f"{root}: no class folders (ImageFolder layout) and no labels file")
+    else:  # a flat sample (the class names, if any, from classes.txt)
+        files, labels = [root.joinpath(*rel.parts) for rel in walk_images(root)], None
     if not files:
         raise OnnxLrpError(f"{root}: no images")
-    return Dataset(files, np.asarray(labels, dtype=np.int64), [_mask_path(root, f) for f in files], classes)
+    return Dataset(files, None if labels is None else np.asarray(labels, dtype=np.int64),
+                   [find_mask(f, root, masks) for f in files], classes)
 
 
 def _class_list(root: Path) -> tuple[list[str], str]:
@@ -87,7 +100,7 @@ def _class_list(root: Path) -> tuple[list[str], str]:
         if twice:
             raise OnnxLrpError(f"{listing}: class {twice[0]!r} listed more than once")
         return classes, str(listing)
-    classes = sorted(p.name for p in root.iterdir() if p.is_dir() and p.name != "masks")
+    classes = sorted(p.name for p in root.iterdir() if p.is_dir() and p.name != MASKS and not p.name.startswith("."))
     return classes, f"the class subfolders of {root}"
 
 
@@ -130,15 +143,6 @@ def _label(text: str, classes: list[str], source: str, where: str, root: Path) -
         shown = ", ".join(classes[:8]) + (", ..." if len(classes) > 8 else "")
         raise OnnxLrpError(f"{where}: unknown class {text!r}; the classes in {source}: {shown}")
     return classes.index(text)
-
-
-def _mask_path(root: Path, image: Path) -> Path | None:
-    """masks/<the image's path relative to root>, if that file exists."""
-    try:
-        mask = root / "masks" / image.relative_to(root)
-    except ValueError:  # an absolute path outside root in a labels file
-        return None
-    return mask if mask.is_file() else None
 
 
 def mean_and_error(values: Sequence[float]) -> tuple[float, float]:
@@ -218,6 +222,7 @@ class Job:
     protocols: tuple[str, ...]
     levels: int
     preprocessing: str
+    image_size: tuple[int, int] | None = None
 
     def open(self, device: str = "cpu", threads: int | None = None, labels: np.ndarray | None = None
              ) -> "BatchEvaluator":
@@ -242,7 +247,8 @@ class BatchEvaluator:
     def __init__(self, job: Job, device: str = "cpu", threads: int | None = None, labels: np.ndarray | None = None):
         """labels: checked against the model's classes before any method is built."""
         self.job = job
-        self.forward = forward = Forward(job.model, device=device, threads=threads)  # scores the curves
+        self.forward = forward = Forward(job.model, device=device, image_size=job.image_size,
+                                         threads=threads)  # scores the curves
         if labels is not None and labels.min(initial=0) < 0:
             raise OnnxLrpError(f"label {labels.min()} is negative")
         if labels is not None and labels.max(initial=0) >= forward.num_classes:
@@ -251,7 +257,8 @@ class BatchEvaluator:
         self.prep = get_preprocessing(job.preprocessing)
         self.black = self.prep.normalize(np.zeros((1, forward.height, forward.width, image.channels), np.uint8),
                                          image.layout)[0]
-        registry = method_registry(job.model, self.black, image.layout, device, threads=threads)
+        registry = method_registry(job.model, self.black, image.layout, device, image_size=job.image_size,
+                                   threads=threads, preprocessing=job.preprocessing)
         unknown = [m for m in job.method_names if m not in registry]
         if unknown:
             raise OnnxLrpError(f"unknown method(s) {', '.join(unknown)}; choose from {', '.join(registry)}, or a preset "
@@ -296,14 +303,19 @@ def evaluate(
     protocols: Sequence[str] = metrics.PROTOCOLS, levels: int = 8, preprocessing: str = "imagenet",
     limit: int | None = None, batch_size: int = 16, device: str = "cpu",
     progress: Callable[[float], None] | None = None, cluster: Cluster | None = None,
+    image_size: tuple[int, int] | None = None,
 ) -> Results:
     """progress(n) is called as the work goes on, n in images (fractions of one: each method's
     maps for a batch, then each image's metrics); the calls add up to the number of images.
     cluster: run the batches on Ray actors (onnxlrp.runtime.cluster); the results are the
-    same as in one process, image for image."""
+    same as in one process, image for image. image_size: (height, width) where the model
+    leaves them open."""
+    if not dataset.labelled:
+        raise OnnxLrpError("evaluate needs labels: class folders (ImageFolder layout) or a labels file")
     count = min(limit or len(dataset.files), len(dataset.files))
     labels = dataset.labels[:count]
-    job = Job(str(model), tuple(method_names), tuple(protocols), levels, preprocessing)
+    job = Job(str(model), tuple(method_names), tuple(protocols), levels, preprocessing,
+              tuple(image_size) if image_size else None)
     files, masks = dataset.files[:count], dataset.masks[:count]
     batches = [Batch(files[k:k + batch_size], labels[k:k + batch_size], masks[k:k + batch_size])
                for k in range(0, count, batch_size)]
@@ -365,13 +377,11 @@ def write(results: Results, folder: str | Path) -> dict[str, Path]:
 
 def _plot_conservation(results: Results, path: str) -> None:
     """Relevance totals against the model output, one panel per LRP method (the paper's Fig. 5)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    from matplotlib import pyplot as plt
+    from matplotlib.figure import Figure  # not pyplot: the user's matplotlib backend stays as it is
 
     names = list(results.conservation)
-    fig, axes = plt.subplots(1, len(names), figsize=(3.2 * len(names), 3.4), squeeze=False)
+    fig = Figure(figsize=(3.2 * len(names), 3.4))
+    axes = fig.subplots(1, len(names), squeeze=False)
     for ax, name in zip(axes[0], names):
         points = results.conservation[name]
         output = np.asarray(points["output"])
@@ -386,4 +396,3 @@ def _plot_conservation(results: Results, path: str) -> None:
     axes[0][0].legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, format="png", dpi=120)
-    plt.close(fig)

@@ -21,10 +21,19 @@ from PIL import Image
 SIGNS = ("positive", "absolute", "all")
 STYLES = ("signed", "paper")
 
-# Cyan and blue for negative, black at zero, red and yellow for positive relevance.
-if "coldnhot" not in colormaps:
-    colormaps.register(LinearSegmentedColormap.from_list(
-        "coldnhot", [(0.0, "#00ffff"), (0.25, "#0000ff"), (0.5, "#000000"), (0.75, "#ff0000"), (1.0, "#ffff00")]))
+#: onnxlrp's own colormaps, found before matplotlib's. They are not registered with matplotlib:
+#: importing onnxlrp leaves its registry as the user has it.
+#: coldnhot: cyan and blue for negative, black at zero, red and yellow for positive relevance.
+OWN_COLORMAPS = {"coldnhot": LinearSegmentedColormap.from_list(
+    "coldnhot", [(0.0, "#00ffff"), (0.25, "#0000ff"), (0.5, "#000000"), (0.75, "#ff0000"), (1.0, "#ffff00")])}
+
+
+def is_colormap(name: str) -> bool:
+    return name in OWN_COLORMAPS or name in colormaps
+
+
+def colormap(name: str):
+    return OWN_COLORMAPS[name] if name in OWN_COLORMAPS else colormaps[name]
 
 
 def quantize(heat: np.ndarray, levels: int = 8) -> np.ndarray:
@@ -73,7 +82,7 @@ def _normalized(heat: np.ndarray, symmetric: bool) -> np.ndarray:
 def colorize(heat: np.ndarray, cmap: str = "bwr", symmetric: bool = True) -> np.ndarray:
     """[H, W] relevance -> uint8 RGB. Symmetric maps put zero at the colormap's centre."""
     values = _normalized(heat, symmetric)
-    rgba = colormaps[cmap](0.5 + 0.5 * values if symmetric else values)
+    rgba = colormap(cmap)(0.5 + 0.5 * values if symmetric else values)
     return (rgba[..., :3] * 255).round().astype(np.uint8)
 
 

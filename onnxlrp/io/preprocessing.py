@@ -83,8 +83,16 @@ def get_preprocessing(name: str | Preprocessing) -> Preprocessing:
         raise OnnxLrpError(f"unknown preprocessing '{name}'; choose one of {', '.join(PREPROCESSING)}") from None
 
 
-def _walk(folder: Path) -> list[PurePosixPath]:
-    """Image files under `folder`, recursively, relative to it and sorted; hidden names skipped."""
+#: the folder of object masks in a data folder (masks/<the image's relative path>); no images in it
+MASKS = "masks"
+
+
+def walk_images(folder: str | Path) -> list[PurePosixPath]:
+    """Image files under `folder`, recursively, relative to it and sorted: the one walk of every
+    command (explain's folder arguments, evaluate's and audit's data folders). Names starting
+    with "." (hidden files and folders, .DS_Store, macOS's ._x.png resource forks) are skipped,
+    and so is the masks folder at the top (`MASKS`): masks are no images to explain."""
+    folder = Path(folder)
     found, seen = [], set()
     for parent, dirs, names in os.walk(folder, followlinks=True):
         real = os.path.realpath(parent)
@@ -92,7 +100,9 @@ def _walk(folder: Path) -> list[PurePosixPath]:
             dirs[:] = []
             continue
         seen.add(real)
-        dirs[:] = sorted(d for d in dirs if not d.startswith("."))  # sorted: deterministic
+        top = Path(parent) == folder
+        # sorted: deterministic
+        dirs[:] = sorted(d for d in dirs if not d.startswith(".") and not (top and d == MASKS))
         for name in names:
             path = Path(parent, name)
             if not name.startswith(".") and path.suffix.lower() in IMAGE_SUFFIXES and path.is_file():
@@ -100,16 +110,34 @@ def _walk(folder: Path) -> list[PurePosixPath]:
     return sorted(found)
 
 
+def find_mask(image: str | Path, root: str | Path, masks: str | Path | None = None) -> Path | None:
+    """The object mask of `image` (a file under the data folder `root`), the one lookup of every
+    command: `masks` (default root/masks) / the image's path relative to root, else the same
+    path with a .png (or .PNG) suffix (a JPEG's mask is a PNG); None when neither exists, or when the
+    image lies outside root (an absolute path in a labels file)."""
+    image, root = Path(image), Path(root)
+    folder = Path(masks) if masks is not None else root / MASKS
+    try:
+        relative = image.relative_to(root)
+    except ValueError:
+        return None
+    for candidate in (folder / relative, *((folder / relative).with_suffix(s) for s in (".png", ".PNG"))):
+        if candidate.is_file():
+            return candidate
+    return None
+
+
 def image_sources(paths: list[str | Path]) -> list[tuple[Path, PurePosixPath]]:
     """Every image and its path relative to the argument that named it.
 
-    Folders are searched recursively (photos/cats/a.png -> cats/a.png), sorted, skipping
-    names that start with "."; a file argument stands for itself (-> its file name).
+    Folders are searched recursively (photos/cats/a.png -> cats/a.png) by walk_images: sorted,
+    skipping names that start with "." and the masks folder; a file argument stands for itself
+    (-> its file name).
     """
     sources: list[tuple[Path, PurePosixPath]] = []
     for path in map(Path, paths):
         if path.is_dir():
-            found = _walk(path)
+            found = walk_images(path)
             if not found:
                 raise OnnxLrpError(f"{path}: folder holds no image files ({', '.join(sorted(IMAGE_SUFFIXES))})")
             sources.extend((path.joinpath(*rel.parts), rel) for rel in found)

@@ -9,7 +9,8 @@ spelling:
   the graph computes from its input were evaluated before, in onnxlrp.ir.model);
 - Split turned into one Slice per output, so that every op has one data output;
 - Identity and Dropout removed;
-- a final Softmax / LogSoftmax removed: relevance starts at the logits before it;
+- a final Softmax / LogSoftmax (or Sigmoid on a one-logit head) removed, and recorded
+  (Canonical.output_activation): relevance starts at the logits before it;
 - Gemm normalised (alpha = beta = 1), MatMul on a 2-D input plus a constant Add
   turned into one Gemm, so the dense layer's bias is part of the layer;
 - ``auto_pad`` resolved into explicit pads;
@@ -32,9 +33,16 @@ import onnx_graphsurgeon as gs
 from ..errors import OnnxLrpError
 from .model import ImageInput
 
-gs.logger.G_LOGGER.severity = gs.logger.G_LOGGER.ERROR  # its constant-folding chatter is not for users
+
+
+def quiet_graphsurgeon():
+    """onnx-graphsurgeon's warnings (constant folding's chatter) are not for users: silenced
+    while onnxlrp works on a graph, the user's own setting back afterwards."""
+    return gs.logger.G_LOGGER.suppress(gs.logger.G_LOGGER.ERROR)
 
 POOLS = ("MaxPool", "AveragePool")
+#: the output activations a classifier ships with, stripped by _logits (Sigmoid on a one-logit head only)
+OUTPUT_ACTIVATIONS = ("Softmax", "LogSoftmax", "Sigmoid")
 
 
 @dataclass
@@ -45,8 +53,11 @@ class Canonical:
     input: gs.Variable
     logits: gs.Variable
     folded_batchnorms: int = 0
-    stripped_softmax: str | None = None  # name of the removed Softmax node
+    stripped_softmax: str | None = None  # name of the removed output-activation node
     notes: list[str] = field(default_factory=list)
+    # the output activation removed after the logits (OUTPUT_ACTIVATIONS), None where there was
+    # none: whoever compares with the model's own output applies it to the logits again
+    output_activation: str | None = None
 
     @property
     def batchnorms(self) -> int:
@@ -56,6 +67,11 @@ class Canonical:
 def canonicalize(
     model: onnx.ModelProto, image: ImageInput, fold_batchnorm: bool = True, path: str = "model"
 ) -> Canonical:
+    with quiet_graphsurgeon():
+        return _canonicalize(model, image, fold_batchnorm, path)
+
+
+def _canonicalize(model: onnx.ModelProto, image: ImageInput, fold_batchnorm: bool, path: str) -> Canonical:
     graph = gs.import_onnx(model)
     _name_nodes(graph)
     _dequantize_constants(graph)
@@ -65,19 +81,22 @@ def canonicalize(
         graph.cleanup()
     _split_to_slices(graph)
     _remove_identities(graph)
-    logits, softmax = _logits(graph, path)
+    logits, activation, stripped = _logits(graph, path)
     graph.outputs = [logits]
     graph.cleanup()
     _normalise_gemm(graph)
     _matmul_add_to_gemm(graph)
     _resolve_auto_pad(graph)
     _merge_pads(graph)
-    folded = (_fold_batchnorms(graph) + _fold_channel_affine(graph)) if fold_batchnorm else 0
+    folded = 0
+    while fold_batchnorm:  # again after a conv bias Add folds: paddle2onnx writes Conv, Add(bias), BatchNorm
+        step = _fold_batchnorms(graph) + _fold_channel_affine(graph)
+        folded, fold_batchnorm = folded + step, step > 0
     graph.cleanup().toposort()
     inp = next(t for t in graph.inputs if t.name == image.name)
-    canonical = Canonical(graph, inp, logits, folded, softmax)
-    if softmax:
-        canonical.notes.append(f"explaining the logits before the final {softmax}")
+    canonical = Canonical(graph, inp, logits, folded, stripped, output_activation=activation)
+    if activation:
+        canonical.notes.append(f"explaining the logits before the final {activation} '{stripped}'")
     if folded:
         canonical.notes.append(f"folded {folded} BatchNorm / per-channel scale-shift node(s) into the Conv before them")
     return canonical
@@ -170,23 +189,36 @@ def _remove_identities(graph: gs.Graph) -> None:
     graph.cleanup()
 
 
-def _logits(graph: gs.Graph, path: str) -> tuple[gs.Variable, str | None]:
+def _logits(graph: gs.Graph, path: str) -> tuple[gs.Variable, str | None, str | None]:
+    """The class-score tensor, and the output activation stripped after it: (logits, its op type
+    (one of OUTPUT_ACTIVATIONS) or None, the removed node's name or None). Softmax and LogSoftmax
+    over the class axis of [batch, classes]; Sigmoid where it squashes one logit, [batch, 1]
+    (a multi-label head's Sigmoid over several classes stays: each score is its own output)."""
     if len(graph.outputs) != 1:
         names = ", ".join(t.name for t in graph.outputs)
         raise OnnxLrpError(f"{path}: model has {len(graph.outputs)} outputs ({names}); expected one class-score output")
     logits = graph.outputs[0]
-    softmax = None
+    activation = stripped = None
     producer = logits.inputs[0] if logits.inputs else None
-    if producer is not None and producer.op in ("Softmax", "LogSoftmax"):
-        softmax = f"{producer.op} '{producer.name}'"
-        logits = producer.inputs[0]
+    before = producer.inputs[0] if producer is not None and producer.inputs else None
+    shape = before.shape if before is not None else None
+    two_d = shape is not None and len(shape) == 2
+    if producer is not None and producer.op in ("Softmax", "LogSoftmax") and two_d:
+        # opset < 13 defaults to axis 1 (flattened from there), 13 on to -1: on [batch, classes] both the classes
+        if int(producer.attrs.get("axis", 1)) in (1, -1):
+            activation = producer.op
+    elif producer is not None and producer.op == "Sigmoid" and two_d and shape[1] == 1:
+        activation = producer.op
+    if activation is not None:
+        stripped = producer.name
+        logits = before
     shape = logits.shape
     if shape is None or len(shape) != 2 or not isinstance(shape[1], int):
         raise OnnxLrpError(
             f"{path}: output '{logits.name}' has shape {shape}; expected class scores of shape [batch, classes]"
         )
     logits.dtype = np.float32
-    return logits, softmax
+    return logits, activation, stripped
 
 
 def _const(tensor: gs.Tensor) -> np.ndarray | None:

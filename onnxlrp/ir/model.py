@@ -7,6 +7,7 @@ an input that is not an image batch, an opset too old to convert.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import lru_cache
 from pathlib import Path
 
 import numpy as np
@@ -51,7 +52,68 @@ def load(path: str | Path) -> onnx.ModelProto:
             raise OnnxLrpError(
                 f"{path}: cannot convert opset {opset} to {MIN_OPSET} ({first_line(exc)})"
             ) from None
+    constants_to_initializers(model)
     return model
+
+
+#: Constant attributes that hold a number or a list of numbers, and their dtype
+_CONSTANT_VALUES = {"value_float": np.float32, "value_floats": np.float32, "value_int": np.int64, "value_ints": np.int64}
+
+
+def constants_to_initializers(model: onnx.ModelProto) -> int:
+    """Turn the main graph's Constant nodes into initializers of the same name, in place; how many.
+
+    Some exporters (paddle2onnx at low opsets, tf2onnx for some ops) write every weight as a
+    Constant node. The function is the same; code that finds weights among the initializers
+    (the input's channel count from the first Conv, the image input among the graph inputs)
+    then sees them. Sparse and string constants stay nodes."""
+    graph = model.graph
+    taken = {init.name for init in graph.initializer} | {out.name for out in graph.output}
+    kept, moved = [], 0
+    for node in graph.node:
+        attr = node.attribute[0] if node.op_type == "Constant" and len(node.attribute) == 1 else None
+        tensor = None
+        if attr is not None and attr.name == "value" and attr.t.data_type != onnx.TensorProto.STRING:
+            tensor = onnx.TensorProto()
+            tensor.CopyFrom(attr.t)
+        elif attr is not None and attr.name in _CONSTANT_VALUES:
+            tensor = numpy_helper.from_array(np.asarray(onnx.helper.get_attribute_value(attr), _CONSTANT_VALUES[attr.name]))
+        if tensor is None or node.output[0] in taken or node.domain not in ("", "ai.onnx"):
+            kept.append(node)
+            continue
+        tensor.name = node.output[0]
+        graph.initializer.append(tensor)
+        taken.add(tensor.name)
+        moved += 1
+    if moved:
+        del graph.node[:]
+        graph.node.extend(kept)
+        # IR < 4 wants every initializer listed among the graph inputs; onnxruntime reads newer IR
+        model.ir_version = max(model.ir_version, 4)
+    return moved
+
+
+@lru_cache(maxsize=None)
+def readable_ir_version(wanted: int) -> int:
+    """The IR version to write a graph at: `wanted`, or the newest one the installed onnxruntime
+    reads where that is older (onnx 1.23 writes IR 14, which onnxruntime 1.31 refuses).
+    onnxlrp writes the relevance graph itself, so it need not inherit what it cannot run."""
+    x = onnx.helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [1])
+    y = onnx.helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, [1])
+    graph = onnx.helper.make_graph([onnx.helper.make_node("Relu", ["x"], ["y"])], "probe", [x], [y])
+    model = onnx.helper.make_model(graph, opset_imports=[onnx.helper.make_opsetid("", 17)])
+    import onnxruntime as ort  # probed once per process
+
+    options = ort.SessionOptions()
+    options.log_severity_level = 4
+    for version in range(wanted, 7, -1):
+        model.ir_version = version
+        try:
+            ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
+            return version
+        except Exception:  # "Unsupported model IR version": one older
+            continue
+    return wanted
 
 
 def is_float16(model: onnx.ModelProto) -> bool:
@@ -114,8 +176,19 @@ class ImageInput:
 
 
 def _dims(value_info: onnx.ValueInfoProto) -> list[int | None]:
+    """The dims, None where dynamic: a dim_param, no value, or a negative dim_value (paddle2onnx
+    before 1.0 wrote the batch as -1, as Paddle itself spells a dynamic size)."""
     shape = value_info.type.tensor_type.shape
-    return [d.dim_value if d.HasField("dim_value") else None for d in shape.dim]
+    return [d.dim_value if d.HasField("dim_value") and d.dim_value >= 0 else None for d in shape.dim]
+
+
+def _negative_dims_to_params(model: onnx.ModelProto) -> None:
+    """Write every negative dim_value of the graph's inputs, outputs and value infos as a dim_param:
+    ONNX has no negative sizes, and shape inference and onnxruntime take -1 literally."""
+    for value in list(model.graph.input) + list(model.graph.output) + list(model.graph.value_info):
+        for axis, dim in enumerate(value.type.tensor_type.shape.dim):
+            if dim.HasField("dim_value") and dim.dim_value < 0:
+                dim.dim_param = f"{value.name}_dim{axis}"
 
 
 def image_input(model: onnx.ModelProto, path: str | Path = "model") -> ImageInput:
@@ -195,6 +268,7 @@ def with_image_size(
     bound tensors); the batch dimension stays as the model has it.
     """
     model = onnx.ModelProto.FromString(model.SerializeToString())
+    _negative_dims_to_params(model)
     inp = next(i for i in model.graph.input if i.name == image.name)
     dims = inp.type.tensor_type.shape.dim
     spatial = (2, 3) if image.layout == "NCHW" else (1, 2)
@@ -205,6 +279,8 @@ def with_image_size(
                 f"{image.height}x{image.width}; cannot use {height}x{width}"
             )
         dims[axis].dim_value = size
+    if not dims[image.channel_axis].HasField("dim_value"):  # read off the first Conv's weight
+        dims[image.channel_axis].dim_value = image.channels
     if image.batch is None:
         dims[0].dim_param = "batch"
     model = _infer_shapes(model, path)
@@ -244,6 +320,7 @@ def _fold_computed_shapes(model: onnx.ModelProto, image: ImageInput, height: int
     outputs = {node.output[0]: node for uses in wanted.values() for node, _ in uses if node.op_type in ("Reshape", "Expand")}
     fetch = list(wanted) + [name for name in outputs if name not in wanted]
     probe = onnx.ModelProto.FromString(model.SerializeToString())
+    probe.ir_version = readable_ir_version(probe.ir_version)
     del probe.graph.output[:]
     probe.graph.output.extend(onnx.helper.make_empty_tensor_value_info(name) for name in fetch)
     options = ort.SessionOptions()

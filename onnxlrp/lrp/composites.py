@@ -11,11 +11,12 @@ The Zennit-named presets mean what Zennit 1.0's composites of the same name mean
 """
 from __future__ import annotations
 
+import difflib
 from dataclasses import dataclass, field
 from typing import Mapping
 
 from . import rules as R
-from ..errors import OnnxLrpError
+from ..errors import NoRuleError, OnnxLrpError
 from ..ir.graph import ModelGraph
 from .rules import Rule
 from .splitting import Split
@@ -38,6 +39,7 @@ class Preset:
     def assign(self, graph: ModelGraph, split: Split, overrides: Mapping[str, Rule] | None = None) -> dict[str, Rule]:
         """The rule for every op of the graph, by node name. Overrides key by node name or op type."""
         overrides = overrides or {}
+        _check_keys(graph, overrides)
         assigned: dict[str, Rule] = {}
         # The first layer is a property of the graph, not of the overrides: an override that
         # takes it (by name or op type) takes it away from the preset, and no other op inherits it.
@@ -59,12 +61,39 @@ class Preset:
             elif op.default_rule in DEFAULTS:
                 rule = DEFAULTS[op.default_rule]
             else:
-                raise OnnxLrpError(f"{op.path}: node '{name}' ({op_type}): preset '{self.name}' has no rule for {op_type}")
+                raise NoRuleError(f"{op.path}: node '{name}' ({op_type}): preset '{self.name}' has no rule for {op_type}")
             why_not = rule.applies_to(op)
             if why_not:
-                raise OnnxLrpError(f"{op.path}: node '{name}' ({op_type}): rule {rule.describe()} does not apply: {why_not}")
+                raise NoRuleError(f"{op.path}: node '{name}' ({op_type}): rule {rule.describe()} does not apply: {why_not}")
             assigned[name] = rule
         return assigned
+
+
+def _check_keys(graph: ModelGraph, overrides: Mapping[str, Rule]) -> None:
+    """Every override names a node of the graph or an op type onnxlrp knows: a key that matches
+    nothing (a torch module name, a typo) would silently leave the preset's rule in place. (An
+    op type the graph lacks is fine: one table of overrides serves many models.)"""
+    from .ops import OP_TYPES
+
+    names = list(graph.ops)
+    op_types = sorted({op.node.op for op in graph.ops.values()})
+    for key in overrides:
+        if key in graph.ops or key in OP_TYPES:
+            continue
+        path = next(iter(graph.ops.values())).path if graph.ops else "model"
+        near = _closest(key, names) or _closest(key, op_types)
+        hint = f"; closest: {', '.join(near)}" if near else "; onnxlrp graph lists the nodes and op types"
+        raise OnnxLrpError(f"{path}: rule override '{key}' matches no node name or op type of the graph{hint}")
+
+
+def _closest(key: str, candidates: list[str], n: int = 3) -> list[str]:
+    """Names that contain the key once '.' and '/' are read alike (torch's 'layer4.0.conv1' is the
+    exporter's '/layer4/layer4.0/conv1/Conv'), else the most similar ones."""
+    def plain(text: str) -> str:
+        return text.lower().replace("/", ".").strip(".")
+
+    containing = [c for c in candidates if plain(key) in plain(c)]
+    return containing[:n] or difflib.get_close_matches(key, candidates, n=n, cutoff=0.5)
 
 
 def _zennit_layers(conv: Rule, stabilizer: float = 1e-6, epsilon: float = 1e-6) -> dict[str, Rule]:

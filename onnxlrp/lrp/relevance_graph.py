@@ -34,7 +34,8 @@ import onnx_graphsurgeon as gs
 
 from . import heatmaps
 from .emit import Emitter
-from ..errors import OnnxLrpError
+from ..errors import OnnxLrpError, first_line
+from ..ir.canonicalise import quiet_graphsurgeon
 from ..ir.graph import ModelGraph, build_graph
 from .ops import make_op
 from .rules import Rule, RuleContext
@@ -56,38 +57,66 @@ def _claim_name(graph: gs.Graph, tensor: gs.Tensor, name: str) -> None:
     tensor.name = name
 
 
-def _bounds_at(graph: ModelGraph, box: dict[str, np.ndarray], x: gs.Tensor):
-    """The z^B box bounds, given at the image input, carried through reshapes to tensor `x`."""
+class _Box:
+    """The z^B box bounds, given at the image input, replayed to a layer's input through the
+    ops in between (in-graph preprocessing: reshapes, transposes, a channel Gather, a Slice
+    crop, Pad, Concat, Expand, Cast, constant Mul/Add/Sub/Div).
 
-    def bound(which: str) -> np.ndarray:
-        chain, tensor = [], x
-        while tensor is not graph.canonical.input:
-            producer = tensor.inputs[0] if tensor.inputs else None
-            op = graph.ops.get(producer.name) if producer is not None else None
-            if op is None or op.kind != "reshape":
-                raise OnnxLrpError(
-                    f"z^B box bounds: the layer input '{x.name}' is not the image up to reshapes "
-                    f"(node '{producer.name if producer else '?'}' is in between)"
-                )
-            chain.append(op)
-            tensor = op.x
-        value = box[which]
-        for op in reversed(chain):  # replay the reshapes on the bound tensor, in numpy
-            value = _replay(op, value)
-        return value
+    The ops themselves are run on the two bounds in onnxruntime, so nothing is re-implemented.
+    Each of them maps an element to one element (or to a constant) monotonically, so the
+    elementwise min and max of the two results bound what the layer can see. An op that does
+    not carry bounds (Op.carries_bounds) is a one-line error naming it."""
 
-    return bound
+    def __init__(self, graph: ModelGraph, low: np.ndarray, high: np.ndarray, ir_version: int):
+        self.graph, self.given, self.replayed = graph, {"low": low, "high": high}, {}
+        self.ir_version = ir_version
+
+    def at(self, x: gs.Tensor):
+        """The bound accessor RuleContext takes: "low"/"high" -> the bound at tensor `x`."""
+        def bound(which: str) -> np.ndarray:
+            if x.name not in self.replayed:
+                self.replayed[x.name] = self._replay(x)
+            return self.replayed[x.name][which]
+        return bound
+
+    def _replay(self, x: gs.Tensor) -> dict[str, np.ndarray]:
+        canonical = self.graph.canonical
+        if x is canonical.input:
+            return self.given
+        sub = canonical.graph.copy()
+        tensors = sub.tensors()
+        sub.inputs, sub.outputs = [tensors[canonical.input.name]], [tensors[x.name]]
+        sub.cleanup()
+        for node in sub.nodes:
+            op = self.graph.ops.get(node.name)
+            if op is not None and not op.carries_bounds:
+                raise op.error(f"z^B box bounds cannot be carried through it to the layer input '{x.name}' "
+                               "(choose a preset without z^B, or give that layer another rule)")
+        sub.outputs[0].dtype = np.float32
+        import onnxruntime as ort  # only where a layer's box bounds are not the input's own
+
+        options = ort.SessionOptions()
+        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+        options.log_severity_level = 3
+        batch = canonical.input.shape[0] if isinstance(canonical.input.shape[0], int) else 1
+        try:
+            model = gs.export_onnx(sub, do_type_check=False)
+            model.ir_version = self.ir_version  # gs would write the imported model's own
+            session = ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
+            a, b = (session.run(None, {canonical.input.name: np.repeat(v, batch, axis=0)})[0][:1]
+                    for v in (self.given["low"], self.given["high"]))
+        except Exception as exc:
+            raise OnnxLrpError(f"z^B box bounds: cannot replay the ops before '{x.name}' ({first_line(exc)})") from None
+        return {"low": np.minimum(a, b).astype(np.float32), "high": np.maximum(a, b).astype(np.float32)}
 
 
-def _replay(op, value: np.ndarray) -> np.ndarray:
-    node = op.node
-    if node.op == "Transpose":
-        return np.transpose(value, node.attrs.get("perm"))
-    target = [1] + list(op.output.shape[1:])
-    return value.reshape(target)
+def build(graph: ModelGraph, rules: dict[str, Rule], **options) -> onnx.ModelProto:
+    """The model graph extended with its relevance pass, as a new ONNX model (see _build)."""
+    with quiet_graphsurgeon():
+        return _build(graph, rules, **options)
 
 
-def build(
+def _build(
     graph: ModelGraph,
     rules: dict[str, Rule],
     *,
@@ -132,7 +161,7 @@ def build(
             start = e.mul(onehot, logits if initial == "logit" else e.op("Softmax", logits, axis=1))
         initial_sum = e.reduce_sum(start, [1])
 
-    box = {"low": low, "high": high} if low is not None else None
+    box = _Box(graph, low, high, ir_version) if low is not None else None
     contributions: dict[str, list[gs.Tensor]] = defaultdict(list)
     contributions[logits.name].append(start)
     merge_sums: dict[str, gs.Tensor] = {}
@@ -151,7 +180,7 @@ def build(
             if op.output.name == layer:
                 layered = R
             ctx = RuleContext(bias=bias, x_nonneg=op.x.name in graph.nonneg,
-                              bounds=_bounds_at(graph, box, op.x) if box else None, merge=merge)
+                              bounds=box.at(op.x) if box else None, merge=merge)
             inputs = rules[name].relevance(e, op, R, ctx)
             ranks = {t.name: len(t.shape) for t in op.data_inputs}
             # Totals are taken as soon as the relevance exists, and the relevance goes on only
@@ -207,7 +236,8 @@ def build(
     g.inputs = [images, target]
     g.outputs = outputs
     g.cleanup().toposort()
-    model = gs.export_onnx(g, do_type_check=False, ir_version=ir_version)
+    model = gs.export_onnx(g, do_type_check=False)
+    model.ir_version = ir_version  # as asked: gs would write the imported model's own
     del model.opset_import[:]
     model.opset_import.append(onnx.helper.make_opsetid("", opset))
     model.producer_name = "onnxlrp"

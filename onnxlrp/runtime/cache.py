@@ -1,8 +1,9 @@
 """An on-disk cache of compiled explainers, so that a second run does not rebuild the graph.
 
 An entry is the compiled ONNX model (graph file, weights as external data) plus a JSON
-summary, keyed by a hash of the model file's content, every option that shapes the relevance
-graph, onnxlrp's own source and the onnxruntime version. The folder is $ONNXLRP_CACHE, else
+summary, keyed by a hash of the model's content (its file and every external-data file it
+names: ir.digest), every option that shapes the relevance graph, onnxlrp's own source and
+the onnxruntime version. The folder is $ONNXLRP_CACHE, else
 $XDG_CACHE_HOME/onnxlrp, else ~/.cache/onnxlrp; the oldest entries go when it holds more
 than 4 GB.
 
@@ -42,6 +43,7 @@ import onnx
 import onnxruntime
 
 from ..errors import OnnxLrpWarning
+from ..ir.digest import model_digest
 
 try:
     import fcntl
@@ -61,15 +63,6 @@ def directory() -> Path:
     return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "onnxlrp"
 
 
-def file_digest(path: Path) -> str:
-    """SHA-256 of a file's content, read in 1 MB blocks."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def _tree_digest(root: Path) -> str:
     """Every .py file under root, subfolders included, with its path relative to root."""
     digest = hashlib.sha256()
@@ -87,13 +80,13 @@ def _code_digest() -> str:
 
 
 def key(model: str | Path, options: str) -> str:
-    """The entry name for a model file (by content), an options digest and onnxlrp's code.
+    """The entry name for a model (by content: its file and external data), an options digest and onnxlrp's code.
 
     options: a string that names every option shaping the relevance graph (a mapping is
     accepted too, and serialised with sorted keys)."""
     if not isinstance(options, str):
         options = json.dumps(options, sort_keys=True, default=str)
-    payload = f"{file_digest(Path(model))}|{options}|{_code_digest()}"
+    payload = f"{model_digest(model)}|{options}|{_code_digest()}"
     return hashlib.sha256(payload.encode()).hexdigest()[:32]
 
 

@@ -71,13 +71,25 @@ def session(model: onnx.ModelProto | bytes | str, device: str = "cpu", threads: 
     try:
         sess = ort.InferenceSession(data, options, providers=providers(device), disabled_optimizers=DISABLED_OPTIMIZERS)
     except Exception as exc:
-        raise OnnxLrpError(f"onnxruntime cannot load the relevance graph ({first_line(exc)})") from None
+        raise OnnxLrpError(f"onnxruntime {ort.__version__} cannot load the relevance graph{_versions(data)} "
+                           f"({first_line(exc)})") from None
     if device == "cuda" and sess.get_providers()[0] != "CUDAExecutionProvider":
         raise OnnxLrpError(
             "device cuda: the CUDA execution provider could not start (no GPU, or CUDA/cuDNN libraries "
             "missing: pip install 'onnxruntime-gpu[cuda,cudnn]')"
         )
     return sess
+
+
+def _versions(data: bytes | str) -> str:
+    """' (IR version i, opset o)' of a graph onnxruntime refused: the usual cause is one newer
+    than the installed onnxruntime reads."""
+    try:
+        model = onnx.load(data, load_external_data=False) if isinstance(data, str) else onnx.ModelProto.FromString(data)
+    except Exception:
+        return ""
+    opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), "?")
+    return f" (IR version {model.ir_version}, opset {opset})"
 
 
 def _run_bound(sess: ort.InferenceSession, names: list[str], feeds: dict[str, np.ndarray]) -> list[np.ndarray]:

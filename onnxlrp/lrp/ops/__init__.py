@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import onnx_graphsurgeon as gs
 
-from ...errors import OnnxLrpError
+from ...errors import NoRuleError
 from . import activations, gates, linear, norms, pooling, quantization, shapes
 from .base import IsData, LinearOp, Op
 from .gates import GateMul, find_gate
@@ -21,11 +21,13 @@ from .merge import Difference, ResidualAdd
 from .pooling import MaxPool
 from .quantization import QOPERATOR
 
-__all__ = ["OPS", "LinearOp", "MaxPool", "Op", "make_op"]
+__all__ = ["OPS", "OP_TYPES", "LinearOp", "MaxPool", "Op", "make_op"]
 
 OPS: dict[str, type[Op]] = {**linear.OPS, **pooling.OPS, **activations.OPS, **gates.OPS, **shapes.OPS, **norms.OPS,
                             **quantization.OPS}
 _ARITHMETIC = ("Add", "Sub", "Mul", "Div")
+#: every op type an adapter handles: what a rule override may name besides a node
+OP_TYPES = frozenset(OPS) | frozenset(_ARITHMETIC)
 
 
 def make_op(node: gs.Node, is_data: IsData, path: str = "model") -> Op:
@@ -41,14 +43,15 @@ def make_op(node: gs.Node, is_data: IsData, path: str = "model") -> Op:
         gate = find_gate(node, computed, is_data) if node.op in ("Mul", "Div") else None
         if gate is not None:
             return GateMul(node, is_data, path, gate)
-        hint = f" (a gate is the output of {', '.join(sorted(gates.GATES))})" if node.op == "Mul" else ""
-        raise OnnxLrpError(
+        hint = (f" (a gate is the output of {', '.join(sorted(gates.GATES))}, or a factor bounded by one of them or "
+                "by a Clip with both bounds, computed from the other input)" if node.op == "Mul" else "")
+        raise NoRuleError(
             f"{path}: node '{node.name}' ({node.op}): no LRP rule for {node.op} of two computed tensors{hint}"
         )
     cls = OPS.get(node.op)
     if node.op in QOPERATOR:
-        raise OnnxLrpError(f"{path}: node '{node.name}' ({node.op}): no LRP rule for op type {node.op} (a QOperator "
+        raise NoRuleError(f"{path}: node '{node.name}' ({node.op}): no LRP rule for op type {node.op} (a QOperator "
                            "model; quantize in QDQ format, QuantFormat.QDQ, to explain it as deployed)")
     if cls is None:
-        raise OnnxLrpError(f"{path}: node '{node.name}' ({node.op}): no LRP rule for op type {node.op}")
+        raise NoRuleError(f"{path}: node '{node.name}' ({node.op}): no LRP rule for op type {node.op}")
     return cls(node, is_data, path)

@@ -13,7 +13,7 @@ from typing import Callable
 import numpy as np
 import onnx_graphsurgeon as gs
 
-from ...errors import OnnxLrpError
+from ...errors import NoRuleError, OnnxLrpError
 from ..emit import Emitter
 
 IsData = Callable[[gs.Tensor], bool]
@@ -105,6 +105,9 @@ class Op:
     shape_preserving = False  # output shape == input shape: the pass rule applies
     keeps_sign = False  # output >= 0 whenever every data input is >= 0
     makes_nonneg = False  # output >= 0 whatever the input (ReLU, ReLU6)
+    # each output element is one input element (or a constant) through a monotone map: z^B box
+    # bounds given at the image can be replayed through the op (relevance_graph._Box)
+    carries_bounds = False
     default_rule = "pass"  # rule used where a preset names none
 
     def __init__(self, node: gs.Node, is_data: IsData, path: str = "model"):
@@ -114,8 +117,9 @@ class Op:
         self.x = self.data_inputs[0]
         self.output = node.outputs[0]
 
-    def error(self, message: str) -> OnnxLrpError:
-        return OnnxLrpError(f"{self.path}: node '{self.node.name}' ({self.node.op}): {message}")
+    def error(self, message: str) -> NoRuleError:
+        """The node as it is has no rule: a one-line error naming it."""
+        return NoRuleError(f"{self.path}: node '{self.node.name}' ({self.node.op}): {message}")
 
     def transpose(self, e: Emitter, g: gs.Tensor, weight=None) -> gs.Tensor:
         raise self.error("has no transpose")

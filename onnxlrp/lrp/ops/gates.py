@@ -184,15 +184,103 @@ def _from_gate(tensor: gs.Tensor, is_data) -> bool:
     return False
 
 
+#: element-wise ops whose output lies in a fixed interval whatever the input
+_BOUNDED = {"Sigmoid": (0.0, 1.0), "HardSigmoid": (0.0, 1.0), "Softmax": (0.0, 1.0), "Erf": (-1.0, 1.0)}
+#: ops that pass values on unchanged (a factor's reshapes and broadcasts): the interval stays
+_SAME_VALUES = {"Reshape", "Flatten", "Squeeze", "Unsqueeze", "Expand", "Transpose", "Slice", "Gather", "Identity"}
+
+
+def _finite(values: np.ndarray | None) -> np.ndarray | None:
+    if values is None or values.size == 0 or not np.issubdtype(values.dtype, np.floating) and not np.issubdtype(
+            values.dtype, np.integer):
+        return None
+    values = values.astype(np.float64)
+    return values if np.isfinite(values).all() else None
+
+
+def factor_range(tensor: gs.Tensor, is_data, depth: int = 16) -> tuple[float, float] | None:
+    """An interval holding every value of a computed tensor, found from its structure, or None
+    where it is not bounded (or not provably so): a bounded element-wise op (Clip with both
+    bounds, Sigmoid, HardSigmoid, Softmax, Erf), then constant arithmetic (+, -, * a constant,
+    / a non-zero constant) and reshapes. ``Clip(x + 3, 0, 6) / 6`` (HardSwish's gate written
+    out, as paddle2onnx does) lies in [0, 1]; ``x + 3`` and ``Relu(x)`` have no bound."""
+    producer = tensor.inputs[0] if tensor.inputs else None
+    if producer is None or depth == 0:
+        return None
+    op = producer.op
+    if op in _BOUNDED:
+        return _BOUNDED[op]
+    computed = [t for t in producer.inputs if is_data(t)]
+    if len(computed) != 1 or producer.inputs.count(computed[0]) != 1:
+        return None
+    if op == "Clip":
+        if producer.inputs[0] is not computed[0]:
+            return None
+        bounds = [_finite(const_value(producer.inputs[i])) if i < len(producer.inputs) and producer.inputs[i].name
+                  else None for i in (1, 2)]
+        low, high = producer.attrs.get("min"), producer.attrs.get("max")  # opset < 11 keeps them as attributes
+        low = float(bounds[0].min()) if bounds[0] is not None else low
+        high = float(bounds[1].max()) if bounds[1] is not None else high
+        if low is None or high is None or not math.isfinite(low) or not math.isfinite(high):
+            return None
+        return (float(low), float(high))
+    inner = factor_range(computed[0], is_data, depth - 1)
+    if inner is None:
+        return None
+    if op in _SAME_VALUES:
+        return inner
+    if op not in ("Add", "Sub", "Mul", "Div"):
+        return None
+    other = next(t for t in producer.inputs if t is not computed[0])
+    c = _finite(const_value(other))
+    if c is None:
+        return None
+    lo, hi = inner
+    first = producer.inputs[0] is computed[0]
+    if op == "Add":
+        return (lo + c.min(), hi + c.max())
+    if op == "Sub":
+        return (lo - c.max(), hi - c.min()) if first else (c.min() - hi, c.max() - lo)
+    if op == "Div":
+        if not first or (c == 0).any():
+            return None  # c / g is unbounded where g nears zero
+        c = 1.0 / c
+    ends = [a * b for a in (lo, hi) for b in (c.min(), c.max())]
+    return (float(min(ends)), float(max(ends)))
+
+
+def _reaches(tensor: gs.Tensor, target: gs.Tensor, is_data, depth: int = 16) -> bool:
+    """Whether `tensor` is computed from `target` through a chain of ops of one computed input."""
+    for _ in range(depth):
+        if tensor is target:
+            return True
+        producer = tensor.inputs[0] if tensor.inputs else None
+        computed = [t for t in producer.inputs if is_data(t)] if producer is not None else []
+        if len(computed) != 1:
+            return False
+        tensor = computed[0]
+    return False
+
+
 def find_gate(node: gs.Node, computed: list[gs.Tensor], is_data) -> gs.Tensor | None:
     """The factor of a Mul or Div of two computed tensors, or None where it is not a gate.
-    A Div's divisor always is (x / s); a Mul's factor is the one input a gate computed."""
+    A Div's divisor always is (x / s); a Mul's factor is the one input a gate computed (a GATES
+    op, through constant arithmetic), or else the one input that is bounded by its structure
+    (factor_range: HardSwish written out as x * Clip(x + 3, 0, 6) / 6, a squeeze-excitation's
+    Clip(s + 3, 0, 6) / 6). Holding a bounded factor constant is the standard gate treatment.
+    Where both inputs are bounded, the factor is the one computed from the other (x * g(x))."""
     if len(computed) != 2 or computed[0] is computed[1]:
         return None
     if node.op == "Div":
         return node.inputs[1] if node.inputs[0] is not node.inputs[1] else None
     gates = [t for t in computed if _from_gate(t, is_data)]
-    return gates[0] if len(gates) == 1 else None
+    if len(gates) == 1:
+        return gates[0]
+    bounded = [t for t in computed if factor_range(t, is_data) is not None]
+    if len(bounded) == 2:
+        a, b = bounded
+        bounded = [t for t, other in ((a, b), (b, a)) if _reaches(t, other, is_data) and not _reaches(other, t, is_data)]
+    return bounded[0] if len(bounded) == 1 else None
 
 
 OPS = {"Sigmoid": Sigmoid, "HardSigmoid": HardSigmoid, "Softmax": Softmax, "Erf": Erf, "Sqrt": Sqrt,

@@ -136,6 +136,7 @@ class Affine(LinearOp):
 
     kind = "affine"
     shape_preserving = True
+    carries_bounds = True  # elementwise y = a x + b: monotone in each element
     default_rule = "pass"
 
     def __init__(self, node, is_data, path="model"):

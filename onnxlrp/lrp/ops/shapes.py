@@ -3,6 +3,7 @@ concatenation, constant padding. Relevance goes back to where each value came fr
 from __future__ import annotations
 
 import numpy as np
+import onnx
 import onnx_graphsurgeon as gs
 
 from .base import Op, const_value, constant_input, given, static_shape
@@ -13,6 +14,7 @@ class Reshape(Op):
 
     kind = "reshape"
     keeps_sign = True
+    carries_bounds = True
     default_rule = "gradient"
 
     def __init__(self, node, is_data, path="model"):
@@ -61,6 +63,7 @@ class Concat(Op):
     """Concatenation: each computed input gets back its own part of the relevance, exactly."""
 
     kind = "reshape"
+    carries_bounds = True
     default_rule = "gradient"
 
     def __init__(self, node, is_data, path="model"):
@@ -155,5 +158,20 @@ class Gather(Reshape):
         return e.op("Gather", padded, e.ints(self.source), axis=self.axis)
 
 
+class Cast(Reshape):
+    """A cast between float types (exporters write float32 -> float32 casts on the input): the
+    values pass; a cast to integers or bool rounds them away, and no LRP rule applies."""
+
+    def __init__(self, node, is_data, path="model"):
+        super().__init__(node, is_data, path)
+        to = int(node.attrs.get("to", onnx.TensorProto.FLOAT))
+        if to not in (onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16, onnx.TensorProto.DOUBLE,
+                      onnx.TensorProto.BFLOAT16):
+            raise self.error(f"casts to {onnx.TensorProto.DataType.Name(to)}; relevance only passes float casts")
+
+    def transpose(self, e, g, weight=None):
+        return g
+
+
 OPS = {"Flatten": Reshape, "Reshape": Reshape, "Squeeze": Reshape, "Unsqueeze": Reshape, "Transpose": Transpose,
-       "Pad": Pad, "Slice": Slice, "Concat": Concat, "Expand": Expand, "Gather": Gather}
+       "Pad": Pad, "Slice": Slice, "Concat": Concat, "Expand": Expand, "Gather": Gather, "Cast": Cast}
