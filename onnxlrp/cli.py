@@ -19,6 +19,7 @@ from contextlib import contextmanager
 from pathlib import Path, PurePosixPath
 from typing import Annotated, Iterator, Literal, Optional
 
+import numpy as np
 import typer
 from rich import box
 from rich.console import Console
@@ -46,6 +47,7 @@ from .io.files import Outputs, check_writable
 from .io.image import SIGNS, STYLES, is_colormap, write_heatmap
 from .io.preprocessing import PREPROCESSING, check_images, image_sources
 from .lrp import explosion as explode
+from .lrp import reach
 from .lrp.composites import PRESETS
 from .lrp.heatmaps import KINDS
 from .lrp.splitting import SPLITS
@@ -315,7 +317,7 @@ def explain(
             return
         layout = explainer.summary.image.layout
         batches = batches_of(files, batch_size)  # as explain --ray cuts them
-        lines, writes, explosion = [], [], None
+        lines, writes, explosion, reached = [], [], None, []
         # A pipeline: the next batch is decoded and the last one written while onnxruntime runs.
         # Outputs are staged and appear together at the end: a failure leaves none behind.
         with Outputs() as outputs, ThreadPoolExecutor(max_workers=4) as pool, \
@@ -330,6 +332,8 @@ def explain(
                 result = explainer.explain(explainer.preprocessing.normalize(pixels, layout), target, batch_size, top_k,
                                            warn=False)
                 explosion = result.explosion if explosion is None else explosion + result.explosion
+                if result.absorbed_by is not None:  # LRP, not gradients
+                    reached.append((result.reach, reach.shares(result.initial, result.input_sum, result.absorbed_by)[1]))
                 for row, heat in enumerate(result.heatmap()):
                     i = done * ranks + row
                     png, array = destinations[i]
@@ -337,7 +341,8 @@ def explain(
                                               style, heat_quantization, sign, cmap))
                     written = ", ".join(str(p) for p in (png, array) if p is not None)
                     lines.append(f"{files[done + row // ranks]}: class {result.targets[row]}, initial relevance "
-                                 f"{result.initial[row]:.4g}, input relevance {result.input_sum[row]:.4g} -> {written}")
+                                 f"{result.initial[row]:.4g}, input relevance {result.input_sum[row]:.4g}"
+                                 f"{_reached(result, row)} -> {written}")
                 done += len(pixels)
                 progress.advance(task, len(pixels))
             for write in writes:
@@ -346,6 +351,22 @@ def explain(
             console.print(line, highlight=False, soft_wrap=True)
         if explosion is not None and explosion.images:
             typer.echo(f"warning: {explode.message(explosion, preset, bias)}", err=True)
+        if reached:
+            _warn_reach(np.concatenate([a for a, _ in reached]), np.concatenate([t for _, t in reached]), preset, bias)
+
+
+def _reached(result, row: int) -> str:
+    """' (72.4% reached the input; biases and stabilisers took 27.6%)' for LRP, '' for gradients."""
+    return f" ({result.reach_line(row)})" if result.absorbed_by is not None else ""
+
+
+def _warn_reach(at_input: np.ndarray, taken: np.ndarray, preset: str, bias: bool) -> None:
+    """One warning line when the median share of the explained logit at the input is below 10 %
+    (at_input [N], taken [N, F]: lrp.reach.shares)."""
+    subject = f"preset {preset}" + ("" if bias else " without biases")
+    line = reach.warning(at_input, taken, subject, reach.advice(bias))
+    if line:
+        typer.echo(f"warning: {line}", err=True)
 
 
 def _progress(disable: bool = False) -> Progress:
@@ -381,10 +402,17 @@ def _explain_on_ray(explainer, per_image, cluster, device, batch_size, target, t
     for row, (_, pairs) in zip(rows, todo):
         for rank, (png, array) in enumerate(pairs):
             written = ", ".join(str(p) for p in (png, array) if p is not None)
+            reached = (f" ({reach.describe(row['reach'][rank], np.asarray(row['taken'][rank]))})"
+                       if row["taken"] is not None else "")
             console.print(f"{row['file']}: class {row['targets'][rank]}, initial relevance {row['initial'][rank]:.4g}, "
-                          f"input relevance {row['input_sum'][rank]:.4g} -> {written}", highlight=False, soft_wrap=True)
+                          f"input relevance {row['input_sum'][rank]:.4g}{reached} -> {written}", highlight=False,
+                          soft_wrap=True)
     if explosion is not None and explosion.images:
         typer.echo(f"warning: {explode.message(explosion, explainer.summary.preset, explainer.bias)}", err=True)
+    lrp = [row for row in rows if row["taken"] is not None]
+    if lrp:
+        _warn_reach(np.array([s for row in lrp for s in row["reach"]]), np.array([t for row in lrp for t in row["taken"]]),
+                    explainer.summary.preset, explainer.bias)
 
 
 def _explain_to_parquet(model, images, parquet, output, npy, pictures: list[str], options: dict, ray, ray_address,
@@ -534,6 +562,8 @@ def evaluate(
                                      cluster=cluster, image_size=_image_size(size))
         paths = write_results(results, output)
         console.print(results.markdown(), highlight=False, soft_wrap=True)
+        for line in results.reach_warnings():
+            typer.echo(f"warning: {line}", err=True)
         console.print("wrote " + ", ".join(str(p) for p in paths.values()), highlight=False, soft_wrap=True)
 
 

@@ -46,6 +46,7 @@ import numpy as np
 from .errors import OnnxLrpError, first_line
 from .explainer import Explainer, Portable
 from .ir.digest import model_digest
+from .lrp import reach
 from .runtime.cluster import (Cluster, actor_resources, assigned_threads, batches_of, connected, import_ray,
                               map_batches)
 
@@ -134,6 +135,8 @@ class _ExplainActor:
         # depend on how Ray cut the blocks.
         pairs = np.concatenate([pixels, pixels]) if n == 1 else pixels
         result = explainer.explain(explainer.images.normalize(pairs), self.target, self.batch_size, warn=False)
+        taken = (reach.shares(result.initial, result.input_sum, result.absorbed_by)[1]
+                 if result.absorbed_by is not None else None)
         exploded = np.zeros(n, dtype=bool)
         if result.explosion is not None:
             exploded[[i for i in result.explosion.indices if i < n]] = True
@@ -151,6 +154,11 @@ class _ExplainActor:
             "initial_relevance": pa.array(result.initial[:n].astype(np.float32)),
             "input_relevance": pa.array(result.input_sum[:n]),
             "conservation_error": pa.array(result.conservation_error[:n].astype(np.float64)),
+            # the share of the explained logit at the input, and what each family of ops took
+            # (lrp.reach; NaN for gradients, which do not conserve)
+            "reach": pa.array(result.reach[:n] if taken is not None else np.full(n, np.nan)),
+            **{f"taken_{family}": pa.array(taken[:n, k] if taken is not None else np.full(n, np.nan))
+               for k, family in enumerate(reach.FAMILIES)},
             "exploded": pa.array(exploded),
             "heatmap": lists(heat),
             "heatmap_shape": lists(np.tile(np.asarray(heat.shape[1:], np.int32), (n, 1))),
@@ -287,6 +295,8 @@ class FilesJob:
                                        warn=False)
             heat, explosion = result.heatmap(), result.explosion
             exploded = set(explosion.indices) if explosion is not None else set()
+            taken = (reach.shares(result.initial, result.input_sum, result.absorbed_by)[1]
+                     if result.absorbed_by is not None else None)
             rows = []
             with Outputs() as outputs:
                 for i, (file, destinations) in enumerate(batch):
@@ -297,6 +307,8 @@ class FilesJob:
                     rows.append({"file": file, "targets": [int(result.targets[k]) for k in picked],
                                  "initial": [float(result.initial[k]) for k in picked],
                                  "input_sum": [float(result.input_sum[k]) for k in picked],
+                                 "reach": [float(result.reach[k]) for k in picked],
+                                 "taken": None if taken is None else [taken[k].tolist() for k in picked],
                                  "exploded": any(k in exploded for k in picked)})
             return rows, explosion
 
@@ -309,7 +321,8 @@ def explain_files(explainer, work: Sequence[tuple[str, list[tuple[Path | None, P
                   progress: Callable[[int], None] | None = None) -> tuple[list[dict], Any]:
     """Each (image file, [(PNG, NPY) per rank]) explained on Ray actors with `explainer`'s
     compiled graph, its files written as the single-process command writes them. Returns per
-    image: file, targets, initial and input relevance per rank, exploded; and the explosions
+    image: file, targets, initial and input relevance, reach and what each family took (shares, or
+    None for gradients) per rank, exploded; and the explosions
     of the whole run (lrp.explosion.Explosion, None if none)."""
     with connected(cluster) as ray:
         job = FilesJob(explainer.portable().stored(ray), batch_size, target, top_k, style, levels, sign, cmap)

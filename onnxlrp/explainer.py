@@ -218,7 +218,7 @@ class Explainer:
         return Explanation(
             relevance, out[rg.LOGITS], out[rg.TARGETS], out[rg.INITIAL], merges,
             self.merges, self.summary.image.layout, out.get(rg.LAYER_SUMS), list(self.trace_nodes), probe,
-            explosion, maps,
+            explosion, maps, out.get(rg.ABSORBED) if conserving else None,
         )
 
     # Image files

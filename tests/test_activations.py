@@ -49,6 +49,7 @@ def test_lrp0_equals_gradient_times_input(tmp_path):
     assert [m.node for m in analyse(path).merges] == ["merge"]
     x = np.random.RandomState(3).randn(4, 3, 8, 8).astype(np.float32) * 2
     zero = {op: R.epsilon(0.0) for op in ("Conv", "Gemm", "GlobalAveragePool")}
+    zero["Clip"] = R.GRADIENT  # LRP-0 takes ReLU6 by its gradient (the Zennit presets pass relevance through, as Zennit)
     result = Explainer(path, rules=zero, split=Split("proportional", stabilizer=0.0)).explain(x)
     inputs = torch.tensor(x, dtype=torch.float64, requires_grad=True)
     out = _torch(inputs, *weights)

@@ -109,6 +109,7 @@ def test_exit_codes(tmp_path):
 
 def test_a_model_without_rules_fails_the_audit_naming_the_node(tmp_path):
     import tiny_graphs as tg
+    from PIL import Image
 
     path = tg.save(tg.tanh_net(), tmp_path / "tanh.onnx")
     data = _subset(tmp_path, per_class=1)
@@ -328,3 +329,20 @@ def test_audit_takes_the_explainer_options_for_both_models(demo_audit):
     assert no_bias.checks["conservation"] != plain.checks["conservation"]
     assert not np.allclose(no_bias.heatmaps, plain.heatmaps)
     assert no_bias.drift.correlation == pytest.approx(1.0)  # the other model explained with bias=False too
+
+
+def test_faithfulness_on_a_model_of_open_size_uses_the_size_asked(tmp_path):
+    """--size reaches the Insertion/Deletion forward pass too (it scored at the model's default
+    224 before, on 32 x 48 inputs)."""
+    import tiny_graphs as tg
+    from PIL import Image
+
+    b = tg.Builder()
+    model = tg.save(b.model(b.head(b.op("Relu", [b.conv("x", 3, 4)]), 4), input_shape=("N", 3, "H", "W")),
+                    tmp_path / "open.onnx")
+    sample = tmp_path / "sample"
+    sample.mkdir()
+    for k in range(2):
+        Image.fromarray(np.random.RandomState(k).randint(0, 255, (32, 48, 3), np.uint8)).save(sample / f"{k}.png")
+    result = audit(model, sample, image_size=(32, 48), faithfulness=True, sanity_images=0)
+    assert len(result.rows) == 2 and all("exact_insertion" in r for r in result.rows), result.rows[0]

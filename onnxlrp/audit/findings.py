@@ -18,6 +18,7 @@ class Check:
     direction: str  # "above": a value above the threshold is a finding; "below": under it
     summary: str
     informational: bool = False  # reported (a warning above the threshold), never failing: not for --fail-on
+    warn_at: float | None = None  # a second threshold, short of the first: crossing it is a warning
 
 
 CHECKS: dict[str, Check] = {c.name: c for c in (
@@ -37,6 +38,10 @@ CHECKS: dict[str, Check] = {c.name: c for c in (
                                            "in output quantisation steps (int8 output) or 1e-4 of the largest "
                                            "output; informational, never failing", informational=True),
     Check("nonfinite", 0, "above", "images whose relevance held NaN or Inf (set to 0, reported)"),
+    # A heatmap drawn from 0.01 % of the logit still looks like one: below 1 % the explanations
+    # say little about the model; below 10 % they are worth a look.
+    Check("reach", 0.01, "below", "median share of the explained logit that reaches the input (the rest is "
+                                  "taken by biases, stabilisers and saturated activations)", warn_at=0.10),
     Check("conservation", 1e-3, "above", "largest conservation error where the rules promise conservation: "
                                          "at each residual merge, and from output to input without biases"),
     Check("accuracy", 0.0, "below", "share of labelled images predicted right"),
@@ -52,7 +57,7 @@ CHECKS: dict[str, Check] = {c.name: c for c in (
 )}
 
 #: what fails an audit unless --fail-on says otherwise
-DEFAULT_FAIL_ON = ("rules", "logits", "nonfinite", "conservation", "clever-hans", "drift-agreement")
+DEFAULT_FAIL_ON = ("rules", "logits", "nonfinite", "reach", "conservation", "clever-hans", "drift-agreement")
 SEVERITIES = ("fail", "warning")
 
 
@@ -113,9 +118,13 @@ def crosses(name: str, value: float, threshold: float) -> bool:
 
 def finding(fail_on: FailOn, name: str, value: float, message: str, class_: str | None = None,
             images: list[str] | None = None) -> Finding | None:
-    """A finding where `value` crosses the check's threshold, else None."""
+    """A finding where `value` crosses the check's threshold (or, a warning, its warn_at), else None."""
     threshold = fail_on.threshold(name)
-    if not crosses(name, value, threshold):
+    warn_at = CHECKS[name].warn_at
+    if crosses(name, value, threshold):
+        severity = "fail" if fail_on.fails(name) else "warning"
+    elif warn_at is not None and crosses(name, value, warn_at):
+        severity, threshold = "warning", warn_at
+    else:
         return None
-    severity = "fail" if fail_on.fails(name) else "warning"
     return Finding(name, severity, message, float(value), float(threshold), class_, list(images or []))

@@ -17,6 +17,7 @@ from PIL import Image
 
 from ..io.files import Outputs
 from ..io.image import colorize, render
+from ..lrp import reach
 from .findings import CHECKS
 from .run import Audit
 from .strategies import SMALL_REGION
@@ -79,6 +80,8 @@ def payload(audit: Audit) -> dict:
         "classes": audit.classes,
         "checks": {name: audit.checks.get(name) for name in CHECKS if name in audit.checks},
         "not_run": dict(audit.not_run),
+        "reach": None if "reach" not in audit.checks else {"median": audit.checks["reach"],
+                                                           "taken": audit.checks["reach_taken"]},
         "deployed_kernels": audit.deployed,
         "thresholds": {name: {"threshold": check.threshold, "direction": check.direction, "summary": check.summary,
                               "informational": check.informational}
@@ -127,7 +130,7 @@ def html(audit: Audit) -> str:
         audit=audit, verdict=audit.verdict, findings=findings, facts=audit.identity, classes=classes,
         randomisation=audit.randomisation.steps if audit.randomisation else [], random_logit=audit.random_logit,
         drift=drift, rows=rows, checks=CHECKS, seconds=audit.seconds, based_on=audit.based_on,
-        not_run=audit.not_run, deployed=audit.deployed)
+        not_run=audit.not_run, deployed=audit.deployed, took=reach.TOOK)
 
 
 def write(audit: Audit, folder: str | Path) -> dict[str, Path]:

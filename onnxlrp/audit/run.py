@@ -12,6 +12,7 @@ from ..errors import NoRuleError, OnnxLrpError
 from ..evaluation.evaluate import Dataset, load_dataset, load_mask
 from ..explainer import Explainer, Portable
 from ..ir.digest import model_digest
+from ..lrp import reach
 from ..runtime.cluster import Cluster, batches_of, connected, map_batches
 from . import drift as drift_check
 from . import sanity
@@ -204,6 +205,18 @@ def audit(model: str | Path, data: str | Path, *, labels: str | Path | None = No
     checks["nonfinite"] = len(nonfinite)
     add(finding(fail_on, "nonfinite", len(nonfinite), f"{len(nonfinite)} image(s) whose relevance exploded "
                 "(NaN/Inf set to 0, or totals far beyond the initial relevance)", images=[names[i] for i in nonfinite]))
+    # How much of the explained logit reaches the input, and where the rest went.
+    reached = np.asarray(joined["reach"], np.float64)
+    if np.isfinite(reached).any():
+        finite = np.isfinite(reached)
+        checks["reach"] = median = float(np.median(reached[finite]))
+        taken = np.median(np.asarray(joined["taken"], np.float64)[finite], axis=0)
+        checks["reach_taken"] = {family: float(t) for family, t in zip(reach.FAMILIES, taken)}
+        worst = [names[i] for i in np.argsort(np.where(finite, reached, np.inf))[:6]]
+        add(finding(fail_on, "reach", median, f"only {reach.describe(median, taken)} (median over {int(finite.sum())} "
+                    "images): the heatmaps are drawn from that remainder", images=worst))
+    else:
+        not_run["reach"] = "gradients conserve nothing"
     # Conservation as the rules promise it: every split hands on all it gets (R = R_skip + R_main,
     # per merge); the totals per image only where no bias absorbs relevance.
     conservation = np.abs(sums - initial) / np.maximum(np.abs(initial), 1e-30)
@@ -351,7 +364,8 @@ class Job:
         if self.against is not None:
             other = other or self.against.open(device, threads)
         image, size = explainer.summary.image, self.batch_size
-        forward = Forward(self.model, device=device, threads=threads) if self.faithfulness else None
+        size_asked = (explainer.summary.height, explainer.summary.width)  # the explainer's, --size or the model's
+        forward = Forward(self.model, device=device, image_size=size_asked, threads=threads) if self.faithfulness else None
         shape = (1, explainer.summary.height, explainer.summary.width, image.channels)
         black = explainer.images.normalize(np.zeros(shape, np.uint8))[0]
         # the model's own output twice: in the reference arithmetic (the integrity gate) and with
@@ -369,6 +383,10 @@ class Job:
             out = {"pixels": pixels, "heatmaps": heatmaps, "logits": result.logits, "targets": result.targets,
                    "initial": result.initial, "input_sum": result.input_sum, "merge_sums": result.merge_sums,
                    "exploded": exploded, "own_logits": own_logits(reference, x, size),
+                   # share at the input and what each family of ops took (NaN: gradients)
+                   "reach": result.reach if result.absorbed_by is not None else np.full(len(x), np.nan),
+                   "taken": (reach.shares(result.initial, result.input_sum, result.absorbed_by)[1]
+                             if result.absorbed_by is not None else np.full((len(x), len(reach.FAMILIES)), np.nan)),
                    "deployed_logits": own_logits(plain, x, size)}
             if forward is not None:  # Insertion and Deletion, tie-robust protocol ("exact")
                 out["faithfulness"] = [

@@ -24,6 +24,7 @@ from typing import Callable, Sequence
 import numpy as np
 
 from . import metrics
+from ..lrp import reach
 from ..io.files import Outputs
 from .baselines import Forward, methods as method_registry
 from ..errors import OnnxLrpError
@@ -194,21 +195,34 @@ class Results:
             },
         }
 
+    def reach_warnings(self, threshold: float = reach.WARN_BELOW) -> list[str]:
+        """One line per LRP method whose median share at the input is below `threshold`."""
+        lines = []
+        for method, per in self.values.items():
+            if "reach" not in per:
+                continue
+            taken = np.array([per[f"taken:{f}"] for f in reach.FAMILIES]).T
+            line = reach.warning(np.asarray(per["reach"]), taken, f"method {method}", threshold=threshold)
+            if line:
+                lines.append(line)
+        return lines
+
     def markdown(self) -> str:
         columns = [f"{m} ({p})" for p in self.protocols for m in METRICS]
-        columns += [m for m in MASK_METRICS + ("conservation_error",) if any(m in v for v in self.values.values())]
+        columns += [m for m in MASK_METRICS + ("reach", "conservation_error") if any(m in v for v in self.values.values())]
         keys = [f"{p}:{m}" for p in self.protocols for m in METRICS] + columns[len(self.protocols) * len(METRICS):]
         lines = ["| method | " + " | ".join(columns) + " |", "|---|" + "---|" * len(columns)]
         for method, per in self.values.items():
             cells = []
             for key in keys:
                 mean, err = mean_and_error(per.get(key, []))
-                scale = 100 if key.split(":")[-1] in METRICS + MASK_METRICS else 1
+                scale = 100 if key.split(":")[-1] in METRICS + MASK_METRICS + ("reach",) else 1
                 cells.append("-" if math.isnan(mean) else
                              (f"{mean * scale:.1f} ± {err * scale:.1f}" if scale == 100 else f"{mean:.2e}"))
             lines.append(f"| {self.labels[method]} | " + " | ".join(cells) + " |")
         note = (f"\n{self.images} images, model accuracy {self.accuracy:.1%}; Insertion, Deletion, ID, mass/rank "
-                f"accuracy and pointing game in percent (mean ± standard error); maps heat-quantized to "
+                f"accuracy, pointing game and reach (the share of the explained logit at the input) in percent "
+                f"(mean ± standard error); maps heat-quantized to "
                 f"{self.levels} levels" if self.levels else "\nno heat quantization")
         return "\n".join(lines) + note + ".\n"
 
@@ -353,6 +367,12 @@ def _conservation(results: BatchResults, name: str, method) -> None:
             results.conservation.setdefault(name, {}).setdefault(point, []).extend(np.asarray(values, float).tolist())
     for value in metrics.conservation_error(result.input_sum, result.initial):
         results.add(name, "conservation_error", value)
+    if result.absorbed_by is not None:  # LRP: how much reached the input, and what took the rest
+        for value in result.reach:
+            results.add(name, "reach", value)
+        for family, values in result.taken.items():
+            for value in values:
+                results.add(name, f"taken:{family}", value)
 
 
 #: what write() puts into the output folder (the plot only when LRP methods ran)

@@ -34,11 +34,11 @@ from ..errors import OnnxLrpError
 from .model import ImageInput
 
 
-
 def quiet_graphsurgeon():
     """onnx-graphsurgeon's warnings (constant folding's chatter) are not for users: silenced
     while onnxlrp works on a graph, the user's own setting back afterwards."""
     return gs.logger.G_LOGGER.suppress(gs.logger.G_LOGGER.ERROR)
+
 
 POOLS = ("MaxPool", "AveragePool")
 #: the output activations a classifier ships with, stripped by _logits (Sigmoid on a one-logit head only)
@@ -122,7 +122,29 @@ def _dequantize_constants(graph: gs.Graph) -> None:
     """DequantizeLinear of constants (a quantized model's weights and biases) -> float constants.
 
     onnx-graphsurgeon's folding leaves Q/DQ alone on purpose; the rules need the weights as
-    numbers. Activations keep their Q/DQ pairs: the forward pass stays the quantized model's."""
+    numbers. Activations keep their Q/DQ pairs: the forward pass stays the quantized model's.
+
+    A DynamicQuantizeLinear of a constant (tf2onnx quantizes a hybrid TFLite dense layer's
+    float bias so) is computed here, as the ONNX spec and onnxruntime do it in float32: its
+    integers, scale and zero point become constants for the DequantizeLinear after it."""
+    for node in graph.nodes:
+        if node.op != "DynamicQuantizeLinear" or not isinstance(node.inputs[0], gs.Constant):
+            continue
+        x = node.inputs[0].values.astype(np.float32)
+        low, high = np.float32(min(float(x.min(initial=0.0)), 0.0)), np.float32(max(float(x.max(initial=0.0)), 0.0))
+        scale = np.float32((high - low) / np.float32(255))
+        if scale == 0:
+            scale = np.float32(1)
+        zero = np.clip(np.rint(np.float32(0) - low / scale), 0, 255)  # rint: halves to even, as the spec
+        q = np.clip(np.rint(x / scale) + zero, 0, 255).astype(np.uint8)
+        for out, value in zip(list(node.outputs), (q, np.array(scale, np.float32), np.array(zero, np.uint8))):
+            constant = gs.Constant(f"{out.name}/computed", value)
+            for consumer in list(out.outputs):
+                for i, tensor in enumerate(consumer.inputs):
+                    if tensor is out:
+                        consumer.inputs[i] = constant
+            graph.outputs = [constant if t is out else t for t in graph.outputs]
+        node.outputs.clear()
     for node in graph.nodes:
         if node.op != "DequantizeLinear" or not all(isinstance(t, gs.Constant) for t in node.inputs if t.name):
             continue

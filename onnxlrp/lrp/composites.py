@@ -35,6 +35,7 @@ class Preset:
     split: str = "ratio"
     include_identity: bool = True
     fallback: Rule | None = None  # rule for op types the tables do not name (default: the op's own)
+    families: Mapping[str, Rule] = field(default_factory=dict)  # op family (Op.family) -> rule, before `layers`
 
     def assign(self, graph: ModelGraph, split: Split, overrides: Mapping[str, Rule] | None = None) -> dict[str, Rule]:
         """The rule for every op of the graph, by node name. Overrides key by node name or op type."""
@@ -52,6 +53,8 @@ class Preset:
                 rule = overrides.get(name, overrides.get(op_type))
             elif name == first:
                 rule = self.first[op_type]
+            elif op.family in self.families:
+                rule = self.families[op.family]
             elif op_type in self.layers and not self.layers[op_type].applies_to(op):
                 # Add/Sub/Mul/Div are several kinds of op (constant arithmetic, a merge, a gate):
                 # a table's rule for the op type serves those it applies to, the others get their default
@@ -110,6 +113,9 @@ def _zennit_layers(conv: Rule, stabilizer: float = 1e-6, epsilon: float = 1e-6) 
         "MaxPool": R.GRADIENT,
         "BatchNormalization": R.PASS,
         "Relu": R.PASS,
+        # ReLU6 and Hardtanh, as torch exports them: Zennit's Pass for every activation, so the
+        # relevance of a unit held at its cap goes on (its gradient there is zero)
+        "Clip": R.PASS,
         # normalisations with sigma held constant: affine layers, epsilon as for dense layers
         "LayerNormalization": dense,
         "GroupNormalization": dense,
@@ -142,7 +148,9 @@ PRESETS: dict[str, Preset] = {
             "epsilon",
             "LRP-epsilon (1e-6) on every conv and dense layer, normalisation and constant arithmetic "
             "(a bias added on its own, a scale)",
-            {**_zennit_layers(R.epsilon()), **{op: R.epsilon() for op in ("Add", "Sub", "Mul", "Div")}},
+            # a Clip by its gradient, as LRP-0 (gradient x input) has it: epsilon is LRP-0 stabilised
+            {**_zennit_layers(R.epsilon()), **{op: R.epsilon() for op in ("Add", "Sub", "Mul", "Div")},
+             "Clip": R.GRADIENT},
         ),
         Preset(
             "paper",

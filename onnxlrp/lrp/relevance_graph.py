@@ -14,6 +14,8 @@ all consumers of a tensor are summed. The result is a plain ONNX model:
              merge_relevance    [N, M, 3] sum of R, R_skip, R_main at each merge (if M > 0)
              probe_activation, probe_relevance   with probe=<tensor>: that tensor and the
                                           relevance (or, for gradient presets, gradient) there
+             absorbed           [N, F]    relevance each family of ops did not hand on (lrp.reach.FAMILIES:
+                                          biases and stabilisers, saturated activations, other)
              heatmap            [N, H, W] with a layer or gated heatmap (lrp.heatmaps): the map
              layer_relevance    [N, L, 3] with trace=True: per op, the relevance total at its output,
                                           the total it passes to its inputs, and the sum of |R| at
@@ -32,7 +34,7 @@ import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
 
-from . import heatmaps
+from . import heatmaps, reach
 from .emit import Emitter
 from ..errors import OnnxLrpError, first_line
 from ..ir.canonicalise import quiet_graphsurgeon
@@ -46,6 +48,7 @@ LOGITS, RELEVANCE, TARGETS, INITIAL, MERGE_SUMS, LAYER_SUMS = (
 )
 PROBE_ACTIVATION, PROBE_RELEVANCE = "probe_activation", "probe_relevance"
 HEATMAP = "heatmap"
+ABSORBED = "absorbed"
 TRACE_KEY = "onnxlrp.trace"
 
 
@@ -166,6 +169,7 @@ def _build(
     contributions[logits.name].append(start)
     merge_sums: dict[str, gs.Tensor] = {}
     layer_sums: dict[str, gs.Tensor] = {}
+    lost: dict[str, list[gs.Tensor]] = {family: [] for family in reach.FAMILIES}
     probed = layered = None
     for name in reversed(list(graph.ops)):
         op = graph.ops[name]
@@ -186,9 +190,12 @@ def _build(
             # Totals are taken as soon as the relevance exists, and the relevance goes on only
             # afterwards, so that no map stays in memory until the end of the pass (Emitter.after).
             wait = None
-            if merge is not None or trace:
+            if merge is not None or trace or op.loss_family is not None:
                 total = e.sum_per_sample(R, len(op.output.shape))
                 sums = {t: e.sum_per_sample(r, ranks[t]) for t, r in inputs.items()}
+                if op.loss_family is not None:  # what the rule did not hand on
+                    wait = e.sub(total, e.sum(list(sums.values())))
+                    lost[op.loss_family].append(wait)
                 if merge is not None:  # R, R_skip, R_main (a skip that gets nothing, or y = x + x: R_skip 0)
                     own_skip = merge.skip in sums and merge.skip != merge.main
                     skip_sum = sums[merge.skip] if own_skip else e.mul(total, np.float32(0))
@@ -230,6 +237,9 @@ def _build(
         height, width = (images.shape[a] for a in _spatial_axes(len(images.shape), pixel_axis))
         outputs.append(_output(g, HEATMAP, heatmaps.emit(e, heatmap, input_relevance, pixel_axis, layered, layer_axis,
                                                          height, width), [batch, height, width]))
+    zero = e.mul(initial_sum, np.float32(0))
+    columns = [e.op("Unsqueeze", e.sum(lost[f]) if lost[f] else zero, e.ints([1])) for f in reach.FAMILIES]
+    outputs.append(_output(g, ABSORBED, e.op("Concat", *columns, axis=1), [batch, len(reach.FAMILIES)]))
     traced = [name for name in graph.ops if name in layer_sums]  # forward order
     if trace:
         outputs.append(_output(g, LAYER_SUMS, e.op("Concat", *(layer_sums[n] for n in traced), axis=1), [batch, len(traced), 3]))

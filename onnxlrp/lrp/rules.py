@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import math
 from functools import partial
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Callable
 
 import numpy as np
@@ -176,6 +176,10 @@ class LinearRule(Rule):
     use_bias: bool = True  # False: this rule always drops biases (the paper's rules)
     view: str | None = None  # "avg2x2": explain a MaxPool as the paper's 2x2 average pool
     params: tuple[tuple[str, float], ...] = field(default=())
+    # "w2" or "flat": the relevance the stabiliser would absorb goes to the output's window by
+    # that rule instead (where a denominator vanishes, as z+ on a depthwise window with few
+    # positive terms, all of it); None: absorbed, as Zennit does
+    fallback: str | None = None
 
     def applies_to(self, op):
         if self.view == "avg2x2":
@@ -186,7 +190,7 @@ class LinearRule(Rule):
 
     def describe(self, op=None, merge=None):
         args = ", ".join(f"{k}={v:g}" for k, v in self.params + (("eps", self.stabilizer),))
-        extra = "" if self.use_bias else ", no bias"
+        extra = ("" if self.use_bias else ", no bias") + (f", eps share by {self.fallback}" if self.fallback else "")
         return f"{self.name}({args}{extra})"
 
     def _input(self, e: Emitter, kind: str, x: gs.Tensor, ctx: RuleContext) -> gs.Tensor | None:
@@ -208,7 +212,7 @@ class LinearRule(Rule):
             op = op.average_view(2)
         assert isinstance(op, LinearOp)
         bias = op.bias if (ctx.bias and self.use_bias) else None
-        contributions = []
+        contributions, absorbed = [], []
         for group in self.groups:
             terms = []
             for term in group.terms:
@@ -232,10 +236,16 @@ class LinearRule(Rule):
                     b = np.full(op.forward_bias_shape(), self.stabilizer, np.float32) + (0 if b is None else b)
                 forwards.append(self._forward(e, op, original, term, a, w, b, R))
             z = _signed_sum(e, [(term.sign, zk) for (term, _, _, _), zk in zip(terms, forwards)])
-            s = e.div(R, z if in_bias else stabilize(e, z, self.stabilizer, nonneg))
+            denominator = z if in_bias else stabilize(e, z, self.stabilizer, nonneg)
+            s = e.div(R, denominator)
             if group.gate:
                 compare = "Greater" if group.gate == "positive" else "Less"
                 s = e.op("Where", e.op(compare, original.output, np.float32(0)), s, np.float32(0))
+            if self.fallback and self.stabilizer > 0:
+                # what the stabiliser takes of R: s (denominator - z), the eps put into it
+                shift = np.float32(self.stabilizer) if in_bias else e.sub(denominator, z)
+                share = e.mul(s, shift)
+                absorbed.append(share if group.coef == 1.0 else e.mul(share, np.float32(group.coef)))
             parts = []
             for term, a, w, _ in terms:
                 grad = op.transpose(e, s, w)
@@ -244,6 +254,8 @@ class LinearRule(Rule):
             if group.coef != 1.0:
                 contribution = e.mul(contribution, np.float32(group.coef))
             contributions.append(contribution)
+        if absorbed:  # the stabiliser's share, by the fallback rule, which needs no input values
+            contributions.append(FALLBACKS[self.fallback].emit(e, op, e.sum(absorbed), ctx))
         if not contributions:  # nothing to attribute to: the layer input gets zero relevance
             return e.mul(op.x, np.float32(0))
         return e.sum(contributions)
@@ -401,6 +413,19 @@ def flat(stabilizer: float = 1e-6) -> LinearRule:
 
 def wsquare(stabilizer: float = 1e-6) -> LinearRule:
     return LinearRule("w2", (Group((Term("ones", square, square),)),), stabilizer)
+
+
+#: the fallback rules a LinearRule's stabiliser share can go by: input-independent, so they
+#: never vanish where the window has weights
+FALLBACKS = {"w2": replace(wsquare(), use_bias=False), "flat": flat()}  # no bias: it would take a share again
+
+
+def with_fallback(rule: LinearRule, fallback: str = "w2") -> LinearRule:
+    """`rule`, with the relevance its stabiliser would absorb sent to the window by the w^2 (or
+    flat) rule: conserving where the rule's denominators vanish."""
+    if fallback not in FALLBACKS:
+        raise ValueError(f"unknown fallback '{fallback}'; choose one of {', '.join(FALLBACKS)}")
+    return replace(rule, fallback=fallback)
 
 
 def zbox(stabilizer: float = 1e-6) -> LinearRule:

@@ -8,6 +8,7 @@ from .base import Op, constant_input
 
 class Relu(Op):
     kind = "activation"
+    loss_family = "activation"  # where the gradient is zero (a clip's saturation), relevance stops
     shape_preserving = True
     makes_nonneg = True
 
@@ -20,6 +21,7 @@ class LeakyRelu(Op):
     input) the relevance at x is g * alpha * x = g * y, the relevance at y."""
 
     kind = "activation"
+    loss_family = "activation"  # where the gradient is zero (a clip's saturation), relevance stops
     shape_preserving = True
 
     def transpose(self, e, g, weight=None):
@@ -33,6 +35,7 @@ class Clip(Op):
     passes. This is the op's gradient, the reading under which LRP-0 is gradient x input."""
 
     kind = "activation"
+    loss_family = "activation"  # where the gradient is zero (a clip's saturation), relevance stops
     shape_preserving = True
     default_rule = "gradient"
 

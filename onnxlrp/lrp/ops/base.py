@@ -108,6 +108,10 @@ class Op:
     # each output element is one input element (or a constant) through a monotone map: z^B box
     # bounds given at the image can be replayed through the op (relevance_graph._Box)
     carries_bounds = False
+    # what relevance the op's rule may not hand on is reported as (lrp.reach.FAMILIES); None:
+    # the op moves relevance without losing any (reshapes), so its totals need not be taken
+    loss_family: str | None = "other"
+    family: str | None = None  # a family presets can give its own rule ("grouped convolution")
     default_rule = "pass"  # rule used where a preset names none
 
     def __init__(self, node: gs.Node, is_data: IsData, path: str = "model"):
@@ -139,6 +143,7 @@ class LinearOp(Op):
 
     kind = "linear"
     linear = True
+    loss_family = "layer"  # biases and stabilisers in the rules' denominators
     default_rule = None  # presets must say which LRP rule a linear op gets
 
     weight: np.ndarray

@@ -27,6 +27,8 @@ class Conv(LinearOp):
         self.dilations = list(node.attrs.get("dilations", [1] * rank))
         self.pads = list(node.attrs.get("pads", [0] * (2 * rank)))
         self.group = int(node.attrs.get("group", 1))
+        if self.group > 1:  # depthwise (one input channel per group) and grouped convolutions
+            self.family = "grouped convolution"
 
     def _attrs(self) -> dict:
         return dict(kernel_shape=self.kernel, strides=self.strides, pads=self.pads,

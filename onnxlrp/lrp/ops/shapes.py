@@ -15,6 +15,7 @@ class Reshape(Op):
     kind = "reshape"
     keeps_sign = True
     carries_bounds = True
+    loss_family = None  # values moved, none computed: relevance goes back whole
     default_rule = "gradient"
 
     def __init__(self, node, is_data, path="model"):
@@ -64,6 +65,7 @@ class Concat(Op):
 
     kind = "reshape"
     carries_bounds = True
+    loss_family = None  # values moved, none computed: relevance goes back whole
     default_rule = "gradient"
 
     def __init__(self, node, is_data, path="model"):
