@@ -364,7 +364,7 @@ def _warn_reach(at_input: np.ndarray, taken: np.ndarray, preset: str, bias: bool
     """One warning line when the median share of the explained logit at the input is below 10 %
     (at_input [N], taken [N, F]: lrp.reach.shares)."""
     subject = f"preset {preset}" + ("" if bias else " without biases")
-    line = reach.warning(at_input, taken, subject, reach.advice(bias))
+    line = reach.warning(at_input, taken, subject, reach.advice(bias, taken, preset))
     if line:
         typer.echo(f"warning: {line}", err=True)
 

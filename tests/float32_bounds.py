@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import copy
 import math
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -112,3 +113,83 @@ def one_sign_rtol(model: torch.nn.Module, x: np.ndarray, lam: float = 8.0) -> fl
         for hook in hooks:
             hook.remove()
     return sum(sum_rtol(n_in, lam) + sum_rtol(n_out, lam) + 3 * U for n_in, n_out in terms)
+
+
+# --- The same argument for an ONNX model (no PyTorch module to run in float64) ---------------
+#: Noise for onnx_bounds, in float32 roundings: large enough that the float32 rounding of the
+#: runs measuring it is 1/SCALE of what they measure (the spread is the problem's sensitivity,
+#: the same on any machine), small enough to stay in the first-order regime the scaling back
+#: (spread / SCALE) assumes.
+SCALE = 2.0 ** 8
+DOT_OPS = ("Conv", "Gemm", "MatMul")
+
+
+def _dot_weights(model) -> dict[str, int]:
+    """Initializer name -> terms per output (fan-in) of every Conv, Gemm or MatMul weight."""
+    from onnx import numpy_helper
+
+    inits = {t.name: t for t in model.graph.initializer}
+    found = {}
+    for node in model.graph.node:
+        if node.op_type in DOT_OPS and len(node.input) > 1 and node.input[1] in inits:
+            w = numpy_helper.to_array(inits[node.input[1]])
+            transposed = node.op_type == "Gemm" and any(a.name == "transB" and a.i for a in node.attribute)
+            found[node.input[1]] = (w.size // w.shape[0] if node.op_type == "Conv" or transposed else w.shape[0])
+    return found
+
+
+def onnx_floor(path) -> float:
+    """floor() over an ONNX model's Conv, Gemm and MatMul weights."""
+    import onnx
+
+    return U * math.sqrt(2 / 3 * sum(_dot_weights(onnx.load(str(path))).values()))
+
+
+def onnx_bounds(run, path, folder, seeds=SEEDS) -> list[float]:
+    """bounds() for an ONNX model: run(model path) -> a tuple of float32 arrays. The float32
+    initializers carry relative Gaussian noise SCALE x (sqrt(fan-in) u for dot-product weights,
+    u for the others, as perturbed()); the RMS over seeds of each output's relative distance
+    (L2) from run(path), divided by SCALE, is the float32 spread. run should fix what the
+    outputs depend on discretely (the target classes) to its values on the unperturbed model."""
+    import onnx
+    from onnx import numpy_helper
+
+    references = run(path)
+    squares = np.zeros(len(references))
+    for seed in seeds:
+        model, rng = onnx.load(str(path)), np.random.RandomState(seed)
+        dots = _dot_weights(model)
+        for init in model.graph.initializer:
+            a = numpy_helper.to_array(init)
+            if a.dtype == np.float32 and a.size > 1:
+                size = SCALE * U * math.sqrt(dots.get(init.name, 1))
+                init.CopyFrom(numpy_helper.from_array((a * (1 + size * rng.standard_normal(a.shape))).astype(np.float32),
+                                                      init.name))
+        noisy = Path(folder) / f"perturbed{seed}_{Path(path).name}"
+        onnx.save(model, str(noisy))
+        for k, (out, ref) in enumerate(zip(run(noisy), references)):
+            squares[k] += relative_error(np.asarray(out, np.float64), np.asarray(ref, np.float64)) ** 2
+    floor_ = onnx_floor(path)
+    return [MULTIPLE * math.sqrt(s / len(seeds)) / SCALE + floor_ for s in squares]
+
+
+def float16_rtol(rtol32: float) -> float:
+    """Relative distance (L2) of two float32 arrays' float16 roundings when the float32 arrays
+    are within rtol32 of each other: each rounding moves an element by at most u16 |x| (normal
+    range), so by u16 ||x|| in L2, twice over; subnormals (|x| < 2^-14, spacing 2^-24) are
+    handled by the caller's absolute term."""
+    return rtol32 + 2 * 2.0 ** -11 * (1 + rtol32)
+
+
+def apart(model, x, targets, folder, outputs=("relevance",), **options) -> list[float]:
+    """How far (relative, L2) two float32 runs of an Explainer on `model` may land from each
+    other, per named output of its Explanation (attributes or methods, e.g. "heatmap"), where
+    their kernels may sum in other orders (other batch sizes, thread counts, session options,
+    processes): each within onnx_bounds of the exact result, so twice that."""
+    from onnxlrp import Explainer
+
+    def run(path):
+        result = Explainer(path, cache=False, **options).explain(x, targets, warn=False)
+        return tuple(value() if callable(value) else value for value in (getattr(result, name) for name in outputs))
+
+    return [2 * b for b in onnx_bounds(run, model, folder)]

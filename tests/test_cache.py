@@ -8,6 +8,8 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 
+from conftest import relative_error
+from float32_bounds import apart
 from onnxlrp import Explainer
 
 
@@ -20,6 +22,7 @@ def test_second_explainer_comes_from_the_cache(demo_model, explainer_cache, tmp_
     second = Explainer(model, preset="epsilon-gamma-box", split="proportional")
     assert set(explainer_cache.glob("*.onnx")) == entries and second.model_path == first.model_path
     assert second._analysis is None  # nothing was rebuilt
+    # bitwise: the stored graph, under the same session options, in one process (the same kernels)
     np.testing.assert_array_equal(second.explain(x).relevance, first.explain(x).relevance)
     assert second.merges == first.merges and second.summary == first.summary
     assert len(second.analysis.merges) == 6  # still there on demand
@@ -32,20 +35,22 @@ def test_second_explainer_comes_from_the_cache(demo_model, explainer_cache, tmp_
     assert len(set(explainer_cache.glob("*.onnx")) - entries) == 2
     uncached = Explainer(model, preset="epsilon-gamma-box", split="proportional", cache=False)
     assert uncached.model_path is None
+    # bitwise: a fresh compile is the cached graph node for node, weights byte for byte; same options, one process
     np.testing.assert_array_equal(uncached.explain(x).relevance, first.explain(x).relevance)
 
 
-def test_top_k_classes_in_one_run(demo_model):
+def test_top_k_classes_in_one_run(demo_model, tmp_path):
     explainer = Explainer(demo_model)
     x = np.random.RandomState(1).randn(2, 3, 64, 64).astype(np.float32)
     result = explainer.explain(x, top_k=3)
     order = np.argsort(-result.logits[::3], axis=1)[:, :3]
     np.testing.assert_array_equal(result.targets.reshape(2, 3), order)
-    for row in range(6):
-        single = explainer.explain(x[row // 3:row // 3 + 1], target=int(result.targets[row]))
-        # a batch of 6 rows against batches of 1: another order of float32 sums (1e-5 is ~100 units of rounding;
-        # atol for values near 0, ~1e-4 of a typical pixel's relevance on the demo model)
-        np.testing.assert_allclose(result.relevance[row], single.relevance[0], rtol=1e-5, atol=1e-7)
+    singles = np.concatenate([explainer.explain(x[row // 3:row // 3 + 1], target=int(result.targets[row])).relevance
+                              for row in range(6)])
+    # a batch of 6 rows against batches of 1: onnxruntime may take other kernels, which sum in
+    # another order (float32 rounding of both runs)
+    assert relative_error(singles, result.relevance) <= apart(demo_model, np.repeat(x, 3, axis=0), result.targets,
+                                                              tmp_path)[0]
 
 
 def test_compiled_explainer_takes_ranks(demo_model, tmp_path):
@@ -68,7 +73,7 @@ def test_io_binding_gives_the_same_result(demo_model):
     bound = run_batched(explainer.session, feeds, 2, io_binding=True)
     assert plain.keys() == bound.keys()
     for name in plain:
-        np.testing.assert_array_equal(plain[name], bound[name])
+        np.testing.assert_array_equal(plain[name], bound[name])  # one session, the same batches: the same kernels
 
 
 def test_cache_entry_keeps_weights_apart_and_save_is_self_contained(demo_model, tmp_path):
@@ -80,7 +85,11 @@ def test_cache_entry_keeps_weights_apart_and_save_is_self_contained(demo_model, 
     x = np.random.RandomState(4).randn(2, 3, 64, 64).astype(np.float32)
     session = ort.InferenceSession(str(tmp_path / "e.onnx"), providers=["CPUExecutionProvider"])
     relevance, = session.run(["relevance"], {"images": x, "target": np.full(2, -1)})
-    np.testing.assert_array_equal(relevance, explainer.explain(x).relevance)
+    expected = explainer.explain(x)
+    # plain onnxruntime's default session options are not onnxlrp's (Pad fusion on, memory
+    # pattern): it may fuse and pick kernels otherwise, float32 rounding of both runs
+    assert relative_error(relevance, expected.relevance) <= apart(demo_model, x, expected.targets, tmp_path,
+                                                                  preset="epsilon-plus-flat")[0]
 
 
 def test_modified_forwards_wait_for_the_backward_pass(resnet18, tmp_path):

@@ -12,6 +12,9 @@ import onnxruntime as ort
 import pytest
 from typer.testing import CliRunner
 
+import float32_bounds
+from conftest import relative_error
+from float32_bounds import apart
 from onnxlrp import Explainer
 from onnxlrp.cli import app
 from onnxlrp.errors import OnnxLrpError
@@ -22,6 +25,16 @@ ROOT = Path(__file__).resolve().parent.parent
 DEMO = ROOT / "models" / "demo" / "tiny_resnet.onnx"
 FIXTURES = Path(__file__).resolve().parent / "fixtures"
 U = np.finfo(np.float32).eps / 2  # float32 unit roundoff
+
+
+def largest_tensor(path) -> int:
+    """Elements per image of the model's largest tensor (shape inference; batch excluded)."""
+    import math
+
+    import onnx
+    graph = onnx.shape_inference.infer_shapes(onnx.load(str(path))).graph
+    return max(math.prod(max(d.dim_value, 1) for d in v.type.tensor_type.shape.dim[1:])
+               for v in list(graph.value_info) + list(graph.input) if v.type.tensor_type.shape.dim)
 
 
 def images(explainer: Explainer, n: int = 3, seed: int = 0) -> np.ndarray:
@@ -97,6 +110,7 @@ def test_a_node_name_or_a_tensor_name_picks_the_layer(explainer_cache):
     by_tensor = Explainer(DEMO, heatmap="layer", layer="/stages/stages.4/relu_1/Relu_output_0").explain(x).heatmap()
     by_node = Explainer(DEMO, heatmap="layer", layer="/stages/stages.4/relu_1/Relu").explain(x).heatmap()
     last = Explainer(DEMO, heatmap="layer").explain(x).heatmap()
+    # bitwise: both names compile to the same graph, byte for byte; same options, one process
     assert np.array_equal(by_tensor, by_node) and not np.allclose(by_tensor, last)
     with pytest.raises(OnnxLrpError, match="no node or tensor 'nope'"):
         Explainer(DEMO, heatmap="layer", layer="nope")
@@ -120,11 +134,12 @@ def test_the_compiled_explainer_carries_its_map(tmp_path, explainer_cache):
     expected = explainer.explain(x).heatmap()
     # the file under the explainer's own session options: the same graph, the same kernels
     assert np.array_equal(session(str(out)).run(["heatmap"], feeds)[0], expected)
-    # in plain onnxruntime (its default optimisations may fuse otherwise on another CPU: float32
-    # rounding of one pass, orders of magnitude below 1e-5 of the map's scale)
+    # in plain onnxruntime (its default session options are not onnxlrp's, and may fuse and pick
+    # kernels otherwise: float32 rounding of both runs)
     plain = ort.InferenceSession(str(out), providers=["CPUExecutionProvider"]).run(["heatmap"], feeds)[0]
     assert plain.shape == (len(x), 64, 64)
-    assert np.allclose(plain, expected, rtol=0, atol=1e-5 * np.abs(expected).max())
+    targets = explainer.explain(x).targets
+    assert relative_error(plain, expected) <= apart(DEMO, x, targets, tmp_path, ("heatmap",), heatmap="gated")[0]
 
 
 def test_maps_say_they_do_not_conserve(explainer_cache):
@@ -147,6 +162,7 @@ def test_explain_cli_writes_the_gated_map(tmp_path, explainer_cache):
     assert result.exit_code == 0, result.output
     explainer = Explainer(DEMO, heatmap="gated")
     expected, _ = explainer.explain_files([ROOT / "examples" / "demo.png"])
+    # bitwise: the same graph, session options and one-image batch, in one process
     assert np.array_equal(np.load(npy), expected.heatmap()[0])
     bad = CliRunner().invoke(app, ["explain", str(DEMO), str(ROOT / "examples" / "demo.png"), "--heatmap", "layer",
                                    "--layer", "nope", "--npy", str(tmp_path / "x.npy")])
@@ -172,10 +188,15 @@ def test_audit_looks_at_the_chosen_map_and_says_it_does_not_conserve(tmp_path, e
     pixel = audit(model, data, limit=12, sanity_images=0)
     explainer = Explainer(model, heatmap="gated")
     same, _ = explainer.explain_files([data / f for f in gated.files])  # the audit's one batch of 12
+    # bitwise: the same graph, session options and batch, in one process
     assert np.array_equal(gated.heatmaps, same.heatmap())
-    # the same relevance pass (node for node, above); onnxruntime may still fuse the two graphs
-    # differently on another CPU: float32 rounding of the totals, far below 1e-5 relative
-    assert gated.checks["conservation"] == pytest.approx(pixel.checks["conservation"], rel=1e-5)
+    # the same relevance pass (node for node, above), but onnxruntime may fuse the two graphs
+    # differently. The figure is the largest |R - R_skip - R_main| / |R| over the merges (biases
+    # kept): float32 rounding of the merge totals, each a sum of at most the merge tensor's
+    # elements (at most the largest tensor's), within 2 sum_rtol + 3u as in test_conservation; two such figures, in [0, that].
+    within = 2 * float32_bounds.sum_rtol(largest_tensor(model)) + 3 * U
+    assert 0 <= pixel.checks["conservation"] <= within and 0 <= gated.checks["conservation"] <= within
+    assert abs(gated.checks["conservation"] - pixel.checks["conservation"]) <= within
     assert gated.identity["heatmap"].startswith("gated at ") and pixel.identity["heatmap"] == "pixel"
 
 

@@ -65,6 +65,11 @@ def expected(rule: str, x: np.ndarray, target: int, bias: bool = True, W=W, B=B)
         up = r * (z > 0) / stab(wu @ pos(x) + bu + wd @ neg(x))
         down = r * (z < 0) / stab(wd @ pos(x) + bd + wu @ neg(x))
         return pos(x) * (wu.T @ up) + neg(x) * (wd.T @ up) + pos(x) * (wd.T @ down) + neg(x) * (wu.T @ down)
+    if rule == "zplus-fallback":  # z+, and what its stabiliser takes, r eps / (z+ + eps), spread flat
+        zp = pos(W) @ pos(x) + neg(W) @ neg(x) + pos(b)
+        s = r / stab(zp)
+        share = s * EPS
+        return pos(x) * (pos(W).T @ s) + neg(x) * (neg(W).T @ s) + np.ones_like(W).T @ (share / stab(np.full_like(z, len(x))))
     if rule == "flat":
         return np.ones_like(x) * (np.ones_like(W).T @ (r / stab(np.full_like(z, len(x)))))
     if rule == "w2":
@@ -78,7 +83,7 @@ def expected(rule: str, x: np.ndarray, target: int, bias: bool = True, W=W, B=B)
 
 
 RULES = {"epsilon": R.epsilon(), "zplus": R.zplus(), "alpha-beta": R.alpha_beta(2, 1), "gamma": R.gamma(0.25),
-         "flat": R.flat(), "w2": R.wsquare(), "zbox": R.zbox()}
+         "flat": R.flat(), "w2": R.wsquare(), "zbox": R.zbox(), "zplus-fallback": R.with_fallback(R.zplus(), "flat")}
 
 
 @pytest.mark.parametrize("bias", [True, False])
@@ -180,3 +185,22 @@ def test_a_rule_override_that_matches_nothing_names_the_closest_nodes(resnet18):
         Explainer(resnet18.folded, rules={"Comv": R.epsilon(0.25)}, cache=False)
     # a node name and an op type the graph lacks are both fine
     Explainer(resnet18.folded, rules={"/layer4/layer4.0/conv1/Conv": R.epsilon(0.25), "MatMul": R.epsilon()}, cache=False)
+
+
+def test_the_fallback_hands_on_what_a_vanishing_denominator_would_lose(tmp_path):
+    """z+ where no input contributes positively (x = 0, no bias: every z+ denominator is 0): z+
+    alone loses the whole logit to its stabiliser; with the fallback it goes to the window by
+    the flat rule, so the input gets all of it, evenly (its float32 sum of 6 equal terms is
+    within sum_rtol(6) of the logit, plus the flat rule's own 1e-6 of the window count)."""
+    b = tg.Builder()
+    flat = b.op("Flatten", ["x"], axis=1)
+    w = np.abs(W)  # positive weights: z+ = W+ x+ is 0 exactly where x is 0
+    c = np.array([0.7, 0.4, 0.9], np.float32)  # logits = W x + c: 0.9 for class 2 at x = 0
+    logits = b.op("Gemm", [flat, b.const(w), b.const(c)], name="fc", transB=1)
+    path = tg.save(b.model(logits, input_shape=("N", 3, 1, 2)), tmp_path / "pos.onnx")
+    x = np.zeros_like(X)
+    lost = Explainer(path, rules={"Gemm": R.zplus()}, bias=False).explain(x, target=2)
+    kept = Explainer(path, rules={"Gemm": R.with_fallback(R.zplus(), "flat")}, bias=False).explain(x, target=2)
+    assert np.all(lost.relevance == 0)
+    assert abs(kept.input_sum[0] - 0.9) <= 0.9 * (float32_bounds.sum_rtol(6) + 2e-7 + 8 * U)
+    np.testing.assert_allclose(kept.relevance.reshape(-1), np.full(6, 0.15), rtol=8 * U + 2e-7)

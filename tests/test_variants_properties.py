@@ -344,9 +344,11 @@ def lrp0(path, x, targets):
     pools) and on a difference a - b (the proportional rule, whose default stabiliser 1e-6 is
     not small beside a centred value near 0: seen, 2e-5 relative error), the proportional
     split without stabiliser at merges, the defaults elsewhere (gates held constant, ReLUs
-    pass, ReLU6 clips as its gradient, reshapes and slices route back)."""
+    pass, reshapes and slices route back), and ReLU6 clips by its gradient (LRP-0's reading;
+    the Zennit presets pass relevance through them, as Zennit does)."""
     analysis = analyse(path)
     zero = {name: R.epsilon(0.0) for name, op in analysis.graph.ops.items() if op.linear}
+    zero["Clip"] = R.GRADIENT
     zero.update({name: R.Proportional(stabilizer=0.0)
                  for name, op in analysis.graph.ops.items() if op.kind == "difference"})
     explainer = Explainer(path, rules=zero, split=Split("proportional", stabilizer=0.0), cache=False)

@@ -123,6 +123,12 @@ def _zennit_layers(conv: Rule, stabilizer: float = 1e-6, epsilon: float = 1e-6) 
     }
 
 
+def _handing_on(layers: dict[str, Rule], fallback: str = "flat") -> dict[str, Rule]:
+    """The same table, each linear rule handing on its stabiliser's share by `fallback`."""
+    return {op: R.with_fallback(rule, fallback) if isinstance(rule, R.LinearRule) else rule
+            for op, rule in layers.items()}
+
+
 _PAPER_EPS = 1e-5
 PRESETS: dict[str, Preset] = {
     p.name: p
@@ -131,6 +137,13 @@ PRESETS: dict[str, Preset] = {
             "epsilon-plus-flat",
             "Zennit EpsilonPlusFlat: flat first layer, z+ convs, epsilon dense",
             _zennit_layers(R.zplus()),
+            first={"Conv": R.flat(), "Gemm": R.flat(), "MatMul": R.flat()},
+        ),
+        Preset(
+            "epsilon-plus-flat-conserve",
+            "epsilon-plus-flat, with the share of relevance every layer's stabiliser would absorb handed "
+            "on by the flat rule: conserves without biases where denominators vanish (depthwise convs)",
+            _handing_on(_zennit_layers(R.zplus())),
             first={"Conv": R.flat(), "Gemm": R.flat(), "MatMul": R.flat()},
         ),
         Preset(

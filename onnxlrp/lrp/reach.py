@@ -15,6 +15,8 @@ import numpy as np
 #: the families relevance can be lost to, as ops declare them (Op.loss_family), and how to say so
 FAMILIES = ("layer", "activation", "other")
 TOOK = {"layer": "biases and stabilisers", "activation": "saturated activations", "other": "other ops"}
+#: the preset that hands on the stabilisers' share (where z+ denominators vanish)
+CONSERVING = "epsilon-plus-flat-conserve"
 #: explain and evaluate warn when the median share at the input is below this
 WARN_BELOW = 0.10
 _TINY = float(np.finfo(np.float32).tiny)
@@ -56,7 +58,11 @@ def warning(at_input: np.ndarray, taken: np.ndarray | None, subject: str, advice
             f"is drawn from that remainder" + (f"; {advice}" if advice else ""))
 
 
-def advice(bias: bool) -> str:
-    """What a user can do when too little arrived."""
-    return ("without biases (--no-bias) the rules hand on what the layers' weights carry" if bias else
-            "this preset's rules lose it on this architecture")
+def advice(bias: bool, taken: np.ndarray | None = None, preset: str | None = None) -> str:
+    """What a user can do when too little arrived: without biases, the weights' share; where the
+    stabilisers took it (z+ denominators that vanish), the preset that hands it on."""
+    if bias:
+        return "without biases (--no-bias) the rules hand on what the layers' weights carry"
+    if preset != CONSERVING and taken is not None and np.nanmedian(taken[:, FAMILIES.index("layer")]) > 0.1:
+        return f"--preset {CONSERVING} hands on what the stabilisers take"
+    return "this preset's rules lose it on this architecture"

@@ -226,6 +226,10 @@ def _build(
         if any(s is None for s in sums):
             raise OnnxLrpError("a residual merge receives no relevance")
         outputs.append(_output(g, MERGE_SUMS, e.op("Concat", *sums, axis=1), [batch, len(sums), 3]))
+    # before the optional outputs, so that its nodes (and their names) are the same whatever follows
+    zero = e.mul(initial_sum, np.float32(0))
+    columns = [e.op("Unsqueeze", e.sum(lost[f]) if lost[f] else zero, e.ints([1])) for f in reach.FAMILIES]
+    outputs.append(_output(g, ABSORBED, e.op("Concat", *columns, axis=1), [batch, len(reach.FAMILIES)]))
     if probe is not None:
         if probed is None:
             raise OnnxLrpError(f"probe tensor '{probe}' is not on the path from the image to the logits")
@@ -237,9 +241,6 @@ def _build(
         height, width = (images.shape[a] for a in _spatial_axes(len(images.shape), pixel_axis))
         outputs.append(_output(g, HEATMAP, heatmaps.emit(e, heatmap, input_relevance, pixel_axis, layered, layer_axis,
                                                          height, width), [batch, height, width]))
-    zero = e.mul(initial_sum, np.float32(0))
-    columns = [e.op("Unsqueeze", e.sum(lost[f]) if lost[f] else zero, e.ints([1])) for f in reach.FAMILIES]
-    outputs.append(_output(g, ABSORBED, e.op("Concat", *columns, axis=1), [batch, len(reach.FAMILIES)]))
     traced = [name for name in graph.ops if name in layer_sums]  # forward order
     if trace:
         outputs.append(_output(g, LAYER_SUMS, e.op("Concat", *(layer_sums[n] for n in traced), axis=1), [batch, len(traced), 3]))

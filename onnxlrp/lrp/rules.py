@@ -212,6 +212,11 @@ class LinearRule(Rule):
             op = op.average_view(2)
         assert isinstance(op, LinearOp)
         bias = op.bias if (ctx.bias and self.use_bias) else None
+        # a fallback that cannot take this op (flat on a normalisation, whose centring gives a
+        # constant input no contribution) leaves the stabiliser's share absorbed, as without one
+        fallback = FALLBACKS[self.fallback] if self.fallback and self.stabilizer > 0 else None
+        if fallback is not None and fallback.applies_to(op):
+            fallback = None
         contributions, absorbed = [], []
         for group in self.groups:
             terms = []
@@ -241,7 +246,7 @@ class LinearRule(Rule):
             if group.gate:
                 compare = "Greater" if group.gate == "positive" else "Less"
                 s = e.op("Where", e.op(compare, original.output, np.float32(0)), s, np.float32(0))
-            if self.fallback and self.stabilizer > 0:
+            if fallback is not None:
                 # what the stabiliser takes of R: s (denominator - z), the eps put into it
                 shift = np.float32(self.stabilizer) if in_bias else e.sub(denominator, z)
                 share = e.mul(s, shift)
@@ -255,7 +260,7 @@ class LinearRule(Rule):
                 contribution = e.mul(contribution, np.float32(group.coef))
             contributions.append(contribution)
         if absorbed:  # the stabiliser's share, by the fallback rule, which needs no input values
-            contributions.append(FALLBACKS[self.fallback].emit(e, op, e.sum(absorbed), ctx))
+            contributions.append(fallback.emit(e, op, e.sum(absorbed), ctx))
         if not contributions:  # nothing to attribute to: the layer input gets zero relevance
             return e.mul(op.x, np.float32(0))
         return e.sum(contributions)
