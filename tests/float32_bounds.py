@@ -193,3 +193,19 @@ def apart(model, x, targets, folder, outputs=("relevance",), **options) -> list[
         return tuple(value() if callable(value) else value for value in (getattr(result, name) for name in outputs))
 
     return [2 * b for b in onnx_bounds(run, model, folder)]
+
+
+def layered_bound(analysis) -> float:
+    """float32 against float64 through L linear layers of fan-in at most F (an analysed ONNX
+    model): each layer's dot products are off by about sqrt(F) u (random-walk summation, as
+    above), the errors of forward and relevance pass add up over the layers; 3x for the
+    quadrature of the two passes and seed-to-seed spread, as MULTIPLE."""
+    fan_ins = []
+    for op in analysis.graph.ops.values():
+        if op.kind == "norm":
+            fan_ins.append(int(np.prod([op.shape[a] for a in op.axes])))
+        elif op.node.op == "Conv":
+            fan_ins.append(int(np.prod(op.weight.shape[1:])))
+        elif op.node.op in ("Gemm", "MatMul"):
+            fan_ins.append(int(op.weight.size // op.outputs if op.node.op == "Gemm" else op.weight.shape[0]))
+    return MULTIPLE * len(fan_ins) * math.sqrt(max(fan_ins)) * U

@@ -109,7 +109,6 @@ def test_exit_codes(tmp_path):
 
 def test_a_model_without_rules_fails_the_audit_naming_the_node(tmp_path):
     import tiny_graphs as tg
-    from PIL import Image
 
     path = tg.save(tg.tanh_net(), tmp_path / "tanh.onnx")
     data = _subset(tmp_path, per_class=1)

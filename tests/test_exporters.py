@@ -8,7 +8,6 @@ the top logit (tf.GradientTape; torch autograd with GELU, SE gates and LayerNorm
 the models are piecewise linear once those are detached, so LRP-0 with a proportional split
 (no stabiliser, biases in the denominators) must equal it.
 """
-import math
 from collections import Counter
 
 import numpy as np
@@ -17,8 +16,8 @@ import pytest
 from onnx import numpy_helper
 from typer.testing import CliRunner
 
+import float32_bounds
 from conftest import ROOT
-from float32_bounds import U
 from onnxlrp import Explainer, Split, analyse
 from onnxlrp import rules as R
 from onnxlrp.cli import app
@@ -43,20 +42,7 @@ def _relative(a, b):
     return float(np.linalg.norm(a - b) / np.linalg.norm(b))
 
 
-def _float32_bound(analysis) -> float:
-    """float32 against float64 through L linear layers of fan-in at most F (test_zoo's bound): each
-    layer's dot products are off by about sqrt(F) u (random-walk summation, float32_bounds.py), the
-    forward and relevance passes' errors add up over the layers; 3x for their quadrature and the
-    seed-to-seed spread (float32_bounds.MULTIPLE)."""
-    fan_ins = []
-    for op in analysis.graph.ops.values():
-        if op.kind == "norm":
-            fan_ins.append(int(np.prod([op.shape[a] for a in op.axes])))
-        elif op.node.op == "Conv":
-            fan_ins.append(int(np.prod(op.weight.shape[1:])))
-        elif op.node.op in ("Gemm", "MatMul"):
-            fan_ins.append(int(op.weight.size // op.outputs if op.node.op == "Gemm" else op.weight.shape[0]))
-    return 3 * len(fan_ins) * math.sqrt(max(fan_ins)) * U
+_float32_bound = float32_bounds.layered_bound  # float32 through L layers of fan-in at most F
 
 
 def _lrp0(path, ref):

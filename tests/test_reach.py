@@ -131,3 +131,27 @@ def test_the_audit_passes_the_model_explained_with_the_conserving_rules(tmp_path
         Image.open(path).save(sample / f"{path.parent.name}_{path.name}")
     conserved = audit(MOBILENET, sample, sanity_images=0, preset=CONSERVE, bias=False)
     assert not [f for f in conserved.findings if f.check == "reach"] and conserved.checks["reach"] >= 0.99
+
+
+@pytest.mark.parametrize("model", [p for p in ZOO if p.stem in ("mobilenet_v2", "mobilenet_v3_small", "efficientnet_b0",
+                                                                  "regnet_y_400mf")] + TRAINED, ids=lambda p: p.stem)
+def test_every_conv_hands_on_what_it_gets_under_the_conserving_preset(model):
+    """Per op, as tests/test_zoo.py checks the flat rule: without biases every convolution, the
+    depthwise ones included, hands on all it receives up to its float32 totals (sums of n
+    terms rounded on sum |R|: 3 sqrt(n) u for the two totals and the spread) and the 1e-6
+    left by the stabiliser of its own fallback (the flat rule's, relative to a window count
+    of at least 1)."""
+    import math
+
+    from float32_bounds import U
+
+    explainer = Explainer(model, preset=CONSERVE, bias=False, trace=True)
+    result, _ = explainer.explain_files(_images(2))
+    ops = explainer.analysis.graph.ops
+    for image in range(2):
+        for row in result.layer_report(image):
+            op = ops[row["node"]]
+            if op.node.op != "Conv":
+                continue
+            terms = max(int(np.prod(t.shape[1:])) for t in [op.output, *op.data_inputs])
+            assert abs(row["leak"]) < 1e-6 + 3 * math.sqrt(terms) * U, (model.stem, row)

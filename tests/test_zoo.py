@@ -11,6 +11,7 @@ import math
 import numpy as np
 import pytest
 
+import float32_bounds
 from conftest import ROOT
 from float32_bounds import U
 from onnxlrp import Explainer, Split, analyse
@@ -51,20 +52,7 @@ def test_graph_reports_merges_and_a_rule_for_every_node(name):
     assert len(table) == len(analysis.graph.ops) and all(row["rule"] for row in table)
 
 
-def _lrp0_bound(analysis) -> float:
-    """float32 against float64 through L linear layers of fan-in at most F: each layer's dot
-    products are off by about sqrt(F) u (random-walk summation, see float32_bounds.py), the
-    errors of forward and relevance pass add up over the layers; 3x for the quadrature of the
-    two passes and seed-to-seed spread, as in float32_bounds.MULTIPLE."""
-    fan_ins = []
-    for op in analysis.graph.ops.values():
-        if op.kind == "norm":
-            fan_ins.append(int(np.prod([op.shape[a] for a in op.axes])))
-        elif op.node.op == "Conv":
-            fan_ins.append(int(np.prod(op.weight.shape[1:])))
-        elif op.node.op in ("Gemm", "MatMul"):
-            fan_ins.append(int(op.weight.size // op.outputs if op.node.op == "Gemm" else op.weight.shape[0]))
-    return 3 * len(fan_ins) * math.sqrt(max(fan_ins)) * U
+_lrp0_bound = float32_bounds.layered_bound  # float32 through L layers of fan-in at most F
 
 
 @pytest.mark.parametrize("name", NAMES)

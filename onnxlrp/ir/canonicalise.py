@@ -138,12 +138,7 @@ def _dequantize_constants(graph: gs.Graph) -> None:
         zero = np.clip(np.rint(np.float32(0) - low / scale), 0, 255)  # rint: halves to even, as the spec
         q = np.clip(np.rint(x / scale) + zero, 0, 255).astype(np.uint8)
         for out, value in zip(list(node.outputs), (q, np.array(scale, np.float32), np.array(zero, np.uint8))):
-            constant = gs.Constant(f"{out.name}/computed", value)
-            for consumer in list(out.outputs):
-                for i, tensor in enumerate(consumer.inputs):
-                    if tensor is out:
-                        consumer.inputs[i] = constant
-            graph.outputs = [constant if t is out else t for t in graph.outputs]
+            _reroute(graph, out, gs.Constant(f"{out.name}/computed", value))
         node.outputs.clear()
     for node in graph.nodes:
         if node.op != "DequantizeLinear" or not all(isinstance(t, gs.Constant) for t in node.inputs if t.name):
@@ -195,13 +190,17 @@ def _split_to_slices(graph: gs.Graph) -> None:
 
 def _bypass(graph: gs.Graph, node: gs.Node, replacement: gs.Tensor) -> None:
     """Route every consumer of the node's first output to `replacement` instead."""
-    out = node.outputs[0]
+    _reroute(graph, node.outputs[0], replacement)
+    node.outputs.clear()
+
+
+def _reroute(graph: gs.Graph, out: gs.Tensor, replacement: gs.Tensor) -> None:
+    """Every consumer of tensor `out` (and the graph's outputs) reads `replacement` instead."""
     for consumer in list(out.outputs):
         for i, tensor in enumerate(consumer.inputs):
             if tensor is out:
                 consumer.inputs[i] = replacement
     graph.outputs = [replacement if t is out else t for t in graph.outputs]
-    node.outputs.clear()
 
 
 def _remove_identities(graph: gs.Graph) -> None:
