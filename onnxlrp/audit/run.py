@@ -213,8 +213,9 @@ def audit(model: str | Path, data: str | Path, *, labels: str | Path | None = No
         taken = np.median(np.asarray(joined["taken"], np.float64)[finite], axis=0)
         checks["reach_taken"] = {family: float(t) for family, t in zip(reach.FAMILIES, taken)}
         worst = [names[i] for i in np.argsort(np.where(finite, reached, np.inf))[:6]]
+        advice = reach.advice(explainer.options.bias, taken[None], explainer.options.preset.name)
         add(finding(fail_on, "reach", median, f"only {reach.describe(median, taken)} (median over {int(finite.sum())} "
-                    "images): the heatmaps are drawn from that remainder", images=worst))
+                    f"images): the heatmaps are drawn from that remainder; {advice}", images=worst))
     else:
         not_run["reach"] = "gradients conserve nothing"
     # Conservation as the rules promise it: every split hands on all it gets (R = R_skip + R_main,
@@ -233,8 +234,11 @@ def audit(model: str | Path, data: str | Path, *, labels: str | Path | None = No
     if conserving:
         worst = np.argsort(-promised)[:6]
         where = "at a residual merge" if explainer.options.bias else "between the output and the input, or at a merge"
+        # without biases, what is still lost is the stabilisers' (z+ denominators that vanish)
+        hint = (f"; --preset {reach.CONSERVING} hands on what the stabilisers take"
+                if not explainer.options.bias and explainer.options.preset.name != reach.CONSERVING else "")
         add(finding(fail_on, "conservation", float(promised.max()),
-                    f"relevance is not conserved {where}: off by up to {promised.max():.1%}",
+                    f"relevance is not conserved {where}: off by up to {promised.max():.1%}{hint}",
                     images=[names[i] for i in worst]))
 
     # 3. Per image.
