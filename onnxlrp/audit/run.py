@@ -96,7 +96,7 @@ def audit(model: str | Path, data: str | Path, *, labels: str | Path | None = No
           preprocessing: str = "imagenet", image_size: tuple[int, int] | None = None, heatmap: str = "pixel",
           layer: str = "last", fail_on: FailOn | None = None,
           faithfulness: bool = False, sanity_images: int = 16, limit: int | None = None, batch_size: int = 16,
-          device: str = "cpu", progress: Callable[[float], None] | None = None,
+          device: str = "cpu", threads: int | None = None, progress: Callable[[float], None] | None = None,
           cluster: Cluster | None = None) -> Audit:
     """Audit `model` on the images of `data`: ImageFolder layout, flat with a labels file, or a
     flat unlabeled sample (every image under it), audited on the classes the model predicts;
@@ -107,7 +107,8 @@ def audit(model: str | Path, data: str | Path, *, labels: str | Path | None = No
     checks then run here on what they return, with the same results as in one process.
     heatmap, layer: the map the checks look at (Explainer's heatmap=: pixel, layer, gated).
     include_identity, bias, low, high, precision, rules: as Explainer's, for every explainer the
-    audit builds (the model's, the --against model's, the randomised copies')."""
+    audit builds (the model's, the --against model's, the randomised copies'). threads:
+    onnxruntime's intra-op threads in this process (default: its own choice)."""
     start = time.perf_counter()
     model, data = Path(model), Path(data)
     fail_on = fail_on or FailOn.parse(None)
@@ -120,7 +121,7 @@ def audit(model: str | Path, data: str | Path, *, labels: str | Path | None = No
     names = [_shown(f, data) for f in files]
     settings = dict(preset=preset, split=split, include_identity=include_identity, bias=bias, low=low, high=high,
                     precision=precision, rules=rules, preprocessing=preprocessing, image_size=image_size,
-                    heatmap=heatmap, layer=layer, device=device)
+                    heatmap=heatmap, layer=layer, device=device, threads=threads)
     try:
         explainer = Explainer(model, **settings)
     except NoRuleError as exc:  # the rules check's finding, not a stop
@@ -146,7 +147,7 @@ def audit(model: str | Path, data: str | Path, *, labels: str | Path | None = No
               other.portable() if other is not None else None)
     batches = batches_of(files, batch_size)
     if cluster is None:
-        run = job.open(device, None, explainer, other)
+        run = job.open(device, threads, explainer, other)
         parts = []
         for batch in batches:
             parts.append(run(batch))

@@ -317,13 +317,13 @@ def evaluate(
     protocols: Sequence[str] = metrics.PROTOCOLS, levels: int = 8, preprocessing: str = "imagenet",
     limit: int | None = None, batch_size: int = 16, device: str = "cpu",
     progress: Callable[[float], None] | None = None, cluster: Cluster | None = None,
-    image_size: tuple[int, int] | None = None,
+    image_size: tuple[int, int] | None = None, threads: int | None = None,
 ) -> Results:
     """progress(n) is called as the work goes on, n in images (fractions of one: each method's
     maps for a batch, then each image's metrics); the calls add up to the number of images.
     cluster: run the batches on Ray actors (onnxlrp.runtime.cluster); the results are the
     same as in one process, image for image. image_size: (height, width) where the model
-    leaves them open."""
+    leaves them open. threads: onnxruntime's intra-op threads in this process."""
     if not dataset.labelled:
         raise OnnxLrpError("evaluate needs labels: class folders (ImageFolder layout) or a labels file")
     count = min(limit or len(dataset.files), len(dataset.files))
@@ -334,7 +334,7 @@ def evaluate(
     batches = [Batch(files[k:k + batch_size], labels[k:k + batch_size], masks[k:k + batch_size])
                for k in range(0, count, batch_size)]
     # Opened here in any case: bad labels, methods or models are errors before Ray starts.
-    evaluator = job.open(device, labels=labels)
+    evaluator = job.open(device, threads, labels=labels)
     results = Results(str(model), count, tuple(protocols), levels, dict(evaluator.labels))
     if cluster is None:
         done = [evaluator(batch, progress) for batch in batches]
