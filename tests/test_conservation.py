@@ -7,6 +7,8 @@ from conftest import SIZE, relative_error
 from onnxlrp import SPLITS, Explainer
 from test_zennit import reference_and_bound
 
+pytestmark = pytest.mark.slow  # the reference tier: pytest -m "not slow" leaves it out
+
 # What conserving rules may still lose, in exact arithmetic: every division's stabiliser takes
 # R eps / (z + eps) (eps = 1e-6), and a z+ unit with no positive input absorbs what a split
 # sends it. Zennit in float64 loses 6e-6 (resnet18) and 1.2e-5 (resnet50) of the relevance on

@@ -21,7 +21,8 @@ from onnxlrp import Explainer  # noqa: E402
 from onnxlrp.distributed import explain_dataset, read_heatmaps  # noqa: E402
 from onnxlrp.errors import OnnxLrpError  # noqa: E402
 
-pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning:ray.*")
+pytestmark = [pytest.mark.filterwarnings("ignore::DeprecationWarning:ray.*"),
+              pytest.mark.slow]  # the reference tier: pytest -m "not slow" leaves it out
 
 ROOT = Path(__file__).resolve().parent.parent
 MODEL = ROOT / "models" / "demo" / "tiny_resnet.onnx"

@@ -16,6 +16,8 @@ from onnxlrp import Explainer, OnnxLrpWarning
 from onnxlrp.lrp import explosion
 from onnxlrp.cli import app
 
+pytestmark = pytest.mark.slow  # the reference tier: pytest -m "not slow" leaves it out
+
 
 @pytest.fixture(scope="module")
 def x(images):

@@ -24,6 +24,8 @@ from onnxlrp import Explainer, analyse
 from onnxlrp import rules as R
 from onnxlrp.cli import app
 
+pytestmark = pytest.mark.slow  # the reference tier: pytest -m "not slow" leaves it out
+
 FIXTURES = ROOT / "tests" / "fixtures"
 #: fixture -> (identity, projection, other) merges: what the architecture has
 MERGES = {

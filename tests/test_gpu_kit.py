@@ -17,6 +17,8 @@ sys.path.insert(0, str(ROOT / "benchmarks" / "gpu"))
 import install  # noqa: E402
 import pack  # noqa: E402
 
+pytestmark = pytest.mark.slow  # the reference tier: pytest -m "not slow" leaves it out
+
 
 def _archive(path: Path) -> None:
     """A tar.xz like pack.repack's: a package at the archive's top level."""

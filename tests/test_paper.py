@@ -18,6 +18,8 @@ from conftest import SIZE, relative_error
 from onnxlrp import PAPER_VARIANTS, Explainer, OnnxLrpWarning
 from paper_reference import paper_lrp_traced
 
+pytestmark = pytest.mark.slow  # the reference tier: pytest -m "not slow" leaves it out
+
 U = float32_bounds.U
 
 

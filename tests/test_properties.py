@@ -15,6 +15,9 @@ from torch import nn
 import float32_bounds
 from onnxlrp import Explainer, Split
 from onnxlrp import rules as R
+import pytest
+
+pytestmark = pytest.mark.slow  # the reference tier: pytest -m "not slow" leaves it out
 
 LRP0 = R.epsilon(0.0)
 LRP0_RULES = {op: LRP0 for op in ("Conv", "Gemm", "AveragePool", "GlobalAveragePool")}

@@ -29,6 +29,8 @@ from conftest import relative_error
 from onnxlrp import Explainer, Split, analyse
 from onnxlrp import rules as R
 
+pytestmark = pytest.mark.slow  # the reference tier: pytest -m "not slow" leaves it out
+
 ACTIVATIONS = ("relu", "leaky", "relu6", "silu", "hardswish", "gelu", "hardsigmoid-gate", "none")
 SELF_GATES = {"silu", "hardswish", "gelu", "hardsigmoid-gate"}  # x * gate(x): one "gate held constant" each
 NORMS = ("none", "layer", "group")

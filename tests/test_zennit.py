@@ -20,6 +20,8 @@ import float32_bounds
 from conftest import relative_error
 from onnxlrp import Explainer
 
+pytestmark = pytest.mark.slow  # the reference tier: pytest -m "not slow" leaves it out
+
 COMPOSITES = {
     "epsilon-plus-flat": lambda zp: EpsilonPlusFlat(canonizers=[ResNetCanonizer()], zero_params=zp),
     "epsilon-gamma-box": lambda zp: EpsilonGammaBox(low=-3.0, high=3.0, canonizers=[ResNetCanonizer()], zero_params=zp),

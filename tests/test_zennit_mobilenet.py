@@ -47,6 +47,8 @@ from models.export_torchvision import calibrate_batchnorm, export, randomize_bat
 from onnxlrp import Explainer
 from onnxlrp.lrp import rules as R
 
+pytestmark = pytest.mark.slow  # the reference tier: pytest -m "not slow" leaves it out
+
 GAIN = 2.0  # BatchNorm scales in front of ReLU6, so that some inputs exceed 6
 
 COMPOSITES = {

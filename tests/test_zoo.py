@@ -19,6 +19,8 @@ from onnxlrp import rules as R
 from onnxlrp.cli import app
 from typer.testing import CliRunner
 
+pytestmark = pytest.mark.slow  # the reference tier: pytest -m "not slow" leaves it out
+
 ZOO = ROOT / "tests" / "fixtures" / "zoo"
 #: fixture -> (identity, projection, other) merges: what each architecture has
 MERGES = {
