@@ -48,6 +48,7 @@ from .io.image import SIGNS, STYLES, is_colormap, write_heatmap
 from .io.preprocessing import PREPROCESSING, check_images, image_sources
 from .lrp import explosion as explode
 from .lrp import reach
+from .lrp import rules as rules_module
 from .lrp.composites import PRESETS
 from .lrp.heatmaps import KINDS
 from .lrp.splitting import SPLITS
@@ -159,6 +160,11 @@ Preprocess = Annotated[PreprocessName, typer.Option("--preprocess", metavar="NAM
 HeatmapName = Literal[KINDS]  # type: ignore[valid-type]
 HeatmapOpt = Annotated[HeatmapName, typer.Option("--heatmap", help="pixel: the input relevance; layer: Relevance-CAM at --layer; gated: pixel relevance gated by the positive layer relevance (neither conserves).")]
 LayerOpt = Annotated[str, typer.Option("--layer", metavar="NAME", help="Where --heatmap layer/gated look: 'last' (the last conv block), 'input', or a node (onnxlrp graph lists them) or tensor name.")]
+RuleOpt = Annotated[Optional[list[str]], typer.Option(
+    "--rule", metavar="KEY=RULE(ARGS)",
+    help="Override the preset's rule for a node (by name, as `onnxlrp graph` lists them) or an op type; "
+         "repeatable: Conv=epsilon(0.25), /layer4/layer4.0/conv1/Conv=gamma(gamma=0.1), Conv=zplus(fallback=flat). "
+         "Rules: epsilon, norm, zplus, alpha_beta, gamma, flat, w2, zbox, avg2x2, pass, gradient, guided, gate.")]
 RayFlag = Annotated[bool, typer.Option("--ray", help="Run on a local Ray instance (pip install 'onnxlrp[ray]').")]
 RayAddress = Annotated[Optional[str], typer.Option("--ray-address", metavar="ADDRESS", help="Run on this Ray cluster ('auto': the one `ray start` runs here); implies --ray.")]
 Concurrency = Annotated[int, typer.Option("--concurrency", min=1, help="With --ray: actors, one onnxruntime session each.")]
@@ -192,6 +198,16 @@ def _user_errors(code: int = BAD_INPUT) -> Iterator[None]:
         typer.echo(f"error: internal error ({type(exc).__name__}: {first_line(exc)}); this is a bug in onnxlrp: "
                    "please report it with the traceback that ONNXLRP_DEBUG=1 prints", err=True)
         raise typer.Exit(INTERNAL) from None
+
+
+def _rules(specs: list[str] | None) -> dict | None:
+    """--rule KEY=RULE(ARGS), repeated -> the rule overrides (None: none); a bad spec is a usage error."""
+    if not specs:
+        return None
+    try:
+        return dict(rules_module.parse(spec) for spec in specs)
+    except ValueError as exc:
+        raise typer.BadParameter(str(exc), param_hint="'--rule'") from None
 
 
 def _image_size(size: tuple[int, int] | None) -> tuple[int, int] | None:
@@ -266,6 +282,7 @@ def explain(
     high: Annotated[Optional[float], typer.Option(help="z^B upper box bound.", show_default="pixel 255 after preprocessing")] = None,
     heatmap: HeatmapOpt = "pixel",
     layer: LayerOpt = "last",
+    rule: RuleOpt = None,
     parquet: Annotated[Optional[Path], typer.Option("--parquet", metavar="DIR", help="On Ray: a folder of Parquet rows (path, target, logits, relevance totals, float16 heatmap) instead of PNG/NPY; a rerun resumes.")] = None,
     ray: RayFlag = False,
     ray_address: RayAddress = None,
@@ -278,7 +295,8 @@ def explain(
         _explain_to_parquet(model, images, parquet, output, npy, given, dict(
             preset=preset, split=split, include_identity=include_identity, bias=bias, low=low, high=high,
             precision=precision, preprocessing=preprocess, image_size=_image_size(size), heatmap=heatmap,
-            layer=layer, target=target, batch_size=batch_size, device=device), ray, ray_address, concurrency)
+            layer=layer, target=target, batch_size=batch_size, device=device, rules=_rules(rule)), ray, ray_address,
+            concurrency)
         return
     with _user_errors():
         cluster = _cluster(ray, ray_address, concurrency)
@@ -303,7 +321,7 @@ def explain(
         explainer = Explainer(
             model, preset=preset, split=split, include_identity=include_identity, bias=bias, low=low,
             high=high, device=device, preprocessing=preprocess, image_size=_image_size(size), precision=precision,
-            heatmap=heatmap, layer=layer,
+            heatmap=heatmap, layer=layer, rules=_rules(rule),
         )
         explainer.targets(target, 1)  # a bad --target or --top-k is an error before anything is said or run
         if top_k and top_k > explainer.num_classes:
@@ -441,11 +459,12 @@ def graph(
     split: SplitOpt = None,
     include_identity: IncludeIdentity = None,
     size: Size = None,
+    rule: RuleOpt = None,
     as_json: Annotated[bool, typer.Option("--json", help="Machine-readable output.")] = False,
 ) -> None:
     """Show the residual merges and the rule each node gets under a preset."""
     with _user_errors():
-        analysis = analyse(model, preset, split, include_identity, _image_size(size))
+        analysis = analyse(model, preset, split, include_identity, _image_size(size), _rules(rule))
         merges = analysis.merges
         kinds = {k: sum(m.kind == k for m in merges) for k in ("identity", "projection", "other")}
         if as_json:
@@ -584,6 +603,7 @@ def audit(
     precision: Annotated[PrecisionName, typer.Option("--precision", help="Precision of the relevance pass (fp16: for GPUs).")] = "fp32",
     heatmap: HeatmapOpt = "pixel",
     layer: LayerOpt = "last",
+    rule: RuleOpt = None,
     fail_on: Annotated[Optional[list[str]], typer.Option("--fail-on", metavar="CHECK[=THRESHOLD]",
                                                          help="Checks that fail the audit (repeat or comma-separate; 'none' for none). "
                                                               f"Default: {','.join(DEFAULT_FAIL_ON)}. Checks: "
@@ -612,6 +632,7 @@ def audit(
             task = progress.add_task(f"auditing {total} images", total=total + 1)
             result = run_audit(model, data, labels=labels, masks=masks, against=against, preset=preset, split=split,
                                include_identity=include_identity, bias=bias, low=low, high=high, precision=precision,
+                               rules=_rules(rule),
                                preprocessing=preprocess, image_size=_image_size(size), heatmap=heatmap,
                                layer=layer, fail_on=rules,
                                faithfulness=faithfulness, sanity_images=sanity_images, limit=limit,
@@ -646,13 +667,14 @@ def compile_model(
     high: Annotated[Optional[float], typer.Option(help="z^B upper box bound.", show_default="pixel 255 after preprocessing")] = None,
     heatmap: HeatmapOpt = "pixel",
     layer: LayerOpt = "last",
+    rule: RuleOpt = None,
 ) -> None:
     """Save the explainer as an ONNX model (inputs images, target; outputs logits, relevance, ...)."""
     with _user_errors():
         check_writable([output])
         explainer = Explainer(model, preset=preset, split=split, include_identity=include_identity, bias=bias,
                               low=low, high=high, preprocessing=preprocess, image_size=_image_size(size),
-                              precision=precision, heatmap=heatmap, layer=layer)
+                              precision=precision, heatmap=heatmap, layer=layer, rules=_rules(rule))
         for note in explainer.summary.notes:
             typer.echo(f"note: {note}", err=True)
         explainer.save(output)

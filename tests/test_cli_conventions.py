@@ -164,3 +164,29 @@ def test_audit_passes_every_explainer_option_on(demo_model, tmp_path, monkeypatc
     assert {k: seen[k] for k in ("bias", "include_identity", "low", "high", "precision", "image_size", "preset")} == {
         "bias": False, "include_identity": False, "low": -2.0, "high": 3.0, "precision": "fp16",
         "image_size": (64, 64), "preset": "epsilon-gamma-box"}
+
+
+def test_rule_overrides_on_the_command_line(demo_model, demo_image, tmp_path):
+    """--rule KEY=RULE(ARGS) gives the CLI the API's overrides: the same rules (graph), the same
+    relevance (explain, against Explainer(rules=...) in this process: one graph, one session
+    configuration), a bad spec a usage error, a key that names nothing bad input."""
+    import json
+
+    from onnxlrp import rules as R
+
+    graph = run("graph", demo_model, "--json", "--rule", "Conv=epsilon(0.25)", "--rule", "/stem/stem.0/Conv=zplus(fallback=flat)")
+    assert graph.exit_code == 0, graph.output
+    rules = {row["node"]: row["rule"] for row in json.loads(graph.stdout)["nodes"]}
+    assert rules["/stem/stem.0/Conv"] == "zplus(eps=1e-06, eps share by flat)"
+    assert rules["/stages/stages.0/conv1/Conv"] == "epsilon(eps=0.25)"
+    result = run("explain", demo_model, demo_image, "--rule", "Conv=gamma(gamma=0.1)", "--npy", tmp_path / "h.npy")
+    assert result.exit_code == 0, result.output
+    x = Explainer(demo_model).read_images([demo_image])
+    expected = Explainer(demo_model, rules={"Conv": R.gamma(gamma=0.1)})
+    np.testing.assert_array_equal(np.load(tmp_path / "h.npy"),
+                                  expected.explain(expected.preprocessing.normalize(x)).heatmap()[0])
+    bad = run("explain", demo_model, demo_image, "--rule", "Conv=gamma(oops)", "-o", tmp_path / "b.png")
+    assert bad.exit_code == 2 and "'--rule'" in bad.stderr and "arguments must be numbers" in bad.stderr
+    unknown = run("explain", demo_model, demo_image, "--rule", "conv1=epsilon()", "-o", tmp_path / "c.png")
+    assert unknown.exit_code == 1 and "rule override 'conv1' matches no node" in unknown.stderr
+    assert not (tmp_path / "b.png").exists() and not (tmp_path / "c.png").exists()

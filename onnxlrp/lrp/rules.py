@@ -446,3 +446,53 @@ def zbox(stabilizer: float = 1e-6) -> LinearRule:
 def avg2x2(stabilizer: float = 1e-5) -> LinearRule:
     """The paper's MaxPool rule: relevance as through a 2x2 average pool with stride 2."""
     return LinearRule("avg2x2", (Group((Term("x", identity, identity),)),), stabilizer, view="avg2x2")
+
+
+#: the rules a text spec can name (the CLI's --rule), by name: factories take their parameters
+FACTORIES: dict[str, Callable[..., Rule]] = {
+    "epsilon": epsilon, "norm": norm, "zplus": zplus, "alpha_beta": alpha_beta, "gamma": gamma, "flat": flat,
+    "w2": wsquare, "wsquare": wsquare, "zbox": zbox, "avg2x2": avg2x2,
+    "pass": lambda: PASS, "gradient": lambda: GRADIENT, "guided": lambda: GUIDED, "gate": lambda: GATE,
+}
+
+
+def parse(spec: str) -> tuple[str, Rule]:
+    """'KEY=RULE(ARGS)' -> (KEY, the rule): KEY a node name or an op type, RULE one of FACTORIES
+    with numbers as arguments, by position or name (`Conv=epsilon(0.25)`, `/layer4/Conv=gamma(
+    gamma=0.1)`, `Conv=zplus(fallback=flat)`: a LinearRule's fallback). A ValueError says what
+    is wrong with the spec."""
+    import ast
+
+    key, _, text = spec.partition("=")  # the first '=': node names hold none, arguments may
+    if not key or not text:
+        raise ValueError(f"'{spec}' is not NODE_OR_OP_TYPE=RULE(ARGS), e.g. Conv=epsilon(0.25)")
+    if text.strip() in FACTORIES:  # a bare name (pass is a Python keyword, so not a call)
+        return key.strip(), FACTORIES[text.strip()]()
+    try:
+        tree = ast.parse(text.strip() if "(" in text else f"{text.strip()}()", mode="eval").body
+    except SyntaxError:
+        raise ValueError(f"'{text}' is not RULE(ARGS)") from None
+    if not isinstance(tree, ast.Call) or not isinstance(tree.func, ast.Name) or tree.func.id not in FACTORIES:
+        raise ValueError(f"'{text}': unknown rule; choose one of {', '.join(FACTORIES)}")
+
+    def value(node, word: bool = False):
+        if isinstance(node, ast.Constant) and isinstance(node.value, (int, float, bool)):
+            return node.value
+        if word and isinstance(node, (ast.Name, ast.Constant)):  # fallback=flat or fallback="flat"
+            return node.id if isinstance(node, ast.Name) else str(node.value)
+        if isinstance(node, ast.UnaryOp) and isinstance(node.op, ast.USub) and isinstance(node.operand, ast.Constant):
+            return -node.operand.value
+        raise ValueError(f"'{text}': arguments must be numbers")
+
+    args = [value(a) for a in tree.args]
+    kwargs = {k.arg: value(k.value, word=k.arg == "fallback") for k in tree.keywords}
+    fallback = kwargs.pop("fallback", None)
+    try:
+        rule = FACTORIES[tree.func.id](*args, **kwargs)
+        if fallback is not None:
+            if not isinstance(rule, LinearRule):
+                raise ValueError(f"{tree.func.id} takes no fallback")
+            rule = with_fallback(rule, str(fallback))
+    except TypeError as exc:
+        raise ValueError(f"'{text}': {exc}") from None
+    return key.strip(), rule
