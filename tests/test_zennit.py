@@ -7,18 +7,16 @@ that problem's own sensitivity to float32-sized perturbations, measured in float
 (float32_bounds.py): the same on every machine, tight where the problem is
 well-conditioned and wide only where it is not.
 """
-import copy
-
 import numpy as np
 import pytest
 import torch
-from zennit.attribution import Gradient
 from zennit.composites import EpsilonAlpha2Beta1, EpsilonGammaBox, EpsilonPlusFlat
 from zennit.torchvision import ResNetCanonizer
 
 import float32_bounds
 from conftest import relative_error
 from onnxlrp import Explainer
+from zennit_reference import zennit_lrp
 
 pytestmark = pytest.mark.slow  # the reference tier: pytest -m "not slow" leaves it out
 
@@ -30,16 +28,7 @@ COMPOSITES = {
 
 
 def zennit(model, x, preset, bias=True, dtype=torch.float64):
-    model = copy.deepcopy(model).to(dtype)
-    inputs = torch.tensor(x, dtype=dtype, requires_grad=True)
-    with Gradient(model, COMPOSITES[preset](None if bias else ["bias"])) as attributor:
-        logits = model(inputs)
-        target = logits.argmax(1)
-        rows = torch.arange(len(target))
-        start = torch.zeros_like(logits)
-        start[rows, target] = logits[rows, target]
-        _, relevance = attributor(inputs, start)
-    return relevance.detach().double().numpy(), target.numpy()
+    return zennit_lrp(model, x, COMPOSITES[preset](None if bias else ["bias"]), dtype)
 
 
 _CACHE = {}

@@ -31,13 +31,11 @@ float32_bounds, as in test_zennit.py.
 """
 from __future__ import annotations
 
-import copy
 
 import numpy as np
 import pytest
 import torch
 import torchvision
-from zennit.attribution import Gradient
 from zennit.canonizers import SequentialMergeBatchNorm
 from zennit.composites import EpsilonAlpha2Beta1, EpsilonGammaBox, EpsilonPlusFlat
 
@@ -46,6 +44,7 @@ from conftest import SIZE, relative_error
 from models.export_torchvision import calibrate_batchnorm, export, randomize_batchnorm
 from onnxlrp import Explainer
 from onnxlrp.lrp import rules as R
+from zennit_reference import zennit_lrp
 
 pytestmark = pytest.mark.slow  # the reference tier: pytest -m "not slow" leaves it out
 
@@ -97,16 +96,7 @@ def relu6_inputs(model: torch.nn.Module, x: np.ndarray) -> torch.Tensor:
 
 
 def zennit(model, x, preset, dtype=torch.float64):
-    model = copy.deepcopy(model).to(dtype)
-    inputs = torch.tensor(x, dtype=dtype, requires_grad=True)
-    with Gradient(model, COMPOSITES[preset]()) as attributor:
-        logits = model(inputs)
-        target = logits.argmax(1)
-        rows = torch.arange(len(target))
-        start = torch.zeros_like(logits)
-        start[rows, target] = logits[rows, target]
-        _, relevance = attributor(inputs, start)
-    return relevance.detach().double().numpy(), target.numpy()
+    return zennit_lrp(model, x, COMPOSITES[preset](), dtype)
 
 
 def reference_and_bound(model, x, preset):
