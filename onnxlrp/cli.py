@@ -350,8 +350,10 @@ def explain(
                 result = explainer.explain(explainer.preprocessing.normalize(pixels, layout), target, batch_size, top_k,
                                            warn=False)
                 explosion = result.explosion if explosion is None else explosion + result.explosion
-                if result.absorbed_by is not None:  # LRP, not gradients
-                    reached.append((result.reach, reach.shares(result.initial, result.input_sum, result.absorbed_by)[1]))
+                # per batch, once: each of these sums the whole relevance
+                sums, at_input, taken = result.input_sum, result.reach, result.taken_shares
+                if taken is not None:  # LRP, not gradients
+                    reached.append((at_input, taken))
                 for row, heat in enumerate(result.heatmap()):
                     i = done * ranks + row
                     png, array = destinations[i]
@@ -359,8 +361,8 @@ def explain(
                                               style, heat_quantization, sign, cmap))
                     written = ", ".join(str(p) for p in (png, array) if p is not None)
                     lines.append(f"{files[done + row // ranks]}: class {result.targets[row]}, initial relevance "
-                                 f"{result.initial[row]:.4g}, input relevance {result.input_sum[row]:.4g}"
-                                 f"{_reached(result, row)} -> {written}")
+                                 f"{result.initial[row]:.4g}, input relevance {sums[row]:.4g}"
+                                 f"{_reached(at_input, taken, row)} -> {written}")
                 done += len(pixels)
                 progress.advance(task, len(pixels))
             for write in writes:
@@ -373,9 +375,10 @@ def explain(
             _warn_reach(np.concatenate([a for a, _ in reached]), np.concatenate([t for _, t in reached]), preset, bias)
 
 
-def _reached(result, row: int) -> str:
-    """' (72.4% reached the input; biases and stabilisers took 27.6%)' for LRP, '' for gradients."""
-    return f" ({result.reach_line(row)})" if result.absorbed_by is not None else ""
+def _reached(at_input: np.ndarray, taken: np.ndarray | None, row: int) -> str:
+    """' (72.4% reached the input; biases and stabilisers took 27.6%)' for LRP, '' for gradients
+    (taken None)."""
+    return f" ({reach.describe(float(at_input[row]), taken[row])})" if taken is not None else ""
 
 
 def _warn_reach(at_input: np.ndarray, taken: np.ndarray, preset: str, bias: bool) -> None:
@@ -420,11 +423,10 @@ def _explain_on_ray(explainer, per_image, cluster, device, batch_size, target, t
     for row, (_, pairs) in zip(rows, todo):
         for rank, (png, array) in enumerate(pairs):
             written = ", ".join(str(p) for p in (png, array) if p is not None)
-            reached = (f" ({reach.describe(row['reach'][rank], np.asarray(row['taken'][rank]))})"
-                       if row["taken"] is not None else "")
+            taken = np.asarray(row["taken"]) if row["taken"] is not None else None
             console.print(f"{row['file']}: class {row['targets'][rank]}, initial relevance {row['initial'][rank]:.4g}, "
-                          f"input relevance {row['input_sum'][rank]:.4g}{reached} -> {written}", highlight=False,
-                          soft_wrap=True)
+                          f"input relevance {row['input_sum'][rank]:.4g}{_reached(row['reach'], taken, rank)} "
+                          f"-> {written}", highlight=False, soft_wrap=True)
     if explosion is not None and explosion.images:
         typer.echo(f"warning: {explode.message(explosion, explainer.summary.preset, explainer.bias)}", err=True)
     lrp = [row for row in rows if row["taken"] is not None]

@@ -135,8 +135,7 @@ class _ExplainActor:
         # depend on how Ray cut the blocks.
         pairs = np.concatenate([pixels, pixels]) if n == 1 else pixels
         result = explainer.explain(explainer.images.normalize(pairs), self.target, self.batch_size, warn=False)
-        taken = (reach.shares(result.initial, result.input_sum, result.absorbed_by)[1]
-                 if result.absorbed_by is not None else None)
+        taken = result.taken_shares
         exploded = np.zeros(n, dtype=bool)
         if result.explosion is not None:
             exploded[[i for i in result.explosion.indices if i < n]] = True
@@ -295,8 +294,7 @@ class FilesJob:
                                        warn=False)
             heat, explosion = result.heatmap(), result.explosion
             exploded = set(explosion.indices) if explosion is not None else set()
-            taken = (reach.shares(result.initial, result.input_sum, result.absorbed_by)[1]
-                     if result.absorbed_by is not None else None)
+            taken = result.taken_shares
             rows = []
             with Outputs() as outputs:
                 for i, (file, destinations) in enumerate(batch):

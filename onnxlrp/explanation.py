@@ -62,19 +62,24 @@ class Explanation:
         return reach.shares(self.initial, self.input_sum, None)[0]
 
     @property
-    def taken(self) -> dict[str, np.ndarray] | None:
-        """What each family of ops took, as shares of the initial relevance: {"layer": [N] (biases
-        and stabilisers), "activation": [N] (saturated activations), "other": [N]}."""
+    def taken_shares(self) -> np.ndarray | None:
+        """[N, F] what each family of ops took (lrp.reach.FAMILIES), as shares of the initial
+        relevance; None for gradients."""
         if self.absorbed_by is None:
             return None
-        shares = reach.shares(self.initial, self.input_sum, self.absorbed_by)[1]
-        return {family: shares[:, k] for k, family in enumerate(reach.FAMILIES)}
+        return reach.shares(self.initial, self.input_sum, self.absorbed_by)[1]
+
+    @property
+    def taken(self) -> dict[str, np.ndarray] | None:
+        """taken_shares by family: {"layer": [N] (biases and stabilisers), "activation": [N]
+        (saturated activations), "other": [N]}."""
+        shares = self.taken_shares
+        return None if shares is None else {family: shares[:, k] for k, family in enumerate(reach.FAMILIES)}
 
     def reach_line(self, index: int) -> str:
         """'4.2 % reached the input; biases and stabilisers took 95.8 %' for image `index`."""
-        at_input, taken = reach.shares(self.initial[index:index + 1], self.input_sum[index:index + 1],
-                                       None if self.absorbed_by is None else self.absorbed_by[index:index + 1])
-        return reach.describe(float(at_input[0]), None if taken is None else taken[0])
+        shares = self.taken_shares
+        return reach.describe(float(self.reach[index]), None if shares is None else shares[index])
 
     @property
     def conservation_error(self) -> np.ndarray:

@@ -390,8 +390,8 @@ class Job:
                    "exploded": exploded, "own_logits": own_logits(reference, x, size),
                    # share at the input and what each family of ops took (NaN: gradients)
                    "reach": result.reach if result.absorbed_by is not None else np.full(len(x), np.nan),
-                   "taken": (reach.shares(result.initial, result.input_sum, result.absorbed_by)[1]
-                             if result.absorbed_by is not None else np.full((len(x), len(reach.FAMILIES)), np.nan)),
+                   "taken": (result.taken_shares if result.absorbed_by is not None
+                             else np.full((len(x), len(reach.FAMILIES)), np.nan)),
                    "deployed_logits": own_logits(plain, x, size)}
             if forward is not None:  # Insertion and Deletion, tie-robust protocol ("exact")
                 out["faithfulness"] = [
