@@ -13,7 +13,8 @@ The pipeline, one package per stage:
 
 and the API that strings them together:
 
-    options.py    Options: everything that shapes a compiled explainer, frozen (the cache key)
+    options.py    Options (what the compiled graph is; frozen, the cache key) and Runtime
+                  (where it runs): what every entry point accepts
     analysis.py   analyse(): the model read, canonicalised, merges found, rules assigned
     compiler.py   the relevance graph built from an analysis, or found in the cache
     explainer.py  Explainer: compiled graph + runner + image reader
@@ -29,11 +30,11 @@ from .io.preprocessing import PREPROCESSING
 from .lrp import rules
 from .lrp.composites import PAPER_VARIANTS, PRESETS, Preset, get_preset
 from .lrp.splitting import SPLITS, Split
-from .options import Options
+from .options import Options, Runtime
 
 __version__ = "0.1.0"
 
 __all__ = [
     "Analysis", "Explainer", "Explanation", "Merge", "OnnxLrpError", "OnnxLrpWarning", "Options", "PAPER_VARIANTS",
-    "PREPROCESSING", "PRESETS", "Preset", "SPLITS", "Split", "analyse", "get_preset", "rules",
+    "PREPROCESSING", "PRESETS", "Preset", "Runtime", "SPLITS", "Split", "analyse", "get_preset", "rules",
 ]

@@ -10,7 +10,7 @@ from __future__ import annotations
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Any, Sequence
 
 import numpy as np
 import onnx
@@ -19,15 +19,11 @@ from .analysis import Analysis
 from .compiler import Compiled, Summary, analysis_of, compile_or_load
 from .errors import OnnxLrpError, OnnxLrpWarning
 from .explanation import Explanation
-from .io.preprocessing import ImageReader, Preprocessing, get_preprocessing
+from .io.preprocessing import ImageReader, Preprocessing
 from .ir.merges import Merge
 from .lrp import explosion as explode
 from .lrp import relevance_graph as rg
-from .lrp.composites import Preset, get_preset
-from .lrp.heatmaps import Heatmap
-from .lrp.rules import Rule
-from .lrp.splitting import Split
-from .options import PRECISIONS, Options, bound_values, resolve_split
+from .options import Options, Runtime, split_settings
 from .runtime.session import Runner, session
 
 
@@ -39,63 +35,27 @@ class Explainer:
     >>> result.relevance.shape == x.shape
     """
 
-    def __init__(
-        self,
-        model: str | Path,
-        preset: str | Preset = "epsilon-plus-flat",
-        split: str | Split | None = None,
-        include_identity: bool | None = None,
-        bias: bool = True,
-        low: float | Sequence[float] | None = None,
-        high: float | Sequence[float] | None = None,
-        device: str = "cpu",
-        preprocessing: str | Preprocessing = "imagenet",
-        image_size: tuple[int, int] | None = None,
-        rules: Mapping[str, Rule] | None = None,
-        threads: int | None = None,
-        trace: bool = False,
-        precision: str = "fp32",
-        probe: str | None = None,
-        heatmap: str | Heatmap = "pixel",
-        layer: str = "last",
-        cache: bool = True,
-    ):
+    def __init__(self, model: str | Path, options: Options | None = None, runtime: Runtime | None = None,
+                 **settings: Any):
         """
-        model: path to the .onnx file. preset: a name from onnxlrp.PRESETS. split: symmetric,
-        ratio or proportional (default: the preset's, ratio). include_identity: whether identity
-        skips take part in the split (False sends their relevance down the main branch).
-        bias: False drops biases from every rule (Zennit's zero_params=['bias']), which makes
-        conserving presets conserve. low/high: z^B box bounds, scalars or per channel (default:
-        pixel range mapped through `preprocessing`). device: cpu or cuda. rules: overrides,
-        keyed by node name or op type. trace: also report the relevance total at the output of
-        every op (Explanation.layer_sums), to see where relevance is absorbed. precision: "fp16"
-        runs the relevance pass in float16 (inputs and outputs stay float32), for GPUs. probe: a
-        tensor name ("last" for the last conv block's output) whose activation and relevance are
-        returned too (Explanation.probe). heatmap: what Explanation.heatmap() is: "pixel" (the
-        input relevance summed over channels), "layer" (Relevance-CAM: the relevance at tensor
-        `layer`, "last" for the last conv block, summed over channels and upsampled) or "gated"
-        (the pixel map times the upsampled positive layer map squared, scaled to [0, 1]), or an
-        lrp.heatmaps.Heatmap with other settings; layer and gated maps are computed in the
-        graph. cache: reuse a compiled explainer from the on-disk cache (onnxlrp.runtime.cache)
-        when model and options are the same, and store new ones there.
+        model: path to the .onnx file. options: what the relevance graph is (Options.make:
+        preset, split, rules, bounds, heatmap, ...); runtime: where it runs (Runtime: device,
+        threads, batch size, cache). Instead of the objects, their settings may be given by
+        name, as shortcuts: ``Explainer(model, preset="epsilon", device="cuda")``.
         """
-        if precision not in PRECISIONS:
-            raise OnnxLrpError(f"unknown precision '{precision}'; choose one of {', '.join(PRECISIONS)}")
-        preset = get_preset(preset)
-        options = Options(
-            preset, resolve_split(preset, split, include_identity), bias, bound_values(low), bound_values(high),
-            get_preprocessing(preprocessing), tuple(image_size) if image_size else None,
-            tuple((rules or {}).items()), trace, precision, probe,
-            heatmap if isinstance(heatmap, Heatmap) else Heatmap(heatmap, layer),
-        )
-        self._setup(Path(model), options, device, threads, cache)
+        option_settings, runtime_settings = split_settings(settings)
+        if option_settings and options is not None or runtime_settings and runtime is not None:
+            raise TypeError("give options and runtime either as objects or by name, not both")
+        options = options if options is not None else Options.make(**option_settings)
+        runtime = runtime if runtime is not None else Runtime(**runtime_settings)
+        self._setup(Path(model), options, runtime)
 
-    def _setup(self, model: Path, options: Options, device: str, threads: int | None, cache: bool) -> None:
+    def _setup(self, model: Path, options: Options, runtime: Runtime) -> None:
         self._analysis: Analysis | None = None
-        self.model_file, self.options = model, options  # what a cache miss analyses
-        compiled, sess = compile_or_load(model, options, lambda source: session(source, device, threads),
-                                         cache, lambda: self.analysis)
-        self._attach(compiled, sess, options, device)
+        self.model_file, self.options, self.runtime = model, options, runtime  # what a cache miss analyses
+        compiled, sess = compile_or_load(model, options, lambda source: session(source, runtime.device, runtime.threads),
+                                         runtime.cache, lambda: self.analysis)
+        self._attach(compiled, sess, options, runtime.device)
         for message in self.summary.warnings:
             warnings.warn(message, OnnxLrpWarning, stacklevel=3)
 
@@ -114,6 +74,7 @@ class Explainer:
         no model file is read, no graph built."""
         explainer = cls.__new__(cls)
         explainer._analysis = None
+        explainer.runtime = Runtime(device=device, threads=threads, cache=False)
         explainer.model_file = Path(compiled.summary.model)
         explainer._attach(compiled, session(compiled.source, device, threads), options, device)
         return explainer
@@ -185,7 +146,7 @@ class Explainer:
             )
         return targets.copy()
 
-    def explain(self, x: np.ndarray, target=None, batch_size: int = 16, top_k: int | None = None,
+    def explain(self, x: np.ndarray, target=None, batch_size: int | None = None, top_k: int | None = None,
                 warn: bool = True) -> Explanation:
         """Explain a preprocessed batch. target: None (top-1), a class for all, or one per image.
         top_k: explain each image's k best classes instead, in one batched run; the result then
@@ -203,7 +164,7 @@ class Explainer:
             x = np.repeat(x, top_k, axis=0)
         else:
             targets = self.targets(target, len(x))
-        out = self.runner.run({rg.INPUT: x, rg.TARGET: targets}, batch_size)
+        out = self.runner.run({rg.INPUT: x, rg.TARGET: targets}, batch_size or self.runtime.batch_size)
         merges = out.get(rg.MERGE_SUMS, np.zeros((len(x), 0, 3), np.float32))
         probe = (out[rg.PROBE_ACTIVATION], out[rg.PROBE_RELEVANCE]) if self.summary.probe else None
         preset = self.options.preset
@@ -230,7 +191,7 @@ class Explainer:
         """uint8 [N, H, W, C] as the model sees them (scaled, centre-cropped)."""
         return self.images.read(list(files))
 
-    def explain_files(self, paths: Sequence[str | Path], target=None, batch_size: int = 16) -> tuple[Explanation, np.ndarray]:
+    def explain_files(self, paths: Sequence[str | Path], target=None, batch_size: int | None = None) -> tuple[Explanation, np.ndarray]:
         """Explain image files: (explanation, the uint8 images as the model saw them)."""
         _, pixels = self.load_images(paths)
         return self.explain(self.images.normalize(pixels), target, batch_size), pixels

@@ -1,21 +1,30 @@
-"""Options: everything that shapes a compiled explainer, in one frozen object.
+"""The two objects every entry point accepts: Options (what the compiled graph is) and
+Runtime (where and how it runs).
 
-Made of plain values, it pickles and travels to other processes and machines as it is,
-and its digest (with the model file's content) is the key of the compiled-explainer cache.
+Options shapes the compiled relevance graph; made of plain values, it pickles and travels
+to other processes and machines as it is, and its digest (with the model file's content) is
+the key of the compiled-explainer cache. Runtime changes no number: the device, threads,
+batch size, the cache and a Ray cluster. ``Explainer``, ``audit``, ``evaluate``,
+``explain_dataset`` and the folder runs take both; the command line builds them in one
+place (onnxlrp.cli_options) from the option groups every command shares.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+import inspect
+from dataclasses import dataclass, field, fields
+from typing import Mapping, Sequence
 
 import numpy as np
 
 from .errors import OnnxLrpError
 from .io.preprocessing import Preprocessing, get_preprocessing
-from .lrp.composites import Preset
+from .lrp.composites import Preset, get_preset
 from .lrp.heatmaps import Heatmap
 from .lrp.rules import Rule
 from .lrp.splitting import Split
 from .runtime import fingerprint
+from .runtime.cluster import Cluster
+from .runtime.session import DEVICES
 
 PRECISIONS = ("fp32", "fp16")
 
@@ -30,12 +39,13 @@ def resolve_split(preset: Preset, split: str | Split | None, include_identity: b
         raise OnnxLrpError(str(exc)) from None
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class Options:
     """Everything that shapes the compiled relevance graph, resolved (a Split, not a name).
 
-    Frozen and made of plain values, so it pickles and travels; its fingerprint, with the
-    model file's content, is the cache key: anything that changes the graph changes the key.
+    Build one by names with :meth:`Options.make`. Frozen and made of plain values, so it
+    pickles and travels; its fingerprint, with the model file's content, is the cache key:
+    anything that changes the graph changes the key.
     """
 
     preset: Preset
@@ -51,6 +61,49 @@ class Options:
     probe: str | None = None
     heatmap: Heatmap = Heatmap()  # pixel, layer (Relevance-CAM) or gated
 
+    @classmethod
+    def make(
+        cls,
+        *,
+        preset: str | Preset = "epsilon-plus-flat",
+        split: str | Split | None = None,
+        include_identity: bool | None = None,
+        bias: bool = True,
+        low: float | Sequence[float] | None = None,
+        high: float | Sequence[float] | None = None,
+        preprocessing: str | Preprocessing = "imagenet",
+        image_size: tuple[int, int] | None = None,
+        rules: Mapping[str, Rule] | None = None,
+        trace: bool = False,
+        precision: str = "fp32",
+        probe: str | None = None,
+        heatmap: str | Heatmap = "pixel",
+        layer: str = "last",
+    ) -> Options:
+        """Options from names. preset: a name from onnxlrp.PRESETS. split: symmetric, ratio or
+        proportional (default: the preset's, ratio). include_identity: whether identity skips
+        take part in the split (False sends their relevance down the main branch). bias: False
+        drops biases from every rule (Zennit's zero_params=['bias']), which makes conserving
+        presets conserve. low/high: z^B box bounds, scalars or per channel (default: the pixel
+        range mapped through `preprocessing`). image_size: (H, W) where the model leaves them
+        open. rules: overrides, keyed by node name or op type (lrp.rules.parse reads
+        'KEY=RULE(ARGS)'). trace: also report the relevance total at the output of every op
+        (Explanation.layer_sums). precision: "fp16" runs the relevance pass in float16 (inputs
+        and outputs stay float32), for GPUs. probe: a tensor name ("last": the last conv
+        block's output) whose activation and relevance are returned too. heatmap: "pixel"
+        (input relevance over channels), "layer" (Relevance-CAM at tensor `layer`) or "gated"
+        (the pixel map gated by the positive layer map), or an lrp.heatmaps.Heatmap."""
+        if precision not in PRECISIONS:
+            raise OnnxLrpError(f"unknown precision '{precision}'; choose one of {', '.join(PRECISIONS)}")
+        preset = get_preset(preset)
+        return cls(
+            preset=preset, split=resolve_split(preset, split, include_identity), bias=bias,
+            low=bound_values(low), high=bound_values(high), preprocessing=get_preprocessing(preprocessing),
+            image_size=tuple(image_size) if image_size else None, rules=tuple((rules or {}).items()), trace=trace,
+            precision=precision, probe=probe,
+            heatmap=heatmap if isinstance(heatmap, Heatmap) else Heatmap(heatmap, layer),
+        )
+
     def digest(self) -> str | None:
         """A digest of every field, or None where one cannot be described (a callable object as modifier)."""
         try:
@@ -59,7 +112,44 @@ class Options:
             return None
 
 
+@dataclass(frozen=True, kw_only=True)
+class Runtime:
+    """Where and how a compiled explainer runs; nothing here changes a number.
+
+    device: an onnxruntime execution provider, cpu or cuda. threads: onnxruntime's intra-op
+    threads (None: its own choice). batch_size: images per onnxruntime run. cache: reuse a
+    compiled explainer from the on-disk cache (onnxlrp.runtime.cache) and store new ones
+    there. cluster: run the batches on Ray actors (None: in this process)."""
+
+    device: str = "cpu"
+    threads: int | None = None
+    batch_size: int = 16
+    cache: bool = True
+    cluster: Cluster | None = None
+
+    def __post_init__(self) -> None:
+        if self.device not in DEVICES:
+            raise OnnxLrpError(f"unknown device '{self.device}'; choose one of {', '.join(DEVICES)}")
+        if self.batch_size < 1:
+            raise OnnxLrpError("batch size must be at least 1")
+        if self.threads is not None and self.threads < 1:
+            raise OnnxLrpError("threads must be at least 1")
+
+
+#: the keyword names Options.make and Runtime take (Explainer's shortcuts)
+OPTION_NAMES = tuple(inspect.signature(Options.make).parameters)
+RUNTIME_NAMES = tuple(f.name for f in fields(Runtime))
+
+
+def split_settings(settings: Mapping[str, object]) -> tuple[dict, dict]:
+    """Keyword settings -> (Options.make's, Runtime's); an unknown name is a TypeError, as for a call."""
+    unknown = [k for k in settings if k not in OPTION_NAMES and k not in RUNTIME_NAMES]
+    if unknown:
+        raise TypeError(f"unknown setting(s) {', '.join(map(repr, unknown))}; options: {', '.join(OPTION_NAMES)}; "
+                        f"runtime: {', '.join(RUNTIME_NAMES)}")
+    return ({k: v for k, v in settings.items() if k in OPTION_NAMES},
+            {k: v for k, v in settings.items() if k in RUNTIME_NAMES})
+
+
 def bound_values(value) -> tuple[float, ...] | None:
     return None if value is None else tuple(float(v) for v in np.asarray(value, dtype=np.float64).reshape(-1))
-
-

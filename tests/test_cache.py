@@ -158,5 +158,5 @@ def test_cache_key_is_every_option_that_shapes_the_graph(demo_model, explainer_c
             return w * 2
 
     opaque = R.LinearRule("opaque", (R.Group((R.Term("x", Scale(), None),)),))
-    assert Options(options.preset, options.split, rules=(("Conv", opaque),)).digest() is None
+    assert Options(preset=options.preset, split=options.split, rules=(("Conv", opaque),)).digest() is None
     assert Explainer(model, preset="epsilon-gamma-box", rules={"Conv": opaque}).model_path is None
