@@ -16,6 +16,7 @@ import re
 import warnings
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
+from dataclasses import replace
 from pathlib import Path, PurePosixPath
 from typing import Annotated, Iterator, Literal, Optional
 
@@ -38,23 +39,20 @@ from .analysis import analyse
 from .audit.findings import CHECKS, DEFAULT_FAIL_ON, FailOn
 from .audit.report import FILES as REPORT_FILES, write as write_report
 from .audit.run import audit as run_audit, audit_dataset
-from .errors import OnnxLrpError, OnnxLrpWarning, first_line
+from .cli_options import EXPLAINING, HEATMAP, MODEL, RULES, GroupedCommand, Settings, takes
+from .errors import OnnxLrpError, OnnxLrpWarning, OutputError, SettingError, first_line
+from .evaluation.baselines import fixed_settings
 from .evaluation.evaluate import (DEFAULT_METHODS, RESULT_FILES, evaluate as run_evaluation, load_dataset, method_names,
                                   write as write_results)
 from .evaluation.metrics import PROTOCOLS
 from .explainer import Explainer
 from .io.files import Outputs, check_writable
 from .io.image import SIGNS, STYLES, is_colormap, write_heatmap
-from .io.preprocessing import PREPROCESSING, check_images, image_sources
+from .io.preprocessing import check_images, image_sources
 from .lrp import explosion as explode
 from .lrp import reach
-from .lrp import rules as rules_module
-from .lrp.composites import PRESETS
-from .lrp.heatmaps import KINDS
-from .lrp.splitting import SPLITS
-from .options import PRECISIONS
-from .runtime.cluster import Cluster, batches_of, import_ray, quiet
-from .runtime.session import DEVICES, quiet as quiet_onnxruntime
+from .runtime.cluster import Cluster, batches_of
+from .runtime.session import quiet as quiet_onnxruntime
 
 
 #: exit codes (module docstring); the audit's verdict "fail" is 1, as bad input is
@@ -117,57 +115,10 @@ def _main(version: Annotated[bool, typer.Option("--version", is_eager=True, call
     """Layer-wise Relevance Propagation with Relevance Splitting for ResNet-family ONNX classifiers."""
 
 
-def _parse_size(value: str | None) -> tuple[int, int] | None:
-    """--size N (square) or HxW (a text-line classifier's 48x192)."""
-    if value is None:
-        return None
-    parts = value.lower().split("x")
-    try:
-        height, width = (int(parts[0]),) * 2 if len(parts) == 1 else map(int, parts)
-    except ValueError:
-        raise typer.BadParameter(f"'{value}' is not N or HxW (e.g. 224 or 48x192)") from None
-    if height < 1 or width < 1:
-        raise typer.BadParameter(f"'{value}': height and width must be at least 1")
-    return height, width
-
-
 Model = Annotated[Path, typer.Argument(help="ONNX classifier (.onnx).", show_default=False, metavar="MODEL")]
-PresetName = Literal[tuple(PRESETS)]  # type: ignore[valid-type]
-SplitName = Literal[SPLITS]  # type: ignore[valid-type]
-PreprocessName = Literal[tuple(PREPROCESSING)]  # type: ignore[valid-type]
-DeviceName = Literal[DEVICES]  # type: ignore[valid-type]
-PrecisionName = Literal[PRECISIONS]  # type: ignore[valid-type]
 StyleName = Literal[STYLES]  # type: ignore[valid-type]
 SignName = Literal[SIGNS]  # type: ignore[valid-type]
 ProtocolName = Literal[PROTOCOLS + ("both",)]  # type: ignore[valid-type]
-
-Preset = Annotated[PresetName, typer.Option("--preset", "-p", metavar="PRESET",
-                                            help=f"Rule preset: {', '.join(PRESETS)}.")]
-SplitOpt = Annotated[
-    Optional[SplitName],
-    typer.Option("--split", "-s", help="Relevance Splitting at residual merges.", show_default="the preset's, ratio"),
-]
-IncludeIdentity = Annotated[
-    Optional[bool],
-    typer.Option("--include-identity/--exclude-identity", show_default="include",
-                 help="Whether identity skips take part in the split."),
-]
-Size = Annotated[Optional[str], typer.Option("--size", metavar="N|HxW", callback=_parse_size,
-                                             help="Input height and width where the model leaves them open: N, or HxW.",
-                                             show_default="224")]
-Preprocess = Annotated[PreprocessName, typer.Option("--preprocess", metavar="NAME",
-                                                    help=f"Input normalisation: {', '.join(PREPROCESSING)}.")]
-HeatmapName = Literal[KINDS]  # type: ignore[valid-type]
-HeatmapOpt = Annotated[HeatmapName, typer.Option("--heatmap", help="pixel: the input relevance; layer: Relevance-CAM at --layer; gated: pixel relevance gated by the positive layer relevance (neither conserves).")]
-LayerOpt = Annotated[str, typer.Option("--layer", metavar="NAME", help="Where --heatmap layer/gated look: 'last' (the last conv block), 'input', or a node (onnxlrp graph lists them) or tensor name.")]
-RuleOpt = Annotated[Optional[list[str]], typer.Option(
-    "--rule", metavar="KEY=RULE(ARGS)",
-    help="Override the preset's rule for a node (by name, as `onnxlrp graph` lists them) or an op type; "
-         "repeatable: Conv=epsilon(0.25), /layer4/layer4.0/conv1/Conv=gamma(gamma=0.1), Conv=zplus(fallback=flat). "
-         "Rules: epsilon, norm, zplus, alpha_beta, gamma, flat, w2, zbox, avg2x2, pass, gradient, guided, gate.")]
-RayFlag = Annotated[bool, typer.Option("--ray", help="Run on a local Ray instance (pip install 'onnxlrp[ray]').")]
-RayAddress = Annotated[Optional[str], typer.Option("--ray-address", metavar="ADDRESS", help="Run on this Ray cluster ('auto': the one `ray start` runs here); implies --ray.")]
-Concurrency = Annotated[int, typer.Option("--concurrency", min=1, help="With --ray: actors, one onnxruntime session each.")]
 #: progress bars go to stderr, so that stdout holds only results
 progress_console = Console(stderr=True)
 
@@ -198,20 +149,6 @@ def _user_errors(code: int = BAD_INPUT) -> Iterator[None]:
         typer.echo(f"error: internal error ({type(exc).__name__}: {first_line(exc)}); this is a bug in onnxlrp: "
                    "please report it with the traceback that ONNXLRP_DEBUG=1 prints", err=True)
         raise typer.Exit(INTERNAL) from None
-
-
-def _rules(specs: list[str] | None) -> dict | None:
-    """--rule KEY=RULE(ARGS), repeated -> the rule overrides (None: none); a bad spec is a usage error."""
-    if not specs:
-        return None
-    try:
-        return dict(rules_module.parse(spec) for spec in specs)
-    except ValueError as exc:
-        raise typer.BadParameter(str(exc), param_hint="'--rule'") from None
-
-
-def _image_size(size: tuple[int, int] | None) -> tuple[int, int] | None:
-    return tuple(size) if size else None
 
 
 def _unique(names: list[str]) -> list[str]:
@@ -254,84 +191,62 @@ def _destinations(sources: list[tuple[Path, PurePosixPath]], suffixes: list[str]
 _PICTURE_OPTIONS = ("style", "heat_quantization", "sign", "cmap", "top_k")
 
 
-@app.command()
+@app.command(cls=GroupedCommand)
+@takes(*EXPLAINING)
 def explain(
     ctx: typer.Context,
     model: Model,
     images: Annotated[list[Path], typer.Argument(help="Image files or folders of images (subfolders too).",
                                                  show_default=False, metavar="IMAGES...")],
-    preset: Preset = "epsilon-plus-flat",
-    split: SplitOpt = None,
-    include_identity: IncludeIdentity = None,
-    bias: Annotated[bool, typer.Option("--bias/--no-bias", help="Keep biases in the rules (--no-bias: Zennit's zero_params=['bias']).")] = True,
     target: Annotated[Optional[int], typer.Option("--target", "-t", help="Class to explain.", show_default="top-1 per image")] = None,
+    top_k: Annotated[Optional[int], typer.Option("--top-k", min=1, metavar="K", help="Explain each image's K best classes (<image>_top<r>_lrp.png).")] = None,
     output: Annotated[Optional[Path], typer.Option("--output", "-o", help="Heatmap PNG for one image; a folder for several (subfolders mirrored).",
                                                    show_default="./<image>_lrp.png; several: ./lrp_out/")] = None,
     npy: Annotated[Optional[Path], typer.Option("--npy", help="Save the raw channel-summed map (float32 H x W) as .npy: a file for one image, a folder for several. Alone (no -o), no PNG is written.")] = None,
-    preprocess: Preprocess = "imagenet",
-    device: Annotated[DeviceName, typer.Option("--device", help="onnxruntime execution provider.")] = "cpu",
-    batch_size: Annotated[int, typer.Option("--batch-size", min=1, help="Images per onnxruntime run.")] = 16,
-    size: Size = None,
-    precision: Annotated[PrecisionName, typer.Option("--precision", help="Precision of the relevance pass (fp16: for GPUs; inputs and outputs stay float32).")] = "fp32",
+    parquet: Annotated[Optional[Path], typer.Option("--parquet", metavar="DIR", help="A folder of Parquet rows (path, target, logits, relevance totals, float16 heatmap) instead of PNG/NPY, written on Ray; a rerun resumes.")] = None,
     style: Annotated[StyleName, typer.Option("--style", help="signed: diverging colormap over the image; paper: quantized, normalised, jet at alpha 0.4.")] = "signed",
     heat_quantization: Annotated[Optional[int], typer.Option("--heat-quantization", min=0, metavar="LEVELS", help="Quantize the map to this many levels (0: off).", show_default="8 for --style paper, else 0")] = None,
     sign: Annotated[SignName, typer.Option("--sign", help="--style paper: which relevance to show.")] = "positive",
     cmap: Annotated[Optional[str], typer.Option("--cmap", help="Matplotlib colormap.", show_default="coldnhot; jet for --style paper")] = None,
-    top_k: Annotated[Optional[int], typer.Option("--top-k", min=1, metavar="K", help="Explain each image's K best classes (<image>_top<r>_lrp.png).")] = None,
-    low: Annotated[Optional[float], typer.Option(help="z^B lower box bound.", show_default="pixel 0 after preprocessing")] = None,
-    high: Annotated[Optional[float], typer.Option(help="z^B upper box bound.", show_default="pixel 255 after preprocessing")] = None,
-    heatmap: HeatmapOpt = "pixel",
-    layer: LayerOpt = "last",
-    rule: RuleOpt = None,
-    parquet: Annotated[Optional[Path], typer.Option("--parquet", metavar="DIR", help="On Ray: a folder of Parquet rows (path, target, logits, relevance totals, float16 heatmap) instead of PNG/NPY; a rerun resumes.")] = None,
-    ray: RayFlag = False,
-    ray_address: RayAddress = None,
-    concurrency: Concurrency = 1,
+    *,
+    settings: Settings,
 ) -> None:
     """Explain images: a heatmap PNG per image (relevance over the image)."""
     if parquet is not None:
         given = [name for name in _PICTURE_OPTIONS
                  if ctx.get_parameter_source(name) not in (None, ParameterSource.DEFAULT)]
-        _explain_to_parquet(model, images, parquet, output, npy, given, dict(
-            preset=preset, split=split, include_identity=include_identity, bias=bias, low=low, high=high,
-            precision=precision, preprocessing=preprocess, image_size=_image_size(size), heatmap=heatmap,
-            layer=layer, target=target, batch_size=batch_size, device=device, rules=_rules(rule)), ray, ray_address,
-            concurrency)
+        _explain_to_parquet(model, images, parquet, output, npy, given, settings, target)
         return
     with _user_errors():
-        cluster = _cluster(ray, ray_address, concurrency)
+        options, runtime = settings.build()
+        cluster, batch_size = runtime.cluster, runtime.batch_size
         sources = image_sources(images)
         files = [path for path, _ in sources]
         ranks = top_k or 1
         several = len(files) * ranks > 1
         if top_k and target is not None:
-            raise OnnxLrpError("--top-k and --target exclude each other")
+            raise SettingError("--top-k and --target exclude each other")
         for option, path, suffix in (("--output", output, ".png"), ("--npy", npy, ".npy")):
             if several and path is not None and path.suffix.lower() == suffix:
-                raise OnnxLrpError(f"{path}: {len(files) * ranks} heatmaps need an output folder for {option}, not a {suffix} file")
+                raise OutputError(f"{path}: {len(files) * ranks} heatmaps need an output folder for {option}, not a {suffix} file")
         if cmap is not None and not is_colormap(cmap):
-            raise OnnxLrpError(f"unknown colormap '{cmap}'")
+            raise SettingError(f"unknown colormap '{cmap}'")
         suffixes = [f"_top{r}_lrp" for r in range(1, ranks + 1)] if top_k else ["_lrp"]
         destinations = _destinations(sources, suffixes, output, npy)
         if output is not None and npy is not None and output.resolve() == npy.resolve() and not several:
-            raise OnnxLrpError(f"{output}: --output and --npy name the same file")
+            raise OutputError(f"{output}: --output and --npy name the same file")
         # Every destination and every image is checked before anything is built or written.
         check_writable(p for pair in destinations for p in pair if p is not None)
         check_images(files)
-        explainer = Explainer(
-            model, preset=preset, split=split, include_identity=include_identity, bias=bias, low=low,
-            high=high, device=device, preprocessing=preprocess, image_size=_image_size(size), precision=precision,
-            heatmap=heatmap, layer=layer, rules=_rules(rule),
-        )
+        explainer = Explainer(model, options, runtime)
         explainer.targets(target, 1)  # a bad --target or --top-k is an error before anything is said or run
         if top_k and top_k > explainer.num_classes:
-            raise OnnxLrpError(f"--top-k {top_k}: the model has {explainer.num_classes} classes")
+            raise SettingError(f"--top-k {top_k}: the model has {explainer.num_classes} classes")
         for note in explainer.summary.notes:  # before the results: they say what was explained
             typer.echo(f"note: {note}", err=True)
         if cluster is not None:
-            per_image = [(str(f), destinations[i * ranks:(i + 1) * ranks]) for i, f in enumerate(files)]
-            _explain_on_ray(explainer, per_image, cluster, device, batch_size, target, top_k, style,
-                            heat_quantization, sign, cmap)
+            _explain_on_ray(explainer, images, output, npy, runtime, target, top_k, style, heat_quantization, sign,
+                            cmap)
             return
         layout = explainer.summary.image.layout
         batches = batches_of(files, batch_size)  # as explain --ray cuts them
@@ -370,9 +285,10 @@ def explain(
         for line in lines:
             console.print(line, highlight=False, soft_wrap=True)
         if explosion is not None and explosion.images:
-            typer.echo(f"warning: {explode.message(explosion, preset, bias)}", err=True)
+            typer.echo(f"warning: {explode.message(explosion, options.preset.name, options.bias)}", err=True)
         if reached:
-            _warn_reach(np.concatenate([a for a, _ in reached]), np.concatenate([t for _, t in reached]), preset, bias)
+            _warn_reach(np.concatenate([a for a, _ in reached]), np.concatenate([t for _, t in reached]),
+                        options.preset.name, options.bias)
 
 
 def _reached(at_input: np.ndarray, taken: np.ndarray | None, row: int) -> str:
@@ -396,77 +312,68 @@ def _progress(disable: bool = False) -> Progress:
                     console=progress_console, transient=True, disable=disable or not progress_console.is_terminal)
 
 
-def _cluster(ray: bool, address: str | None, concurrency: int) -> Cluster | None:
-    """--ray / --ray-address: where to run; None: in this process. Asking for Ray without the
-    extra installed is an error here, before anything is built."""
-    if not (ray or address):
-        return None
-    import_ray()
-    quiet()
-    return Cluster(address, concurrency)
+def _explain_on_ray(explainer, files, output, npy, runtime, target, top_k, style, levels, sign, cmap) -> None:
+    """explain --ray: the same files as in one process, written by Ray actors batch by batch
+    (runs.explain_folder with a FileSink); a rerun skips the images whose files all exist."""
+    from .runs import FileSink, explain_folder
+
+    sink = FileSink(output=output, npy=npy, style=style, levels=levels, sign=sign, cmap=cmap)
+    lines: list[str] = []
+
+    def said(record) -> None:
+        taken = np.asarray([record.taken]) if record.taken is not None else None
+        lines.append(f"{record.key}: class {record.target}, initial relevance {record.initial:.4g}, input relevance "
+                     f"{record.input_sum:.4g}{_reached(np.asarray([record.reach]), taken, 0)} -> "
+                     f"{', '.join(record.written)}")
+
+    with _progress() as progress:
+        task = progress.add_task(f"explaining on Ray ({runtime.cluster.concurrency} actor(s))", total=None)
+        summary = explain_folder(explainer, files, sink, runtime=runtime, target=target, top_k=top_k, on_result=said,
+                                 progress=lambda done, total: progress.update(task, completed=done, total=total))
+    if summary.skipped:
+        typer.echo(f"note: {summary.skipped} image(s) already explained there: skipped", err=True)
+    for line in lines:
+        console.print(line, highlight=False, soft_wrap=True)
+    if summary.explosion is not None and summary.explosion.images:
+        typer.echo(f"warning: {explode.message(summary.explosion, explainer.summary.preset, explainer.bias)}", err=True)
+    if summary.taken is not None:
+        _warn_reach(summary.at_input, summary.taken, explainer.summary.preset, explainer.bias)
 
 
-def _explain_on_ray(explainer, per_image, cluster, device, batch_size, target, top_k, style, levels, sign,
-                    cmap) -> None:
-    """explain --ray: the same files as in one process, written by Ray actors batch by batch;
-    a rerun skips the images whose files all exist (an interrupted run resumes)."""
-    from .distributed import explain_files
-
-    todo = [(f, pairs) for f, pairs in per_image if not all(p.exists() for pair in pairs for p in pair if p)]
-    if len(todo) < len(per_image):
-        typer.echo(f"note: {len(per_image) - len(todo)} image(s) already explained there: skipped", err=True)
-    with _progress(disable=not todo) as progress:
-        task = progress.add_task(f"explaining on Ray ({cluster.concurrency} actor(s))", total=len(todo))
-        rows, explosion = explain_files(explainer, todo, cluster, device=device, batch_size=batch_size,
-                                        target=target, top_k=top_k, style=style, levels=levels, sign=sign,
-                                        cmap=cmap, progress=lambda n: progress.advance(task, n))
-    for row, (_, pairs) in zip(rows, todo):
-        for rank, (png, array) in enumerate(pairs):
-            written = ", ".join(str(p) for p in (png, array) if p is not None)
-            taken = np.asarray(row["taken"]) if row["taken"] is not None else None
-            console.print(f"{row['file']}: class {row['targets'][rank]}, initial relevance {row['initial'][rank]:.4g}, "
-                          f"input relevance {row['input_sum'][rank]:.4g}{_reached(row['reach'], taken, rank)} "
-                          f"-> {written}", highlight=False, soft_wrap=True)
-    if explosion is not None and explosion.images:
-        typer.echo(f"warning: {explode.message(explosion, explainer.summary.preset, explainer.bias)}", err=True)
-    lrp = [row for row in rows if row["taken"] is not None]
-    if lrp:
-        _warn_reach(np.array([s for row in lrp for s in row["reach"]]), np.array([t for row in lrp for t in row["taken"]]),
-                    explainer.summary.preset, explainer.bias)
-
-
-def _explain_to_parquet(model, images, parquet, output, npy, pictures: list[str], options: dict, ray, ray_address,
-                        concurrency) -> None:
+def _explain_to_parquet(model, images, parquet, output, npy, pictures: list[str], settings: Settings,
+                        target: int | None) -> None:
     """explain --parquet DIR: onnxlrp.distributed.explain_dataset (Parquet rows, resumable), with
-    every explainer option of the command; those it cannot honour are refused."""
+    every option of the command; those it cannot honour are refused."""
     from .distributed import done_paths, explain_dataset
 
     with _user_errors():
         if output is not None or npy is not None:
-            raise OnnxLrpError("--parquet writes Parquet rows only: leave out -o and --npy")
+            raise SettingError("--parquet writes Parquet rows only: leave out -o and --npy")
         if pictures:
             flags = ", ".join("--" + name.replace("_", "-") for name in pictures)
-            raise OnnxLrpError(f"--parquet writes one row per image and no pictures: leave out {flags}")
-        cluster = _cluster(ray, ray_address, concurrency) or Cluster()
-        explain_dataset([str(p) for p in images], model, output=parquet, concurrency=cluster.concurrency,
-                        address=cluster.address, **options)
+            raise SettingError(f"--parquet writes one row per image and no pictures: leave out {flags}")
+        options, runtime = settings.build()
+        if runtime.cluster is None:  # Parquet rows are written by Ray Data: a local instance by default
+            runtime = replace(runtime, cluster=Cluster())
+        explain_dataset([str(p) for p in images], model, output=parquet, options=options, runtime=runtime,
+                        target=target)
         console.print(f"wrote {parquet}: {len(done_paths(parquet))} image(s) explained (Parquet)", highlight=False,
                       soft_wrap=True)
 
 
-@app.command()
+@app.command(cls=GroupedCommand)
+@takes(MODEL.only("size"), RULES.only("preset", "split", "include_identity", "rule"))
 def graph(
     model: Model,
-    preset: Preset = "epsilon-plus-flat",
-    split: SplitOpt = None,
-    include_identity: IncludeIdentity = None,
-    size: Size = None,
-    rule: RuleOpt = None,
     as_json: Annotated[bool, typer.Option("--json", help="Machine-readable output.")] = False,
+    *,
+    settings: Settings,
 ) -> None:
     """Show the residual merges and the rule each node gets under a preset."""
     with _user_errors():
-        analysis = analyse(model, preset, split, include_identity, _image_size(size), _rules(rule))
+        options = settings.options()
+        analysis = analyse(model, options.preset, options.split, image_size=options.image_size,
+                           rules=dict(options.rules))
         merges = analysis.merges
         kinds = {k: sum(m.kind == k for m in merges) for k in ("identity", "projection", "other")}
         if as_json:
@@ -546,41 +453,45 @@ def _list_methods(value: bool) -> None:
         raise typer.Exit()
 
 
-@app.command()
+@app.command(cls=GroupedCommand)
+@takes(*EXPLAINING)
 def evaluate(
     model: Model,
     data: Annotated[Path, typer.Argument(help="Image folder: one subfolder per class (order: classes.txt, else by name), optional masks/.", show_default=False, metavar="DATA")],
-    methods: Annotated[str, typer.Option("--methods", "-m", help="Comma-separated methods (see --list-methods); also any preset by name, and NAME:layer or NAME:gated for an LRP method's Relevance-CAM or gated map.")] = ",".join(DEFAULT_METHODS),
+    methods: Annotated[str, typer.Option("--methods", "-m", help="Comma-separated methods (see --list-methods); also any preset by name, NAME:layer or NAME:gated for an LRP method's Relevance-CAM or gated map, and 'lrp': the explainer the options below describe.")] = ",".join(DEFAULT_METHODS),
     labels: Annotated[Optional[Path], typer.Option("--labels", help="CSV of 'path,label' lines instead of class subfolders.")] = None,
     limit: Annotated[Optional[int], typer.Option("--limit", min=1, help="Evaluate the first N images only.")] = None,
     protocol: Annotated[ProtocolName, typer.Option("--protocol", help="Insertion/Deletion protocol: paper (>= thresholds), exact (tie-robust), or both.")] = "both",
     heat_quantization: Annotated[int, typer.Option("--heat-quantization", min=0, help="Quantize maps to this many levels before the metrics (0: off).")] = 8,
     output: Annotated[Path, typer.Option("--output", "-o", help="Folder for results.md, results.json and conservation.png.")] = Path("evaluation"),
-    preprocess: Preprocess = "imagenet",
-    device: Annotated[DeviceName, typer.Option("--device", help="onnxruntime execution provider.")] = "cpu",
-    batch_size: Annotated[int, typer.Option("--batch-size", min=1, help="Images per batch.")] = 16,
-    size: Size = None,
     list_methods: Annotated[bool, typer.Option("--list-methods", is_eager=True, callback=_list_methods,
                                                help="List the methods and exit (no MODEL or DATA needed).")] = False,
-    ray: RayFlag = False,
-    ray_address: RayAddress = None,
-    concurrency: Concurrency = 1,
+    *,
+    settings: Settings,
 ) -> None:
-    """Compare attribution methods on a labelled image folder: Insertion, Deletion, ID, ground-truth metrics."""
+    """Compare attribution methods on a labelled image folder: Insertion, Deletion, ID, ground-truth metrics.
+
+    The rules and heatmap options are those of every LRP method, except what a method sets
+    itself (a preset, the paper variants' split, a NAME:layer map): giving one of those with
+    such a method is an error; method 'lrp' takes them all as given."""
     with _user_errors():
         dataset = load_dataset(data, labels)
         total = min(limit or len(dataset.files), len(dataset.files))
         chosen = [m.strip() for m in methods.split(",") if m.strip()]
         if not chosen:
-            raise OnnxLrpError("--methods names no method (see --list-methods)")
+            raise SettingError("--methods names no method (see --list-methods)")
+        for name in chosen:
+            clash = settings.flags(fixed_settings(name))
+            if clash:
+                raise SettingError(f"method {name} sets {', '.join(clash)} itself; leave it out, or use method "
+                                   "'lrp' (the explainer the options describe)")
         protocols = PROTOCOLS if protocol == "both" else (protocol,)
         check_writable(output / name for name in RESULT_FILES)  # before the run, not after it
-        cluster = _cluster(ray, ray_address, concurrency)
+        options, runtime = settings.build()
         with _progress() as progress:
             task = progress.add_task(f"evaluating {len(chosen)} methods", total=total)
-            results = run_evaluation(model, dataset, chosen, protocols, heat_quantization, preprocess, limit,
-                                     batch_size, device, progress=lambda n: progress.advance(task, n),
-                                     cluster=cluster, image_size=_image_size(size))
+            results = run_evaluation(model, dataset, chosen, protocols, heat_quantization, limit=limit,
+                                     options=options, runtime=runtime, progress=lambda n: progress.advance(task, n))
         paths = write_results(results, output)
         console.print(results.markdown(), highlight=False, soft_wrap=True)
         for line in results.reach_warnings():
@@ -588,7 +499,8 @@ def evaluate(
         console.print("wrote " + ", ".join(str(p) for p in paths.values()), highlight=False, soft_wrap=True)
 
 
-@app.command()
+@app.command(cls=GroupedCommand)
+@takes(*EXPLAINING)
 def audit(
     model: Model,
     data: Annotated[Path, typer.Argument(help="Image folder: one subfolder per class (order: classes.txt, else by name), optional masks/; or flat with --labels; or flat without labels (a production sample: audited on the predicted classes).", show_default=False, metavar="DATA")],
@@ -596,16 +508,6 @@ def audit(
     labels: Annotated[Optional[Path], typer.Option("--labels", help="CSV of 'path,label' lines instead of class subfolders.")] = None,
     masks: Annotated[Optional[Path], typer.Option("--masks", help="Folder of object masks mirroring DATA (default: DATA/masks).")] = None,
     against: Annotated[Optional[Path], typer.Option("--against", help="Another model file to compare with (the previous release, the float source of an int8 model).")] = None,
-    preset: Preset = "epsilon-plus-flat",
-    split: SplitOpt = None,
-    include_identity: IncludeIdentity = None,
-    bias: Annotated[bool, typer.Option("--bias/--no-bias", help="Keep biases in the rules (--no-bias: Zennit's zero_params=['bias']).")] = True,
-    low: Annotated[Optional[float], typer.Option(help="z^B lower box bound.", show_default="pixel 0 after preprocessing")] = None,
-    high: Annotated[Optional[float], typer.Option(help="z^B upper box bound.", show_default="pixel 255 after preprocessing")] = None,
-    precision: Annotated[PrecisionName, typer.Option("--precision", help="Precision of the relevance pass (fp16: for GPUs).")] = "fp32",
-    heatmap: HeatmapOpt = "pixel",
-    layer: LayerOpt = "last",
-    rule: RuleOpt = None,
     fail_on: Annotated[Optional[list[str]], typer.Option("--fail-on", metavar="CHECK[=THRESHOLD]",
                                                          help="Checks that fail the audit (repeat or comma-separate; 'none' for none). "
                                                               f"Default: {','.join(DEFAULT_FAIL_ON)}. Checks: "
@@ -613,13 +515,8 @@ def audit(
     faithfulness: Annotated[bool, typer.Option("--faithfulness", help="Also Insertion/Deletion per image (tie-robust protocol; slower).")] = False,
     sanity_images: Annotated[int, typer.Option("--sanity-images", min=0, help="Images for the randomisation and random-logit tests (0: skip them).")] = 16,
     limit: Annotated[Optional[int], typer.Option("--limit", min=1, help="Audit the first N images only.")] = None,
-    preprocess: Preprocess = "imagenet",
-    size: Size = None,
-    device: Annotated[DeviceName, typer.Option("--device", help="onnxruntime execution provider.")] = "cpu",
-    batch_size: Annotated[int, typer.Option("--batch-size", min=1, help="Images per batch.")] = 16,
-    ray: RayFlag = False,
-    ray_address: RayAddress = None,
-    concurrency: Concurrency = 1,
+    *,
+    settings: Settings,
 ) -> None:
     """Audit a deployed model on a folder of images: a report to read and a verdict to gate on.
 
@@ -629,17 +526,12 @@ def audit(
         dataset = audit_dataset(data, labels, masks)
         total = min(limit or len(dataset.files), len(dataset.files))
         check_writable(output / name for name in REPORT_FILES)  # before the run, not after it
-        cluster = _cluster(ray, ray_address, concurrency)
+        options, runtime = settings.build()
         with _progress() as progress:
             task = progress.add_task(f"auditing {total} images", total=total + 1)
-            result = run_audit(model, data, labels=labels, masks=masks, against=against, preset=preset, split=split,
-                               include_identity=include_identity, bias=bias, low=low, high=high, precision=precision,
-                               rules=_rules(rule),
-                               preprocessing=preprocess, image_size=_image_size(size), heatmap=heatmap,
-                               layer=layer, fail_on=rules,
-                               faithfulness=faithfulness, sanity_images=sanity_images, limit=limit,
-                               batch_size=batch_size, device=device, progress=lambda n: progress.advance(task, n),
-                               cluster=cluster)
+            result = run_audit(model, data, options=options, runtime=runtime, labels=labels, masks=masks,
+                               against=against, fail_on=rules, faithfulness=faithfulness, sanity_images=sanity_images,
+                               limit=limit, progress=lambda n: progress.advance(task, n))
         paths = write_report(result, output)
         console.print(f"verdict: {result.verdict.upper()} ({len(result.findings)} finding(s), "
                       f"{sum(f.severity == 'fail' for f in result.findings)} failing), on {result.based_on}",
@@ -654,29 +546,18 @@ def audit(
         raise typer.Exit(AUDIT_FAIL)
 
 
-@app.command("compile")
+@app.command("compile", cls=GroupedCommand)
+@takes(MODEL, RULES, HEATMAP)
 def compile_model(
     model: Model,
     output: Annotated[Path, typer.Option("--output", "-o", help="Where to write the explainer (.onnx).", show_default=False)],
-    preset: Preset = "epsilon-plus-flat",
-    split: SplitOpt = None,
-    include_identity: IncludeIdentity = None,
-    bias: Annotated[bool, typer.Option("--bias/--no-bias", help="Keep biases in the rules.")] = True,
-    preprocess: Preprocess = "imagenet",
-    precision: Annotated[PrecisionName, typer.Option("--precision", help="Precision of the relevance pass.")] = "fp32",
-    size: Size = None,
-    low: Annotated[Optional[float], typer.Option(help="z^B lower box bound.", show_default="pixel 0 after preprocessing")] = None,
-    high: Annotated[Optional[float], typer.Option(help="z^B upper box bound.", show_default="pixel 255 after preprocessing")] = None,
-    heatmap: HeatmapOpt = "pixel",
-    layer: LayerOpt = "last",
-    rule: RuleOpt = None,
+    *,
+    settings: Settings,
 ) -> None:
     """Save the explainer as an ONNX model (inputs images, target; outputs logits, relevance, ...)."""
     with _user_errors():
         check_writable([output])
-        explainer = Explainer(model, preset=preset, split=split, include_identity=include_identity, bias=bias,
-                              low=low, high=high, preprocessing=preprocess, image_size=_image_size(size),
-                              precision=precision, heatmap=heatmap, layer=layer, rules=_rules(rule))
+        explainer = Explainer(model, settings.options())
         for note in explainer.summary.notes:
             typer.echo(f"note: {note}", err=True)
         explainer.save(output)
@@ -685,8 +566,8 @@ def compile_model(
         console.print(f"wrote {output}: inputs images [{', '.join(map(str, shape))}], target [N]; "
                       "outputs logits, relevance, targets, initial_relevance"
                       + (", merge_relevance" if explainer.merges else "")
-                      + (f", heatmap [N, {explainer.summary.height}, {explainer.summary.width}] ({heatmap})"
-                         if heatmap != "pixel" else ""), highlight=False, soft_wrap=True)
+                      + (f", heatmap [N, {explainer.summary.height}, {explainer.summary.width}] ({settings['heatmap']})"
+                         if settings["heatmap"] != "pixel" else ""), highlight=False, soft_wrap=True)
 
 
 if __name__ == "__main__":

@@ -16,7 +16,7 @@ import numpy as np
 import onnx
 
 from .analysis import Analysis, analyse
-from .errors import OnnxLrpError
+from .errors import OnnxLrpError, SettingError
 from .io.files import write_atomic
 from .ir.merges import Merge
 from .ir.model import ImageInput, readable_ir_version
@@ -129,7 +129,7 @@ def build(analysis: Analysis, options: Options) -> tuple[Summary, onnx.ModelProt
     if probe == "last":
         probe = analysis.graph.last_feature_map()
         if probe is None:
-            raise OnnxLrpError(f"{analysis.path}: no global average pool, so no last conv block to probe")
+            raise SettingError(f"{analysis.path}: no global average pool, so no last conv block to probe")
     layer, layer_axis = heatmap_layer(analysis, options.heatmap)
     compiled = rg.build(
         analysis.graph, analysis.rules, initial=analysis.preset.initial, bias=options.bias, low=low,
@@ -165,21 +165,19 @@ def heatmap_layer(analysis: Analysis, spec: Heatmap) -> tuple[str | None, int]:
     graph = analysis.graph
     name = {LAST: graph.last_feature_map(), INPUT: graph.canonical.input.name}.get(spec.layer, spec.layer)
     if name is None:
-        raise OnnxLrpError(f"{analysis.path}: no global average pool, so no last conv block for the layer map")
+        raise SettingError(f"{analysis.path}: no global average pool, so no last conv block for the layer map")
     if name == graph.canonical.input.name:
         return name, analysis.image.channel_axis
     # a tensor name, or the name of the node that writes it (what `onnxlrp graph` lists)
     producer = graph.ops.get(name) or next((op for op in graph.ops.values() if op.output.name == name), None)
     if producer is None:
-        raise OnnxLrpError(f"{analysis.path}: no node or tensor '{name}' on the path from the image to the logits "
+        raise SettingError(f"{analysis.path}: no node or tensor '{name}' on the path from the image to the logits "
                            "(onnxlrp graph lists the nodes)")
     name = producer.output.name
     shape = producer.output.shape
     if shape is None or len(shape) != 4:
-        raise OnnxLrpError(f"{analysis.path}: tensor '{name}' has shape {shape}; a layer map needs a 4-d feature map")
-    pools = [op for op in graph.ops.values() if op.x.name == name and op.node.op in ("GlobalAveragePool", "ReduceMean")]
-    kept = [a for a in range(1, 4) if pools and a not in pools[0].axes]
-    return name, kept[0] if len(kept) == 1 else 1
+        raise SettingError(f"{analysis.path}: tensor '{name}' has shape {shape}; a layer map needs a 4-d feature map")
+    return name, graph.channel_axis(name)
 
 
 def box_bounds(analysis: Analysis, options: Options) -> tuple[np.ndarray, np.ndarray]:
@@ -191,12 +189,12 @@ def box_bounds(analysis: Analysis, options: Options) -> tuple[np.ndarray, np.nda
     for given, default, which in ((options.low, default_low, "low"), (options.high, default_high, "high")):
         value = default if given is None else np.asarray(given, dtype=np.float32).reshape(-1)
         if value.size not in (1, image.channels):
-            raise OnnxLrpError(f"{which} bound has {value.size} values; the model has {image.channels} channels")
+            raise SettingError(f"{which} bound has {value.size} values; the model has {image.channels} channels")
         per_channel.append(np.broadcast_to(value, (image.channels,)).astype(np.float32))
     shape = [1, 1, 1, 1]
     shape[image.channel_axis] = image.channels
     full = image.shape(1, analysis.height, analysis.width)
     low, high = (np.broadcast_to(v.reshape(shape), full).copy() for v in per_channel)
     if np.any(low > high):
-        raise OnnxLrpError("box bounds: low is above high")
+        raise SettingError("box bounds: low is above high")
     return low, high

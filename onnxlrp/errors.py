@@ -1,4 +1,5 @@
-"""The one exception type that users see, and the one warning category."""
+"""The exceptions users see, one subclass of OnnxLrpError per kind of problem, and the one
+warning category. Code that must tell kinds apart reads the type, never the message."""
 
 
 class OnnxLrpError(Exception):
@@ -13,6 +14,32 @@ class NoRuleError(OnnxLrpError):
     """A node of the graph that no LRP rule applies to: an op type without an adapter, an
     adapter that cannot take the node as it is, a preset or rule that does not fit it. The
     audit reports these as its `rules` check instead of stopping."""
+
+
+class ModelError(OnnxLrpError):
+    """The model file: unreadable, invalid, or a graph onnxlrp cannot take as it is (shapes,
+    opsets, computed weights)."""
+
+
+class ImageError(OnnxLrpError):
+    """An image file or folder: missing, unreadable, or no images in it."""
+
+
+class DataError(OnnxLrpError):
+    """A dataset's labels, masks or layout (evaluate, audit)."""
+
+
+class SettingError(OnnxLrpError):
+    """A setting's value: an unknown preset, split, device or precision, a bad bound, a rule
+    override that names nothing."""
+
+
+class OutputError(OnnxLrpError):
+    """A destination that cannot be written, or output files that disagree with the run."""
+
+
+class ClusterError(OnnxLrpError):
+    """Ray: not installed, no cluster at the address, or an actor that failed."""
 
 
 class OnnxLrpWarning(UserWarning):

@@ -17,13 +17,13 @@ import onnx
 
 from .analysis import Analysis
 from .compiler import Compiled, Summary, analysis_of, compile_or_load
-from .errors import OnnxLrpError, OnnxLrpWarning
+from .errors import DataError, OnnxLrpWarning, SettingError
 from .explanation import Explanation
 from .io.preprocessing import ImageReader, Preprocessing
 from .ir.merges import Merge
 from .lrp import explosion as explode
 from .lrp import relevance_graph as rg
-from .options import Options, Runtime, split_settings
+from .options import Options, Runtime, resolve
 from .runtime.session import Runner, session
 
 
@@ -43,12 +43,7 @@ class Explainer:
         threads, batch size, cache). Instead of the objects, their settings may be given by
         name, as shortcuts: ``Explainer(model, preset="epsilon", device="cuda")``.
         """
-        option_settings, runtime_settings = split_settings(settings)
-        if option_settings and options is not None or runtime_settings and runtime is not None:
-            raise TypeError("give options and runtime either as objects or by name, not both")
-        options = options if options is not None else Options.make(**option_settings)
-        runtime = runtime if runtime is not None else Runtime(**runtime_settings)
-        self._setup(Path(model), options, runtime)
+        self._setup(Path(model), *resolve(options, runtime, settings))
 
     def _setup(self, model: Path, options: Options, runtime: Runtime) -> None:
         self._analysis: Analysis | None = None
@@ -137,10 +132,10 @@ class Explainer:
         if targets.size == 1:
             targets = np.full(n, targets[0], dtype=np.int64)
         if len(targets) != n:
-            raise OnnxLrpError(f"{len(targets)} targets for {n} images")
+            raise SettingError(f"{len(targets)} targets for {n} images")
         bad = targets[(targets < 0) | (targets >= self.num_classes)]
         if bad.size:
-            raise OnnxLrpError(
+            raise SettingError(
                 f"target class {int(bad[0])} out of range: the model has {self.num_classes} classes "
                 f"(0..{self.num_classes - 1})"
             )
@@ -156,10 +151,10 @@ class Explainer:
         x = np.asarray(x, dtype=np.float32)
         expected = self.input_shape[1:]
         if x.ndim != 4 or tuple(x.shape[1:]) != tuple(expected):
-            raise OnnxLrpError(f"input batch has shape {list(x.shape)}; the model expects [N, {', '.join(map(str, expected))}]")
+            raise DataError(f"input batch has shape {list(x.shape)}; the model expects [N, {', '.join(map(str, expected))}]")
         if top_k is not None:
             if target is not None or not 1 <= top_k <= self.num_classes:
-                raise OnnxLrpError(f"top_k must be 1..{self.num_classes}, without target")
+                raise SettingError(f"top_k must be 1..{self.num_classes}, without target")
             targets = np.tile(-np.arange(1, top_k + 1, dtype=np.int64), len(x))  # -r: the r-th best class
             x = np.repeat(x, top_k, axis=0)
         else:

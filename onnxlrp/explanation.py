@@ -5,7 +5,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from .errors import OnnxLrpError
+from .errors import SettingError
 from .ir.merges import Merge
 from .lrp import reach
 from .lrp.explosion import Explosion
@@ -38,7 +38,7 @@ class Explanation:
         are only good to a fraction of that, so `leak` = (out - in) / magnitude is the
         conservation error that can be held to a tolerance."""
         if self.layer_sums is None:
-            raise OnnxLrpError("build the Explainer with trace=True to get per-layer relevance")
+            raise SettingError("build the Explainer with trace=True to get per-layer relevance")
         return [
             {"node": name, "out": float(out), "in": float(inp), "absorbed": float((out - inp) / out) if out else 0.0,
              "magnitude": float(size), "leak": float((out - inp) / size) if size else 0.0}

@@ -16,7 +16,7 @@ from typing import Mapping, Sequence
 
 import numpy as np
 
-from .errors import OnnxLrpError
+from .errors import SettingError
 from .io.preprocessing import Preprocessing, get_preprocessing
 from .lrp.composites import Preset, get_preset
 from .lrp.heatmaps import Heatmap
@@ -36,7 +36,7 @@ def resolve_split(preset: Preset, split: str | Split | None, include_identity: b
     try:
         return Split(split or preset.split, preset.include_identity if include_identity is None else include_identity)
     except ValueError as exc:
-        raise OnnxLrpError(str(exc)) from None
+        raise SettingError(str(exc)) from None
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -94,7 +94,7 @@ class Options:
         (input relevance over channels), "layer" (Relevance-CAM at tensor `layer`) or "gated"
         (the pixel map gated by the positive layer map), or an lrp.heatmaps.Heatmap."""
         if precision not in PRECISIONS:
-            raise OnnxLrpError(f"unknown precision '{precision}'; choose one of {', '.join(PRECISIONS)}")
+            raise SettingError(f"unknown precision '{precision}'; choose one of {', '.join(PRECISIONS)}")
         preset = get_preset(preset)
         return cls(
             preset=preset, split=resolve_split(preset, split, include_identity), bias=bias,
@@ -129,11 +129,11 @@ class Runtime:
 
     def __post_init__(self) -> None:
         if self.device not in DEVICES:
-            raise OnnxLrpError(f"unknown device '{self.device}'; choose one of {', '.join(DEVICES)}")
+            raise SettingError(f"unknown device '{self.device}'; choose one of {', '.join(DEVICES)}")
         if self.batch_size < 1:
-            raise OnnxLrpError("batch size must be at least 1")
+            raise SettingError("batch size must be at least 1")
         if self.threads is not None and self.threads < 1:
-            raise OnnxLrpError("threads must be at least 1")
+            raise SettingError("threads must be at least 1")
 
 
 #: the keyword names Options.make and Runtime take (Explainer's shortcuts)
@@ -149,6 +149,17 @@ def split_settings(settings: Mapping[str, object]) -> tuple[dict, dict]:
                         f"runtime: {', '.join(RUNTIME_NAMES)}")
     return ({k: v for k, v in settings.items() if k in OPTION_NAMES},
             {k: v for k, v in settings.items() if k in RUNTIME_NAMES})
+
+
+def resolve(options: Options | None, runtime: Runtime | None, settings: Mapping[str, object]) -> tuple[Options, Runtime]:
+    """The (Options, Runtime) an entry point runs with: the objects as given, or built from the
+    settings given by name (Explainer(model, preset="epsilon", device="cuda")); both for the same
+    object is a TypeError, as an unknown name is."""
+    option_settings, runtime_settings = split_settings(settings)
+    if option_settings and options is not None or runtime_settings and runtime is not None:
+        raise TypeError("give options and runtime either as objects or by name, not both")
+    return (options if options is not None else Options.make(**option_settings),
+            runtime if runtime is not None else Runtime(**runtime_settings))
 
 
 def bound_values(value) -> tuple[float, ...] | None:

@@ -11,15 +11,19 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from models.export_torchvision import build, export  # noqa: E402
-
 SIZE = 64
-torch.set_num_threads(2)
+
+
+@pytest.fixture(scope="session", autouse=True)
+def torch_threads():
+    """Two torch threads where a test module uses torch; torch itself is imported only by the
+    tests that use it (the fast tier's tests of tiny graphs and the CLI need none)."""
+    if "torch" in sys.modules:
+        sys.modules["torch"].set_num_threads(2)
 
 
 @pytest.fixture(scope="session", autouse=True)
@@ -38,6 +42,8 @@ class Exported:
 
 
 def _exported(arch: str, tmp_path_factory) -> Exported:
+    from models.export_torchvision import build, export
+
     model = build(arch, seed=0, calibration_size=SIZE)
     folder = tmp_path_factory.mktemp(arch)
     return Exported(

@@ -117,6 +117,22 @@ assert matplotlib.get_backend() == "svg", matplotlib.get_backend()
     assert result.returncode == 0, result.stderr[-2000:]
 
 
+def test_the_package_and_its_commands_never_import_torch(demo_model, demo_image, tmp_path):
+    """torch is for exporting models and for the tests' references, never for the relevance
+    pass: importing every stage and explaining leave it unimported (and the fast tier's tests
+    that need no torch run without it)."""
+    script = f"""
+import sys
+import onnxlrp, onnxlrp.cli, onnxlrp.audit.run, onnxlrp.evaluation.evaluate, onnxlrp.distributed
+from onnxlrp.cli import app
+app(["explain", {str(demo_model)!r}, {str(demo_image)!r}, "-o", {str(tmp_path / "h.png")!r}, "--no-cache"],
+    standalone_mode=False)
+assert "torch" not in sys.modules, [m for m in sys.modules if m.startswith("torch")][:5]
+"""
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr[-2000:]
+
+
 def test_a_model_of_a_newer_ir_version_than_onnxruntime_reads_is_explained(demo_model, tmp_path):
     """onnx may write an IR version the installed onnxruntime does not read yet (onnx 1.23's
     make_model: IR 14, onnxruntime 1.31: up to 13); onnxlrp writes the relevance graph itself,
@@ -140,30 +156,6 @@ def test_a_model_of_a_newer_ir_version_than_onnxruntime_reads_is_explained(demo_
     expected = Explainer(demo_model, cache=False).explain(x)
     np.testing.assert_array_equal(found.relevance, expected.relevance)  # one graph, one session configuration
     assert onnx.load(str(path)).ir_version == newest + 1  # the user's file is not touched
-
-
-def test_audit_passes_every_explainer_option_on(demo_model, tmp_path, monkeypatch):
-    """audit's --no-bias, --exclude-identity, --low/--high, --precision and --size reach the
-    audit (which gives them to every explainer it builds: tests/test_audit.py)."""
-    import onnxlrp.cli as cli
-    from onnxlrp import OnnxLrpError
-
-    seen = {}
-
-    def recorded(model, data, **options):
-        seen.update(options)
-        raise OnnxLrpError("recorded")
-
-    monkeypatch.setattr(cli, "run_audit", recorded)
-    data = tmp_path / "sample"
-    data.mkdir()
-    Image.fromarray(np.zeros((64, 64, 3), np.uint8)).save(data / "a.png")
-    result = run("audit", demo_model, data, "-o", tmp_path / "out", "--no-bias", "--exclude-identity", "--low", "-2",
-                 "--high", "3", "--precision", "fp16", "--size", "64x64", "--preset", "epsilon-gamma-box")
-    assert result.exit_code == 1 and "recorded" in result.stderr, result.output
-    assert {k: seen[k] for k in ("bias", "include_identity", "low", "high", "precision", "image_size", "preset")} == {
-        "bias": False, "include_identity": False, "low": -2.0, "high": 3.0, "precision": "fp16",
-        "image_size": (64, 64), "preset": "epsilon-gamma-box"}
 
 
 def test_rule_overrides_on_the_command_line(demo_model, demo_image, tmp_path):

@@ -278,7 +278,8 @@ def test_cli_evaluate_and_audit_on_ray(local_ray, tmp_path):
     from onnxlrp.cli import app
 
     evaluate = ["evaluate", str(MODEL), str(SHAPES), "--limit", "6", "--batch-size", "4", "-m", "paper-iv,grad-cam"]
-    alone = CliRunner().invoke(app, evaluate + ["-o", str(tmp_path / "e1")])
+    # one thread, as each actor has (the library test above says why)
+    alone = CliRunner().invoke(app, evaluate + ["-o", str(tmp_path / "e1"), "--threads", "1"])
     spread = CliRunner().invoke(app, evaluate + ["-o", str(tmp_path / "e2"), "--ray"])
     assert alone.exit_code == spread.exit_code == 0, spread.output
     assert (tmp_path / "e1" / "results.md").read_text() == (tmp_path / "e2" / "results.md").read_text()
@@ -287,7 +288,7 @@ def test_cli_evaluate_and_audit_on_ray(local_ray, tmp_path):
 
     audit = ["audit", str(ROOT / "models" / "audit" / "shortcut.onnx"), str(ROOT / "examples" / "audit"),
              "--limit", "12", "--sanity-images", "2"]
-    alone = CliRunner().invoke(app, audit + ["-o", str(tmp_path / "a1")])
+    alone = CliRunner().invoke(app, audit + ["-o", str(tmp_path / "a1"), "--threads", "1"])
     spread = CliRunner().invoke(app, audit + ["-o", str(tmp_path / "a2"), "--ray", "--concurrency", "2"])
     assert alone.exit_code == spread.exit_code, spread.output
     assert alone.stdout.replace("a1", "a2") == spread.stdout

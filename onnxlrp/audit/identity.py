@@ -9,6 +9,7 @@ import onnx.numpy_helper
 import onnxruntime as ort
 
 from .. import __version__
+from ..errors import SettingError
 from ..ir.digest import model_digest
 from ..runtime.session import providers, run_batched
 
@@ -96,3 +97,30 @@ def own_logits(session: ort.InferenceSession, x: np.ndarray, batch_size: int = 1
     first = session.get_inputs()[0]
     fixed = first.shape[0] if isinstance(first.shape[0], int) else None
     return next(iter(run_batched(session, {first.name: x}, batch_size, fixed).values()))
+
+
+def _softmax(logits: np.ndarray) -> np.ndarray:
+    shifted = np.exp(logits - logits.max(axis=1, keepdims=True))
+    return shifted / shifted.sum(axis=1, keepdims=True)
+
+
+def activated(logits: np.ndarray, activation: str | None) -> np.ndarray:
+    """The model's output from the relevance graph's logits: the output activation canonicalisation
+    stripped (Summary.output_activation: Softmax, LogSoftmax, Sigmoid), or the logits themselves."""
+    z = np.asarray(logits, dtype=np.float64)
+    if activation is None:
+        return z
+    if activation == "Softmax":
+        return _softmax(z)
+    if activation == "LogSoftmax":
+        shifted = z - z.max(axis=1, keepdims=True)
+        return shifted - np.log(np.exp(shifted).sum(axis=1, keepdims=True))
+    if activation == "Sigmoid":
+        return 1 / (1 + np.exp(-z))
+    raise SettingError(f"unknown output activation '{activation}'")
+
+
+def confidences(logits: np.ndarray, activation: str | None) -> np.ndarray:
+    """Per image and class, the probability the model gives: a one-logit Sigmoid head's sigmoid,
+    else the softmax of the logits (whatever the model's own output is)."""
+    return activated(logits, "Sigmoid") if activation == "Sigmoid" else _softmax(np.asarray(logits, np.float64))

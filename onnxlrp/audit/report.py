@@ -18,6 +18,7 @@ from PIL import Image
 from ..io.files import Outputs
 from ..io.image import colorize, render
 from ..lrp import reach
+from . import examples as shown
 from .findings import CHECKS
 from .run import Audit
 from .strategies import SMALL_REGION
@@ -45,12 +46,12 @@ def _thumb(picture: Image.Image, size: int = THUMBNAIL) -> Image.Image:
 
 
 def _image(audit: Audit, i: int) -> str:
-    return _png(_thumb(Image.fromarray(audit.pixels[i].squeeze()).convert("RGB")))
+    return _png(_thumb(Image.fromarray(audit.examples[i].pixels.squeeze()).convert("RGB")))
 
 
-def _heat(audit: Audit, i: int, heatmaps: np.ndarray | None = None) -> str:
-    heatmaps = audit.heatmaps if heatmaps is None else heatmaps
-    return _png(_thumb(render(audit.pixels[i], heatmaps[i])))
+def _heat(audit: Audit, i: int, other: bool = False) -> str:
+    example = audit.examples[i]
+    return _png(_thumb(render(example.pixels, example.other if other else example.heatmap)))
 
 
 def _grid_picture(grid: np.ndarray, region: np.ndarray | None = None) -> str:
@@ -105,32 +106,33 @@ def html(audit: Audit) -> str:
     env = Environment(loader=FileSystemLoader(Path(__file__).with_name("templates")),
                       autoescape=select_autoescape(default=True, default_for_string=True))
     index = {name: i for i, name in enumerate(audit.files)}
-    have_images = audit.pixels is not None
+    have_images = audit.examples is not None
 
     def pictures(names):
         return [{"name": n, "image": _image(audit, index[n]), "heat": _heat(audit, index[n])}
                 for n in names if have_images and n in index]
 
-    findings = [{**f.to_dict(), "pictures": pictures(f.images[:6])} for f in audit.findings]
+    findings = [{**f.to_dict(), "pictures": pictures(f.images[:shown.FINDING_PICTURES])} for f in audit.findings]
     classes = [{"name": s.name, "count": len(s.images), "area": s.region_area, "hans": s.hans_score,
                 "eigengap": s.eigengap, "mean": _grid_picture(s.mean_map, s.region if s.region_area <= SMALL_REGION else None),
-                "clusters": [{"size": len(c), "pictures": pictures([audit.files[i] for i in c[:3]])}
+                "clusters": [{"size": len(c), "pictures": pictures([audit.files[i] for i in c[:shown.CLUSTER_PICTURES]])}
                              for c in s.clusters]} for s in audit.strategies]
     drift = None
     if audit.drift is not None and have_images:
-        changed = audit.drift.most_changed()
+        changed = audit.drift.most_changed(shown.DRIFT_PAIRS)
         drift = {"other": audit.drift.other, "agreement": audit.drift.agreement, "correlation": audit.drift.correlation,
                  "pairs": [{"name": audit.files[i], "image": _image(audit, i), "ours": _heat(audit, i),
-                            "theirs": _heat(audit, i, audit.other_heatmaps),
+                            "theirs": _heat(audit, i, other=True),
                             "correlation": audit.drift.per_image[i]["rank_correlation"],
                             "prediction": audit.rows[i]["prediction"],
                             "other": audit.drift.per_image[i]["other_prediction"]} for i in changed]}
-    rows = [{**row, "picture": _heat(audit, i)} if have_images else row for i, row in enumerate(audit.rows)]
+    # the table shows the first ROWS_SHOWN rows, with a heatmap each (all rows are in images.csv)
+    rows = [{**row, "picture": _heat(audit, i)} if have_images else row for i, row in enumerate(audit.rows[:shown.ROWS_SHOWN])]
     return env.get_template("report.html.j2").render(
         audit=audit, verdict=audit.verdict, findings=findings, facts=audit.identity, classes=classes,
         randomisation=audit.randomisation.steps if audit.randomisation else [], random_logit=audit.random_logit,
         drift=drift, rows=rows, checks=CHECKS, seconds=audit.seconds, based_on=audit.based_on,
-        not_run=audit.not_run, deployed=audit.deployed, took=reach.TOOK)
+        not_run=audit.not_run, deployed=audit.deployed, took=reach.TOOK, rows_shown=shown.ROWS_SHOWN)
 
 
 def write(audit: Audit, folder: str | Path) -> dict[str, Path]:

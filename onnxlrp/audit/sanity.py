@@ -18,6 +18,7 @@ import onnx
 from onnx import numpy_helper
 
 from ..ir.model import constants_to_initializers
+from ..lrp.ops import facts
 from .statistics import rank_correlation
 
 #: the cascade: share of the weighted layers randomised, top down
@@ -34,13 +35,16 @@ class Randomisation:
 
 
 def weighted_layers(model: onnx.ModelProto) -> list[str]:
-    """The float weight initializers of Conv / Gemm / MatMul, top (output) first."""
+    """The float weight initializers of the layers with a learned kernel (an adapter's
+    weight_input: Conv, Gemm, MatMul), top (output) first."""
     initializers = {init.name: init for init in model.graph.initializer}
     names = []
     for node in model.graph.node:
-        if node.op_type in ("Conv", "Gemm", "MatMul") and len(node.input) > 1 and node.input[1] in initializers:
-            if initializers[node.input[1]].data_type == onnx.TensorProto.FLOAT:
-                names.append(node.input[1])
+        adapter = facts(node.op_type)
+        index = adapter.weight_input if adapter is not None else None
+        if index is not None and len(node.input) > index and node.input[index] in initializers:
+            if initializers[node.input[index]].data_type == onnx.TensorProto.FLOAT:
+                names.append(node.input[index])
     return names[::-1]
 
 
@@ -57,15 +61,14 @@ def randomised(model: onnx.ModelProto, names: list[str], seed: int = 0) -> onnx.
     return copy
 
 
-def randomisation(model_path: Path, explain, x: np.ndarray, targets: np.ndarray, heatmaps: np.ndarray,
-                  seed: int = 0) -> Randomisation:
-    """explain(path, x, targets) -> heatmaps [N, H, W]; the cascade's rank correlations."""
+def cascade(model_path: Path, explain, x: np.ndarray, targets: np.ndarray, seed: int = 0):
+    """explain(path, x, targets) -> heatmaps [N, H, W] on copies of the model with more and more
+    layers randomised (STEPS, top down): (label, layers randomised, maps) per step."""
     model = onnx.load(str(model_path))
     constants_to_initializers(model)  # weights written as Constant nodes (paddle2onnx) are weights too
     layers = weighted_layers(model)
-    steps = []
     if not layers:  # e.g. an int8 model: its weights are integers behind DequantizeLinear
-        return Randomisation(steps)
+        return
     with tempfile.TemporaryDirectory(prefix="onnxlrp-audit-") as folder:
         done = -1
         for share in STEPS:
@@ -75,12 +78,21 @@ def randomisation(model_path: Path, explain, x: np.ndarray, targets: np.ndarray,
             done = count
             path = Path(folder) / f"random_{count}.onnx"
             onnx.save(randomised(model, layers[:count], seed), str(path))
-            maps = explain(path, x, targets)
-            # of |R|: a map that only changed sign (a random top layer can flip it) has not changed
-            correlation = float(np.mean([rank_correlation(np.abs(a), np.abs(b)) for a, b in zip(heatmaps, maps)]))
             label = "top layer" if count == 1 else f"top {count} of {len(layers)} layers"
-            steps.append((label, count, correlation))
-    return Randomisation(steps)
+            yield label, count, explain(path, x, targets)
+
+
+def correlation(heatmaps: np.ndarray, maps: np.ndarray) -> float:
+    """Mean rank correlation of |R|: a map that only changed sign (a random top layer can flip
+    it) has not changed."""
+    return float(np.mean([rank_correlation(np.abs(a), np.abs(b)) for a, b in zip(heatmaps, maps)]))
+
+
+def randomisation(model_path: Path, explain, x: np.ndarray, targets: np.ndarray, heatmaps: np.ndarray,
+                  seed: int = 0) -> Randomisation:
+    """explain(path, x, targets) -> heatmaps [N, H, W]; the cascade's rank correlations."""
+    return Randomisation([(label, count, correlation(heatmaps, maps))
+                          for label, count, maps in cascade(model_path, explain, x, targets, seed)])
 
 
 def other_classes(targets: np.ndarray, classes: int, seed: int = 0) -> np.ndarray:

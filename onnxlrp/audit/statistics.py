@@ -34,6 +34,11 @@ def positive_share(heatmap: np.ndarray) -> float:
     return float(np.clip(heatmap, 0, None).sum() / magnitude) if magnitude > 0 else 0.0
 
 
+#: image_statistics' names: of every heatmap, and where the image has an object mask
+STATISTICS = ("positive_share", "gini", "border_share")
+MASK_STATISTICS = ("mass_accuracy", "rank_accuracy", "pointing_game")
+
+
 def image_statistics(heatmap: np.ndarray, mask: np.ndarray | None) -> dict[str, float]:
     stats = {"positive_share": positive_share(heatmap), "gini": gini(heatmap), "border_share": border_share(heatmap)}
     if mask is not None:

@@ -18,8 +18,6 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from .statistics import blocks
-
 #: a region of at most this share of the image is "small"
 SMALL_REGION = 0.06
 
@@ -70,15 +68,17 @@ def spray(maps: np.ndarray, max_clusters: int = 4) -> tuple[float, list[list[int
     return float(gaps[k - 1]), [np.flatnonzero(labels == c).tolist() for c in range(k)]
 
 
-def class_strategies(name: str, indices: list[int], grids: np.ndarray, masks: list[np.ndarray | None],
-                     cells: int) -> ClassStrategies:
+def class_strategies(name: str, indices: list[int], grids: np.ndarray, outside: np.ndarray) -> ClassStrategies:
+    """One class's images (indices into grids): grids [N, C, C] of their positive relevance
+    (statistics.downsized), outside [N, C, C] the cells outside each image's object
+    (mean mask under 0.5; all True where an image has no mask)."""
     maps = grids[indices]
     mean_map = maps.mean(axis=0)
     region = _region(mean_map)
     area = float(region.mean())
     shares = []
     for i, grid in zip(indices, maps):
-        inside = region if masks[i] is None else region & (blocks(masks[i], cells, np.mean) < 0.5)
+        inside = region & outside[i]
         shares.append(float(grid[inside].sum()))
     score = float(np.mean(shares)) if area <= SMALL_REGION else 0.0
     ranked = [indices[k] for k in np.argsort(shares)[::-1]]

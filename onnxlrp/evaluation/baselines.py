@@ -18,7 +18,7 @@ Every method maps a batch of model inputs and target classes to saliency maps [N
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Callable
 
@@ -29,8 +29,9 @@ from PIL import Image
 from ..analysis import analyse
 from ..explainer import Explainer, Explanation
 from ..lrp.composites import PAPER_VARIANTS, PRESETS
-from ..lrp.heatmaps import KINDS
-from ..errors import OnnxLrpError
+from ..lrp.heatmaps import KINDS, Heatmap
+from ..options import Options, Runtime, resolve
+from ..errors import SettingError
 from ..ir.model import readable_ir_version
 from ..runtime.session import run_batched, session
 
@@ -55,7 +56,7 @@ class Forward:
         if probe is not None:
             tensor = graph.tensors().get(probe)
             if tensor is None:
-                raise OnnxLrpError(f"{model}: no tensor '{probe}' to probe")
+                raise SettingError(f"{model}: no tensor '{probe}' to probe")
             tensor.dtype = np.float32
             outputs.append(tensor)
         graph.outputs = outputs
@@ -67,6 +68,8 @@ class Forward:
         self.image, self.height, self.width = analysis.image, analysis.height, analysis.width
         self.num_classes = analysis.num_classes
         self.probe = probe
+        # the probe's channel axis as the layer heatmaps find it: 1, or what a global pooling over it keeps
+        self.channel_axis = analysis.graph.channel_axis(probe) if probe is not None else 1
 
     def __call__(self, x: np.ndarray, batch_size: int = 64) -> list[np.ndarray]:
         out = run_batched(self.session, {self.input_name: x}, batch_size, self.image.batch)
@@ -100,8 +103,8 @@ class Method:
         return self.compute(x, targets)
 
 
-def _lrp(name: str, label: str, model, preset: str, **options) -> Method:
-    explainer = Explainer(model, preset=preset, trace=True, **options)
+def _lrp(name: str, label: str, model, options: Options, runtime: Runtime) -> Method:
+    explainer = Explainer(model, replace(options, trace=True), runtime)
     last: list[Explanation] = []
 
     def compute(x, targets):
@@ -111,17 +114,19 @@ def _lrp(name: str, label: str, model, preset: str, **options) -> Method:
     return Method(name, label, compute, explainer, last)
 
 
-def methods(model: str | Path, black: np.ndarray, layout: str = "NCHW", device: str = "cpu",
-            steps: int = 32, image_size=None, threads: int | None = None,
-            preprocessing: str = "imagenet") -> dict[str, Callable[[], Method]]:
+def methods(model: str | Path, black: np.ndarray, layout: str = "NCHW", steps: int = 32, *,
+            options: Options | None = None, runtime: Runtime | None = None,
+            **settings) -> dict[str, Callable[[], Method]]:
     """Method name -> a factory (methods build their sessions only when asked for).
     black: the model input of one all-black image (no batch axis), for Integrated Gradients and Score-CAM.
-    threads: onnxruntime's intra-op threads per session (default: its own choice).
-    preprocessing: what the inputs went through, for the LRP methods' z^B box bounds."""
-    common = dict(device=device, image_size=image_size, threads=threads)
+    options: the LRP methods' settings, except what a method sets itself (fixed_settings), and
+    the input size; runtime: where every method's sessions run; or their settings by name
+    (device="cuda"), as Explainer takes them."""
+    options, runtime = resolve(options, runtime, settings)
+    common = dict(device=runtime.device, image_size=options.image_size, threads=runtime.threads)
 
     def gradients(preset):
-        explainer = Explainer(model, preset=preset, **common)
+        explainer = Explainer(model, Options.make(preset=preset, image_size=options.image_size), runtime)
         return lambda x, targets: explainer.explain(x, targets).relevance
 
     def gradient():
@@ -148,10 +153,14 @@ def methods(model: str | Path, black: np.ndarray, layout: str = "NCHW", device: 
         return Method("guided-backprop", "Guided Backprop", lambda x, t: _channel_sum(grad(x, t), layout))
 
     def grad_cam():
-        explainer = Explainer(model, preset="gradient", probe="last", **common)
+        explainer = Explainer(model, Options.make(preset="gradient", probe="last", image_size=options.image_size),
+                              runtime)
+        graph = explainer.analysis.graph
+        axis = graph.channel_axis(graph.last_feature_map())  # as the layer heatmaps find it
 
         def compute(x, targets):
-            activation, gradient = explainer.explain(x, targets).probe
+            # channels to axis 1 (a no-op for ONNX's channels-first maps)
+            activation, gradient = (np.moveaxis(t, axis, 1) for t in explainer.explain(x, targets).probe)
             weights = gradient.mean(axis=(2, 3), keepdims=True)
             cam = np.maximum((weights * activation).sum(axis=1), 0)
             size = x.shape[2:] if layout == "NCHW" else x.shape[1:3]
@@ -166,7 +175,7 @@ def methods(model: str | Path, black: np.ndarray, layout: str = "NCHW", device: 
             size = x.shape[2:] if layout == "NCHW" else x.shape[1:3]
             maps = []
             for image, target in zip(x, targets):
-                activation = forward(image[None])[1][0]  # [C, h, w]
+                activation = np.moveaxis(forward(image[None])[1], forward.channel_axis, 1)[0]  # [C, h, w]
                 upsampled = _upsample(activation, *size)
                 low = upsampled.min(axis=(1, 2), keepdims=True)
                 span = upsampled.max(axis=(1, 2), keepdims=True) - low
@@ -186,7 +195,7 @@ def methods(model: str | Path, black: np.ndarray, layout: str = "NCHW", device: 
         "grad-cam": grad_cam,
         "score-cam": score_cam,
     }
-    return LrpMethods(registry, model, {**common, "preprocessing": preprocessing})
+    return LrpMethods(registry, model, options, runtime)
 
 
 #: LRP methods by name: (label, preset, options); any of them, and any preset by its name,
@@ -205,28 +214,43 @@ LRP_METHODS: dict[str, tuple[str, str, dict]] = {
 
 
 class LrpMethods(dict):
-    """Method name -> factory: the named methods, the LRP_METHODS, and every preset by name,
-    each LRP method also as NAME:layer or NAME:gated (its Relevance-CAM or gated map)."""
+    """Method name -> factory: the named methods, the LRP_METHODS, every preset by name, and
+    ``lrp`` (the explainer `options` describe, as given), each LRP method also as NAME:layer or
+    NAME:gated (its Relevance-CAM or gated map)."""
 
-    def __init__(self, named: dict[str, Callable[[], Method]], model, common: dict):
+    def __init__(self, named: dict[str, Callable[[], Method]], model, options: Options, runtime: Runtime):
         super().__init__(named)
-        self.model, self.common = model, common
-        for name in LRP_METHODS:
+        self.model, self.options, self.runtime = model, options, runtime
+        for name in ("lrp", *LRP_METHODS):
             self[name] = self._factory(name)
 
     def _factory(self, name: str) -> Callable[[], Method] | None:
         base, _, kind = name.partition(":")
-        if base in LRP_METHODS:
-            label, preset, options = LRP_METHODS[base]
+        if base == "lrp":
+            label, preset, recipe = f"LRP {self.options.preset.name} (the options given)", None, {}
+        elif base in LRP_METHODS:
+            label, preset, recipe = LRP_METHODS[base]
         elif base in PRESETS and base not in ("gradient", "guided-backprop"):
-            label, preset, options = f"LRP {base}", base, {}
+            label, preset, recipe = f"LRP {base}", base, {}
         else:
             return None
         if kind:
-            if kind not in KINDS or "heatmap" in options:
+            if kind not in KINDS or "heatmap" in recipe:
                 return None
-            label, options = f"{label}, {kind} map", {**options, "heatmap": kind}
-        return lambda: _lrp(name, label, self.model, preset, **options, **self.common)
+            label, recipe = f"{label}, {kind} map", {**recipe, "heatmap": kind}
+        return lambda: _lrp(name, label, self.model, self._options(preset, recipe), self.runtime)
+
+    def _options(self, preset: str | None, recipe: dict) -> Options:
+        """A method's options: its preset and recipe (split, heatmap) over the options given; the
+        'lrp' method (preset None) takes them as they are, but for a NAME:kind map."""
+        given = self.options
+        heatmap = Heatmap(recipe.get("heatmap", "pixel"), given.heatmap.layer)
+        if preset is None:
+            return given if "heatmap" not in recipe else replace(given, heatmap=heatmap)
+        return Options.make(preset=preset, split=recipe.get("split"), include_identity=recipe.get("include_identity"),
+                            bias=given.bias, low=given.low, high=given.high, preprocessing=given.preprocessing,
+                            image_size=given.image_size, rules=dict(given.rules), precision=given.precision,
+                            heatmap=heatmap)
 
     def __contains__(self, name: object) -> bool:
         return dict.__contains__(self, name) or (isinstance(name, str) and self._factory(name) is not None)
@@ -237,3 +261,18 @@ class LrpMethods(dict):
             raise KeyError(name)
         return factory
 
+
+#: the settings (Options.make's names, as the CLI's options are named) an LRP method sets itself
+_RECIPE = ("preset", "split", "include_identity", "heatmap")
+
+
+def fixed_settings(name: str) -> tuple[str, ...]:
+    """What method `name` sets itself, so that a setting given for it would be dropped: a named
+    LRP method its preset, split and map; 'lrp' nothing (it takes the options as given, and its
+    map from a :kind suffix); other methods nothing (they are not LRP: the rules do not apply)."""
+    base, _, kind = name.partition(":")
+    if base == "lrp":
+        return ("heatmap",) if kind else ()
+    if base in LRP_METHODS or base in PRESETS and base not in ("gradient", "guided-backprop"):
+        return _RECIPE
+    return ()

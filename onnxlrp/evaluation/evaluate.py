@@ -27,10 +27,11 @@ from . import metrics
 from ..lrp import reach
 from ..io.files import Outputs
 from .baselines import Forward, methods as method_registry
-from ..errors import OnnxLrpError
+from ..errors import DataError, SettingError
 from ..io.image import quantize
-from ..io.preprocessing import MASKS, find_mask, get_preprocessing, load_image, load_images, walk_images
-from ..runtime.cluster import Cluster, map_batches
+from ..io.preprocessing import MASKS, find_mask, load_image, load_images, walk_images
+from ..options import Options, Runtime, resolve
+from ..runtime.cluster import map_batches
 
 METRICS = ("insertion", "deletion", "id")
 MASK_METRICS = ("mass_accuracy", "rank_accuracy", "pointing_game")
@@ -68,7 +69,7 @@ def load_dataset(root: str | Path, labels_file: str | Path | None = None, *, mas
     nor a labels file is an unlabeled sample, every image under it (walk_images), labels None."""
     root = Path(root)
     if not root.is_dir():
-        raise OnnxLrpError(f"{root}: {'not a folder' if root.exists() else 'no such folder'}")
+        raise DataError(f"{root}: {'not a folder' if root.exists() else 'no such folder'}")
     classes, source = _class_list(root)
     labels: list[int] | None
     if labels_file is not None:
@@ -81,11 +82,11 @@ def load_dataset(root: str | Path, labels_file: str | Path | None = None, *, mas
             files += found
             labels += [index] * len(found)
     elif need_labels:
-        raise OnnxLrpError(f"{root}: no class folders (ImageFolder layout) and no labels file")
+        raise DataError(f"{root}: no class folders (ImageFolder layout) and no labels file")
     else:  # a flat sample (the class names, if any, from classes.txt)
         files, labels = [root.joinpath(*rel.parts) for rel in walk_images(root)], None
     if not files:
-        raise OnnxLrpError(f"{root}: no images")
+        raise DataError(f"{root}: no images")
     return Dataset(files, None if labels is None else np.asarray(labels, dtype=np.int64),
                    [find_mask(f, root, masks) for f in files], classes)
 
@@ -96,10 +97,10 @@ def _class_list(root: Path) -> tuple[list[str], str]:
     if listing.is_file():
         classes = [line.strip() for line in listing.read_text(encoding="utf-8-sig").splitlines() if line.strip()]
         if not classes:
-            raise OnnxLrpError(f"{listing}: no class names (one per line)")
+            raise DataError(f"{listing}: no class names (one per line)")
         twice = sorted({c for c in classes if classes.count(c) > 1})
         if twice:
-            raise OnnxLrpError(f"{listing}: class {twice[0]!r} listed more than once")
+            raise DataError(f"{listing}: class {twice[0]!r} listed more than once")
         return classes, str(listing)
     classes = sorted(p.name for p in root.iterdir() if p.is_dir() and p.name != MASKS and not p.name.startswith("."))
     return classes, f"the class subfolders of {root}"
@@ -107,7 +108,7 @@ def _class_list(root: Path) -> tuple[list[str], str]:
 
 def _from_labels(root: Path, labels_file: Path, classes: list[str], source: str) -> tuple[list[Path], list[int]]:
     if not labels_file.is_file():
-        raise OnnxLrpError(f"{labels_file}: no such file")
+        raise DataError(f"{labels_file}: no such file")
     files, labels = [], []
     reader = csv.reader(labels_file.read_text(encoding="utf-8-sig").splitlines())
     for row in reader:
@@ -115,10 +116,10 @@ def _from_labels(root: Path, labels_file: Path, classes: list[str], source: str)
         if not any(cell.strip() for cell in row) or row[0].lstrip().startswith("#"):
             continue
         if len(row) < 2:
-            raise OnnxLrpError(f"{where}: expected 'path,label', got {','.join(row)!r}")
+            raise DataError(f"{where}: expected 'path,label', got {','.join(row)!r}")
         path = root / row[0].strip()
         if not path.is_file():
-            raise OnnxLrpError(f"{where}: no such image {path}")
+            raise DataError(f"{where}: no such image {path}")
         files.append(path)
         labels.append(_label(row[1].strip(), classes, source, where, root))
     return files, labels
@@ -127,22 +128,22 @@ def _from_labels(root: Path, labels_file: Path, classes: list[str], source: str)
 def _label(text: str, classes: list[str], source: str, where: str, root: Path) -> int:
     """A class index or a class name -> the class index; anything else is an OnnxLrpError at `where`."""
     if not text:
-        raise OnnxLrpError(f"{where}: empty label")
+        raise DataError(f"{where}: empty label")
     if re.fullmatch(r"[+-]?[0-9]+", text):
         index = int(text)
         if index < 0:
-            raise OnnxLrpError(f"{where}: negative label {index}")
+            raise DataError(f"{where}: negative label {index}")
         # An index is checked against an explicit classes.txt here, and against the model's
         # classes in evaluate(); subfolders in a CSV layout need not be classes.
         if source.endswith("classes.txt") and index >= len(classes):
-            raise OnnxLrpError(f"{where}: label {index} out of range: {len(classes)} classes ({source})")
+            raise DataError(f"{where}: label {index} out of range: {len(classes)} classes ({source})")
         return index
     if not classes:
-        raise OnnxLrpError(f"{where}: class name {text!r} but no class list: put the class order in "
+        raise DataError(f"{where}: class name {text!r} but no class list: put the class order in "
                            f"{root / 'classes.txt'} (one name per line)")
     if text not in classes:
         shown = ", ".join(classes[:8]) + (", ..." if len(classes) > 8 else "")
-        raise OnnxLrpError(f"{where}: unknown class {text!r}; the classes in {source}: {shown}")
+        raise DataError(f"{where}: unknown class {text!r}; the classes in {source}: {shown}")
     return classes.index(text)
 
 
@@ -235,8 +236,7 @@ class Job:
     method_names: tuple[str, ...]
     protocols: tuple[str, ...]
     levels: int
-    preprocessing: str
-    image_size: tuple[int, int] | None = None
+    options: Options  # the LRP methods' settings (baselines.methods), the preprocessing and input size
 
     def open(self, device: str = "cpu", threads: int | None = None, labels: np.ndarray | None = None
              ) -> "BatchEvaluator":
@@ -261,21 +261,21 @@ class BatchEvaluator:
     def __init__(self, job: Job, device: str = "cpu", threads: int | None = None, labels: np.ndarray | None = None):
         """labels: checked against the model's classes before any method is built."""
         self.job = job
-        self.forward = forward = Forward(job.model, device=device, image_size=job.image_size,
+        self.forward = forward = Forward(job.model, device=device, image_size=job.options.image_size,
                                          threads=threads)  # scores the curves
         if labels is not None and labels.min(initial=0) < 0:
-            raise OnnxLrpError(f"label {labels.min()} is negative")
+            raise DataError(f"label {labels.min()} is negative")
         if labels is not None and labels.max(initial=0) >= forward.num_classes:
-            raise OnnxLrpError(f"label {labels.max()} out of range: the model has {forward.num_classes} classes")
+            raise DataError(f"label {labels.max()} out of range: the model has {forward.num_classes} classes")
         image = forward.image
-        self.prep = get_preprocessing(job.preprocessing)
+        self.prep = job.options.preprocessing
         self.black = self.prep.normalize(np.zeros((1, forward.height, forward.width, image.channels), np.uint8),
                                          image.layout)[0]
-        registry = method_registry(job.model, self.black, image.layout, device, image_size=job.image_size,
-                                   threads=threads, preprocessing=job.preprocessing)
+        registry = method_registry(job.model, self.black, image.layout, options=job.options,
+                                   runtime=Runtime(device=device, threads=threads))
         unknown = [m for m in job.method_names if m not in registry]
         if unknown:
-            raise OnnxLrpError(f"unknown method(s) {', '.join(unknown)}; choose from {', '.join(registry)}, or a preset "
+            raise SettingError(f"unknown method(s) {', '.join(unknown)}; choose from {', '.join(registry)}, or a preset "
                                "name; an LRP method or preset with :layer or :gated takes that heatmap")
         self.methods = {name: registry[name]() for name in job.method_names}
         self.labels = {name: method.label for name, method in self.methods.items()}
@@ -314,22 +314,27 @@ class BatchEvaluator:
 
 def evaluate(
     model: str | Path, dataset: Dataset, method_names: Sequence[str] = DEFAULT_METHODS,
-    protocols: Sequence[str] = metrics.PROTOCOLS, levels: int = 8, preprocessing: str = "imagenet",
-    limit: int | None = None, batch_size: int = 16, device: str = "cpu",
-    progress: Callable[[float], None] | None = None, cluster: Cluster | None = None,
-    image_size: tuple[int, int] | None = None, threads: int | None = None,
+    protocols: Sequence[str] = metrics.PROTOCOLS, levels: int = 8, *, options: Options | None = None,
+    runtime: Runtime | None = None, limit: int | None = None, progress: Callable[[float], None] | None = None,
+    **settings,
 ) -> Results:
-    """progress(n) is called as the work goes on, n in images (fractions of one: each method's
-    maps for a batch, then each image's metrics); the calls add up to the number of images.
-    cluster: run the batches on Ray actors (onnxlrp.runtime.cluster); the results are the
-    same as in one process, image for image. image_size: (height, width) where the model
-    leaves them open. threads: onnxruntime's intra-op threads in this process."""
+    """Evaluate the methods on the first `limit` images of `dataset`.
+
+    options: the LRP methods' settings, except what a method sets itself (baselines.fixed_settings:
+    a named method's preset, split and map; method 'lrp' takes them all), and the preprocessing
+    and input size of every method; runtime: device, threads, batch size and a Ray cluster
+    (runtime.cluster: the batches on Ray actors, with the same results as in one process, image
+    for image). Instead of the objects, their settings may be given by name (batch_size=4,
+    image_size=(48, 192)), as Explainer takes them. progress(n) is called as the work goes on,
+    n in images (fractions of one: each method's maps for a batch, then each image's metrics);
+    the calls add up to the number of images."""
+    options, runtime = resolve(options, runtime, settings)
+    batch_size, device, threads, cluster = runtime.batch_size, runtime.device, runtime.threads, runtime.cluster
     if not dataset.labelled:
-        raise OnnxLrpError("evaluate needs labels: class folders (ImageFolder layout) or a labels file")
+        raise DataError("evaluate needs labels: class folders (ImageFolder layout) or a labels file")
     count = min(limit or len(dataset.files), len(dataset.files))
     labels = dataset.labels[:count]
-    job = Job(str(model), tuple(method_names), tuple(protocols), levels, preprocessing,
-              tuple(image_size) if image_size else None)
+    job = Job(str(model), tuple(method_names), tuple(protocols), levels, options)
     files, masks = dataset.files[:count], dataset.masks[:count]
     batches = [Batch(files[k:k + batch_size], labels[k:k + batch_size], masks[k:k + batch_size])
                for k in range(0, count, batch_size)]

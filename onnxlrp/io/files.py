@@ -14,7 +14,7 @@ import threading
 from pathlib import Path
 from typing import Callable, Iterable
 
-from ..errors import OnnxLrpError
+from ..errors import OutputError
 
 
 _UMASK_LOCK = threading.Lock()
@@ -43,7 +43,7 @@ def check_writable(paths: Iterable[Path]) -> None:
     probed: set[Path] = set()
     for path in map(Path, paths):
         if path.is_dir():
-            raise OnnxLrpError(f"{path}: is a folder; expected a file name here")
+            raise OutputError(f"{path}: is a folder; expected a file name here")
         folder = path.parent
         while not folder.exists() and folder != folder.parent:
             folder = folder.parent
@@ -51,12 +51,12 @@ def check_writable(paths: Iterable[Path]) -> None:
         if folder in probed:
             continue
         if not folder.is_dir():
-            raise OnnxLrpError(f"{path}: cannot write there ({folder} is not a folder)")
+            raise OutputError(f"{path}: cannot write there ({folder} is not a folder)")
         try:
             with tempfile.TemporaryFile(dir=folder):
                 pass
         except OSError as exc:
-            raise OnnxLrpError(f"{path}: cannot write there ({exc.strerror or type(exc).__name__})") from None
+            raise OutputError(f"{path}: cannot write there ({exc.strerror or type(exc).__name__})") from None
         probed.add(folder)
 
 

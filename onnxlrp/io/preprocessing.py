@@ -19,7 +19,7 @@ from pathlib import Path, PurePosixPath
 import numpy as np
 from PIL import Image
 
-from ..errors import OnnxLrpError, first_line
+from ..errors import ImageError, SettingError, first_line
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm"}
 
@@ -80,7 +80,7 @@ def get_preprocessing(name: str | Preprocessing) -> Preprocessing:
     try:
         return PREPROCESSING[name]
     except KeyError:
-        raise OnnxLrpError(f"unknown preprocessing '{name}'; choose one of {', '.join(PREPROCESSING)}") from None
+        raise SettingError(f"unknown preprocessing '{name}'; choose one of {', '.join(PREPROCESSING)}") from None
 
 
 #: the folder of object masks in a data folder (masks/<the image's relative path>); no images in it
@@ -139,12 +139,12 @@ def image_sources(paths: list[str | Path]) -> list[tuple[Path, PurePosixPath]]:
         if path.is_dir():
             found = walk_images(path)
             if not found:
-                raise OnnxLrpError(f"{path}: folder holds no image files ({', '.join(sorted(IMAGE_SUFFIXES))})")
+                raise ImageError(f"{path}: folder holds no image files ({', '.join(sorted(IMAGE_SUFFIXES))})")
             sources.extend((path.joinpath(*rel.parts), rel) for rel in found)
         elif path.is_file():
             sources.append((path, PurePosixPath(path.name)))
         else:
-            raise OnnxLrpError(f"{path}: no such file or folder")
+            raise ImageError(f"{path}: no such file or folder")
     return sources
 
 
@@ -190,7 +190,7 @@ def _read(path: str | Path, channels: int = 3) -> Image.Image:
             img.load()
             return _to_8bit(img, channels)
     except Exception as exc:  # Pillow raises OSError, SyntaxError, ValueError, DecompressionBombError, ...
-        raise OnnxLrpError(f"{path}: cannot read image ({first_line(exc)})") from None
+        raise ImageError(f"{path}: cannot read image ({first_line(exc)})") from None
 
 
 def check_images(files: list[Path], threads: int = 4) -> None:

@@ -30,7 +30,7 @@ import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
 
-from ..errors import OnnxLrpError
+from ..errors import ModelError
 from .model import ImageInput
 
 
@@ -40,7 +40,10 @@ def quiet_graphsurgeon():
     return gs.logger.G_LOGGER.suppress(gs.logger.G_LOGGER.ERROR)
 
 
-POOLS = ("MaxPool", "AveragePool")
+# The rewrites below match ONNX graph patterns (a Pad before a Conv or pool, BatchNorm after a
+# Conv, MatMul + Add as Gemm) by op type: they are rewrites of ONNX, before any adapter exists,
+# not facts about ops (those live on the adapters in onnxlrp/lrp/ops).
+POOLS = ("MaxPool", "AveragePool")  # window ops with pads and auto_pad (a graph pattern, not op knowledge)
 #: the output activations a classifier ships with, stripped by _logits (Sigmoid on a one-logit head only)
 OUTPUT_ACTIVATIONS = ("Softmax", "LogSoftmax", "Sigmoid")
 
@@ -217,7 +220,7 @@ def _logits(graph: gs.Graph, path: str) -> tuple[gs.Variable, str | None, str | 
     (a multi-label head's Sigmoid over several classes stays: each score is its own output)."""
     if len(graph.outputs) != 1:
         names = ", ".join(t.name for t in graph.outputs)
-        raise OnnxLrpError(f"{path}: model has {len(graph.outputs)} outputs ({names}); expected one class-score output")
+        raise ModelError(f"{path}: model has {len(graph.outputs)} outputs ({names}); expected one class-score output")
     logits = graph.outputs[0]
     activation = stripped = None
     producer = logits.inputs[0] if logits.inputs else None
@@ -235,7 +238,7 @@ def _logits(graph: gs.Graph, path: str) -> tuple[gs.Variable, str | None, str | 
         logits = before
     shape = logits.shape
     if shape is None or len(shape) != 2 or not isinstance(shape[1], int):
-        raise OnnxLrpError(
+        raise ModelError(
             f"{path}: output '{logits.name}' has shape {shape}; expected class scores of shape [batch, classes]"
         )
     logits.dtype = np.float32

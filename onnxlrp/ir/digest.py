@@ -13,7 +13,7 @@ from typing import Iterator
 
 import onnx
 
-from ..errors import OnnxLrpError, first_line
+from ..errors import ModelError, first_line
 
 
 def file_digest(path: Path) -> str:
@@ -32,14 +32,14 @@ def external_files(path: str | Path) -> list[Path]:
     try:
         model = onnx.load(str(path), load_external_data=False)
     except Exception as exc:  # not a model: the loader says so; here the file alone is its identity
-        raise OnnxLrpError(f"{path}: not a readable ONNX model ({first_line(exc)})") from None
+        raise ModelError(f"{path}: not a readable ONNX model ({first_line(exc)})") from None
     locations = sorted({entry.value for tensor in _tensors(model.graph)
                         if tensor.data_location == onnx.TensorProto.EXTERNAL
                         for entry in tensor.external_data if entry.key == "location"})
     files = [path.parent / location for location in locations]
     for file in files:
         if not file.is_file():
-            raise OnnxLrpError(f"{path}: its external data file '{file.name}' is missing (expected at {file})")
+            raise ModelError(f"{path}: its external data file '{file.name}' is missing (expected at {file})")
     return files
 
 

@@ -18,7 +18,7 @@ import networkx as nx
 import onnx_graphsurgeon as gs
 
 from .canonicalise import Canonical
-from ..errors import OnnxLrpError
+from ..errors import ModelError
 from .merges import Merge, find_merges
 from .opinfo import OpFactory, OpInfo
 
@@ -51,8 +51,16 @@ class ModelGraph:
     def last_feature_map(self) -> str | None:
         """The tensor the last global pooling averages: the output of the last conv block
         (where Grad-CAM looks)."""
-        pools = [op for op in self.ops.values() if op.node.op in ("GlobalAveragePool", "ReduceMean")]
+        pools = [op for op in self.ops.values() if op.pools_globally]
         return pools[-1].x.name if pools else None
+
+    def channel_axis(self, tensor: str) -> int:
+        """The channel axis of a feature map: the axis the first global pooling over it keeps
+        (a ReduceMean over the rows and columns of a channels-last map keeps axis 3), else 1,
+        ONNX's convention."""
+        pools = [op for op in self.ops.values() if op.x.name == tensor and op.pools_globally]
+        kept = pools[0].channel_axis if pools else None
+        return 1 if kept is None else kept
 
 
 def input_vertex(name: str) -> str:
@@ -82,7 +90,7 @@ def build_graph(canonical: Canonical, make_op: OpFactory, path: str = "model") -
             else:
                 dag.add_edge(src, node.name, tensors=[tensor.name])
     if canonical.logits.name not in data:
-        raise OnnxLrpError(f"{path}: output '{canonical.logits.name}' does not depend on the image input")
+        raise ModelError(f"{path}: output '{canonical.logits.name}' does not depend on the image input")
     # Keep only what relevance can reach: ancestors of the logits' producer.
     sink = producers[canonical.logits.name]
     keep = nx.ancestors(dag, sink) | {sink}

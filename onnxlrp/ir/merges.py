@@ -18,12 +18,16 @@ from typing import TYPE_CHECKING
 
 import networkx as nx
 
+from .opinfo import Family
+
 if TYPE_CHECKING:
     from .opinfo import OpInfo as Op
 
 SKIP_KINDS = ("identity", "projection", "other")
-_PROJECTION_EXTRAS = {"BatchNormalization", "Add", "Sub", "Mul", "Div", "QuantizeLinear", "DequantizeLinear"}
-_POOLS = {"AveragePool", "MaxPool"}
+#: what a projection skip may hold besides its conv: element-wise affine maps (a BatchNorm, a
+#: constant scale or shift), the quantize/dequantize pairs of a QDQ model, and window pools
+_PROJECTION_EXTRAS = {Family.BATCH_NORM, Family.AFFINE, Family.QUANTIZATION}
+_POOLS = {Family.AVERAGE_POOLING, Family.MAX_POOLING}
 
 
 @dataclass(frozen=True)
@@ -46,11 +50,11 @@ def _producer(dag: nx.DiGraph, node: str, tensor: str) -> str:
 
 
 def _is_projection(branch: tuple[str, ...], ops: dict[str, Op]) -> bool:
-    convs = [ops[name] for name in branch if ops[name].node.op == "Conv"]
-    others = [ops[name] for name in branch if ops[name].node.op != "Conv"]
-    if len(convs) != 1 or any(op.node.op not in _PROJECTION_EXTRAS | _POOLS for op in others):
+    convs = [ops[name] for name in branch if ops[name].family is Family.CONVOLUTION]
+    others = [ops[name] for name in branch if ops[name].family is not Family.CONVOLUTION]
+    if len(convs) != 1 or any(op.family not in _PROJECTION_EXTRAS | _POOLS for op in others):
         return False
-    kernel = convs[0].node.inputs[1].shape[2:]
+    kernel = convs[0].node.inputs[convs[0].weight_input].shape[2:]
     return all(k == 1 for k in kernel)
 
 
@@ -85,7 +89,7 @@ def find_merges(dag: nx.DiGraph, ops: dict[str, Op]) -> list[Merge]:
             kind = "identity"
         elif _is_projection(skip_branch, ops):
             kind = "projection"
-            detail = "pooled" if any(ops[n].node.op in _POOLS for n in skip_branch) else ""
+            detail = "pooled" if any(ops[n].family in _POOLS for n in skip_branch) else ""
         else:
             kind = "other"
         merges.append(Merge(name, skip, main, kind, fork, skip_branch, main_branch, detail))

@@ -15,7 +15,9 @@ import onnx
 import onnx.version_converter
 from onnx import numpy_helper
 
-from ..errors import OnnxLrpError, first_line
+from ..errors import ModelError, first_line
+from . import opinfo
+from .opinfo import Family
 
 #: The relevance graph uses ScatterElements(reduction="add") (opset 16) and ReduceSum
 #: with axes as an input (13); older models are converted up to this opset.
@@ -30,26 +32,26 @@ def load(path: str | Path) -> onnx.ModelProto:
     """Read, validate and (if needed) opset-convert an ONNX model."""
     path = Path(path)
     if path.is_dir():
-        raise OnnxLrpError(f"{path}: is a folder; expected an ONNX model file")
+        raise ModelError(f"{path}: is a folder; expected an ONNX model file")
     if not path.is_file():
-        raise OnnxLrpError(f"{path}: no such file")
+        raise ModelError(f"{path}: no such file")
     try:
         model = onnx.load(str(path))
     except Exception as exc:  # protobuf raises DecodeError, external data raises OSError, ...
-        raise OnnxLrpError(f"{path}: not a readable ONNX model ({first_line(exc)})") from None
+        raise ModelError(f"{path}: not a readable ONNX model ({first_line(exc)})") from None
     if not model.graph.node:
-        raise OnnxLrpError(f"{path}: not an ONNX model, or an empty one (the graph has no nodes)")
+        raise ModelError(f"{path}: not an ONNX model, or an empty one (the graph has no nodes)")
     try:
         # The path form also handles models with external data over 2 GB.
         onnx.checker.check_model(str(path))
     except Exception as exc:
-        raise OnnxLrpError(f"{path}: invalid ONNX model ({first_line(exc)})") from None
+        raise ModelError(f"{path}: invalid ONNX model ({first_line(exc)})") from None
     opset = default_opset(model)
     if opset < MIN_OPSET:
         try:
             model = onnx.version_converter.convert_version(model, MIN_OPSET)
         except Exception as exc:
-            raise OnnxLrpError(
+            raise ModelError(
                 f"{path}: cannot convert opset {opset} to {MIN_OPSET} ({first_line(exc)})"
             ) from None
     constants_to_initializers(model)
@@ -197,7 +199,7 @@ def image_input(model: onnx.ModelProto, path: str | Path = "model") -> ImageInpu
     inputs = [i for i in model.graph.input if i.name not in initializers]
     if len(inputs) != 1:
         names = ", ".join(i.name for i in inputs) or "none"
-        raise OnnxLrpError(
+        raise ModelError(
             f"{path}: model has {len(inputs)} inputs ({names}); onnxlrp explains "
             "classifiers with a single image input"
         )
@@ -207,17 +209,17 @@ def image_input(model: onnx.ModelProto, path: str | Path = "model") -> ImageInpu
     shown = [d if d is not None else "?" for d in dims]
     if not inp.type.HasField("tensor_type") or tensor_type.elem_type != _FLOAT:
         dtype = onnx.TensorProto.DataType.Name(tensor_type.elem_type) if tensor_type.elem_type else "non-tensor"
-        raise OnnxLrpError(
+        raise ModelError(
             f"{path}: input '{inp.name}' has element type {dtype}; expected a float32 image batch"
         )
     if len(dims) != 4:
-        raise OnnxLrpError(
+        raise ModelError(
             f"{path}: input '{inp.name}' has shape {shown}; expected an image batch of rank 4 "
             "(NCHW or NHWC)"
         )
     layout = _layout(model, inp.name, dims)
     if layout is None:
-        raise OnnxLrpError(
+        raise ModelError(
             f"{path}: input '{inp.name}' has shape {shown}; cannot tell which axis holds the "
             "colour channels (expected 1 or 3 channels, NCHW or NHWC)"
         )
@@ -228,7 +230,7 @@ def image_input(model: onnx.ModelProto, path: str | Path = "model") -> ImageInpu
     if channels is None:
         channels = _channels_from_first_conv(model, inp.name)
     if channels is None:
-        raise OnnxLrpError(f"{path}: input '{inp.name}' has shape {shown}; its channel count is not fixed")
+        raise ModelError(f"{path}: input '{inp.name}' has shape {shown}; its channel count is not fixed")
     return ImageInput(inp.name, layout, channels, height, width, dims[0])
 
 
@@ -245,17 +247,28 @@ def _layout(model: onnx.ModelProto, name: str, dims: list[int | None]) -> str | 
                 perm = next((list(a.ints) for a in node.attribute if a.name == "perm"), None)
                 if perm == [0, 3, 1, 2]:
                     return "NHWC"
-            if node.op_type == "Conv":
+            conv = _convolution(node.op_type)
+            if conv is not None and conv.channel_axis == 1:
                 return "NCHW"
     return None
+
+
+def _convolution(op_type: str) -> opinfo.OpFacts | None:
+    """The facts of a convolution's adapter (the op whose weight tells its input's channels),
+    read through the registry the adapters fill (see opinfo), else None."""
+    facts = opinfo.facts(op_type)
+    return facts if facts is not None and facts.family is Family.CONVOLUTION else None
 
 
 def _channels_from_first_conv(model: onnx.ModelProto, name: str) -> int | None:
     weights = {init.name: init for init in model.graph.initializer}
     for node in model.graph.node:
-        if node.op_type == "Conv" and node.input[0] == name and node.input[1] in weights:
-            group = next((a.i for a in node.attribute if a.name == "group"), 1)
-            return weights[node.input[1]].dims[1] * group
+        conv = _convolution(node.op_type)
+        if conv is None or node.input[0] != name or node.input[conv.weight_input] not in weights:
+            continue
+        # an ONNX convolution's weight is [C_out, C_in / group, *kernel]
+        group = next((a.i for a in node.attribute if a.name == "group"), 1)
+        return weights[node.input[conv.weight_input]].dims[1] * group
     return None
 
 
@@ -274,7 +287,7 @@ def with_image_size(
     spatial = (2, 3) if image.layout == "NCHW" else (1, 2)
     for axis, size in zip(spatial, (height, width)):
         if dims[axis].HasField("dim_value") and dims[axis].dim_value != size:
-            raise OnnxLrpError(
+            raise ModelError(
                 f"{path}: input '{image.name}' has a fixed size "
                 f"{image.height}x{image.width}; cannot use {height}x{width}"
             )
@@ -291,9 +304,15 @@ def with_image_size(
     return model
 
 
-#: op type -> the inputs that are shapes, sizes, pads or axes (not data)
-_SHAPE_INPUTS = {"Reshape": (1,), "Expand": (1,), "Pad": (1, 2, 3), "Slice": (1, 2, 3, 4), "Tile": (1,),
-                 "Squeeze": (1,), "Unsqueeze": (1,), "ConstantOfShape": (0,), "Resize": (1, 2, 3)}
+#: the shape inputs of ops no adapter handles, met in exporters' shape arithmetic off the data
+#: path (an op an adapter handles declares its own: Op.shape_inputs)
+_OFF_PATH_SHAPE_INPUTS = {"Tile": (1,), "ConstantOfShape": (0,), "Resize": (1, 2, 3)}
+
+
+def _shape_inputs(op_type: str) -> tuple[int, ...]:
+    """The inputs of an op that are shapes, sizes, pads or axes (not data)."""
+    facts = opinfo.facts(op_type)
+    return facts.shape_inputs if facts is not None else _OFF_PATH_SHAPE_INPUTS.get(op_type, ())
 
 
 def _fold_computed_shapes(model: onnx.ModelProto, image: ImageInput, height: int, width: int, path) -> bool:
@@ -309,7 +328,7 @@ def _fold_computed_shapes(model: onnx.ModelProto, image: ImageInput, height: int
     constants |= {out for node in model.graph.node if node.op_type == "Constant" for out in node.output}
     wanted: dict[str, list[tuple[onnx.NodeProto, int]]] = {}
     for node in model.graph.node:
-        for index in _SHAPE_INPUTS.get(node.op_type, ()):
+        for index in _shape_inputs(node.op_type):
             if index < len(node.input) and node.input[index] and node.input[index] not in constants:
                 wanted.setdefault(node.input[index], []).append((node, index))
     if not wanted:
@@ -317,6 +336,7 @@ def _fold_computed_shapes(model: onnx.ModelProto, image: ImageInput, height: int
     import onnxruntime as ort  # only for models that compute their shapes
 
     # A Reshape's or Expand's target is read off its actual output (a target may hold -1 or 0 too)
+    # (ONNX's semantics of a target shape, as canonicalise's rewrites read graph patterns: not an adapter's fact)
     outputs = {node.output[0]: node for uses in wanted.values() for node, _ in uses if node.op_type in ("Reshape", "Expand")}
     fetch = list(wanted) + [name for name in outputs if name not in wanted]
     probe = onnx.ModelProto.FromString(model.SerializeToString())
@@ -332,7 +352,7 @@ def _fold_computed_shapes(model: onnx.ModelProto, image: ImageInput, height: int
         runs = [dict(zip(fetch, sess.run(fetch, {image.name: np.zeros(image.shape(b, height, width), np.float32)})))
                 for b in batches]
     except Exception as exc:
-        raise OnnxLrpError(f"{path}: cannot compute the graph's shape inputs ({first_line(exc)})") from None
+        raise ModelError(f"{path}: cannot compute the graph's shape inputs ({first_line(exc)})") from None
     folded = False
     for name, uses in wanted.items():
         values = [np.asarray(run[name]) for run in runs]
@@ -386,7 +406,7 @@ def _infer_shapes(model: onnx.ModelProto, path) -> onnx.ModelProto:
                 break
         else:
             break
-    raise OnnxLrpError(f"{path}: shape inference failed ({first_line(error)})") from None
+    raise ModelError(f"{path}: shape inference failed ({first_line(error)})") from None
 
 
 def _floor_ceil_mode_pool(model: onnx.ModelProto) -> bool:

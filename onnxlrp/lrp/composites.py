@@ -1,10 +1,13 @@
-"""Presets: which rule each op type gets, as small tables (Zennit calls them composites).
+"""Presets: which rule each op gets, as small tables (Zennit calls them composites).
 
-A preset maps ONNX op types to rules, with a separate map for the *first* layer: the
-first op, in topological order, whose type is in that map (as Zennit's
+A preset maps op families (onnxlrp.ir.opinfo.Family, declared by each adapter, as Zennit's
+composites map zennit.types) to rules, and, separately and before them, ONNX op types and
+variants (a grouped convolution); a separate map gives the *first* layer its rule: the
+first op, in topological order, whose family is in that map (as Zennit's
 SpecialFirstLayerMapComposite does in module order). Ops a preset does not name get
 their op's default (ReLU and BatchNorm pass, reshapes and MaxPool take the gradient);
-residual merges get the chosen Relevance Splitting.
+residual merges get the chosen Relevance Splitting. Overrides (Options.rules, ``--rule``)
+name an op type or a node and come before all of them.
 
 The Zennit-named presets mean what Zennit 1.0's composites of the same name mean.
 ``paper`` is the published implementation of Otsuki et al. (ECCV 2024), variant (iv).
@@ -16,8 +19,9 @@ from dataclasses import dataclass, field
 from typing import Mapping
 
 from . import rules as R
-from ..errors import NoRuleError, OnnxLrpError
+from ..errors import NoRuleError, SettingError
 from ..ir.graph import ModelGraph
+from ..ir.opinfo import Family
 from .rules import Rule
 from .splitting import Split
 
@@ -28,14 +32,15 @@ DEFAULTS: dict[str, Rule] = {"pass": R.PASS, "gradient": R.GRADIENT, "gate": R.G
 class Preset:
     name: str
     summary: str
-    layers: Mapping[str, Rule]  # op type -> rule
-    first: Mapping[str, Rule] = field(default_factory=dict)  # op type -> rule for the first such op
+    families: Mapping[Family, Rule]  # op family -> rule
+    first: Mapping[Family, Rule] = field(default_factory=dict)  # op family -> rule for the first such op
     initial: str = "logit"  # the target's "logit", its softmax "probability", or "one" (gradients)
     fold_batchnorm: bool = True
     split: str = "ratio"
     include_identity: bool = True
-    fallback: Rule | None = None  # rule for op types the tables do not name (default: the op's own)
-    families: Mapping[str, Rule] = field(default_factory=dict)  # op family (Op.family) -> rule, before `layers`
+    fallback: Rule | None = None  # rule for ops the tables do not name (default: the op's own)
+    layers: Mapping[str, Rule] = field(default_factory=dict)  # op type -> rule, before `families`
+    variants: Mapping[str, Rule] = field(default_factory=dict)  # Op.variant -> rule, before `layers`
 
     def assign(self, graph: ModelGraph, split: Split, overrides: Mapping[str, Rule] | None = None) -> dict[str, Rule]:
         """The rule for every op of the graph, by node name. Overrides key by node name or op type."""
@@ -44,7 +49,7 @@ class Preset:
         assigned: dict[str, Rule] = {}
         # The first layer is a property of the graph, not of the overrides: an override that
         # takes it (by name or op type) takes it away from the preset, and no other op inherits it.
-        first = next((name for name, op in graph.ops.items() if op.node.op in self.first), None)
+        first = next((name for name, op in graph.ops.items() if op.family in self.first), None)
         for name, op in graph.ops.items():
             op_type = op.node.op
             if op.kind == "merge":
@@ -52,13 +57,16 @@ class Preset:
             elif name in overrides or op_type in overrides:
                 rule = overrides.get(name, overrides.get(op_type))
             elif name == first:
-                rule = self.first[op_type]
-            elif op.family in self.families:
-                rule = self.families[op.family]
+                rule = self.first[op.family]
+            elif op.variant in self.variants:
+                rule = self.variants[op.variant]
             elif op_type in self.layers and not self.layers[op_type].applies_to(op):
                 # Add/Sub/Mul/Div are several kinds of op (constant arithmetic, a merge, a gate):
                 # a table's rule for the op type serves those it applies to, the others get their default
                 rule = self.layers[op_type]
+            elif op.family in self.families and not self.families[op.family].applies_to(op):
+                # as for op types: a rule a member of the family cannot take leaves it its default
+                rule = self.families[op.family]
             elif self.fallback is not None:
                 rule = self.fallback
             elif op.default_rule in DEFAULTS:
@@ -86,7 +94,7 @@ def _check_keys(graph: ModelGraph, overrides: Mapping[str, Rule]) -> None:
         path = next(iter(graph.ops.values())).path if graph.ops else "model"
         near = _closest(key, names) or _closest(key, op_types)
         hint = f"; closest: {', '.join(near)}" if near else "; onnxlrp graph lists the nodes and op types"
-        raise OnnxLrpError(f"{path}: rule override '{key}' matches no node name or op type of the graph{hint}")
+        raise SettingError(f"{path}: rule override '{key}' matches no node name or op type of the graph{hint}")
 
 
 def _closest(key: str, candidates: list[str], n: int = 3) -> list[str]:
@@ -99,34 +107,29 @@ def _closest(key: str, candidates: list[str], n: int = 3) -> list[str]:
     return containing[:n] or difflib.get_close_matches(key, candidates, n=n, cutoff=0.5)
 
 
-def _zennit_layers(conv: Rule, stabilizer: float = 1e-6, epsilon: float = 1e-6) -> dict[str, Rule]:
+def _zennit_families(conv: Rule, stabilizer: float = 1e-6, epsilon: float = 1e-6) -> dict[Family, Rule]:
     """Zennit's layer map: the conv rule, Epsilon for dense layers, Norm for average pools."""
     dense, pool = R.epsilon(epsilon), R.norm(stabilizer)
     return {
-        "Conv": conv,
-        "Gemm": dense,
-        "MatMul": dense,
-        "AveragePool": pool,
-        "GlobalAveragePool": pool,
-        "ReduceMean": pool,
-        "ReduceSum": pool,
-        "MaxPool": R.GRADIENT,
-        "BatchNormalization": R.PASS,
-        "Relu": R.PASS,
-        # ReLU6 and Hardtanh, as torch exports them: Zennit's Pass for every activation, so the
-        # relevance of a unit held at its cap goes on (its gradient there is zero)
-        "Clip": R.PASS,
+        Family.CONVOLUTION: conv,
+        Family.DENSE: dense,
+        Family.AVERAGE_POOLING: pool,
+        Family.GLOBAL_POOLING: pool,
+        Family.MAX_POOLING: R.GRADIENT,
+        Family.BATCH_NORM: R.PASS,
+        Family.ACTIVATION: R.PASS,
+        # ReLU6 and Hardtanh (Clip, as torch exports them), Sigmoid: Zennit's Pass for every
+        # activation, so the relevance of a unit held at its cap goes on (its gradient there is zero)
+        Family.BOUNDED_ACTIVATION: R.PASS,
         # normalisations with sigma held constant: affine layers, epsilon as for dense layers
-        "LayerNormalization": dense,
-        "GroupNormalization": dense,
-        "InstanceNormalization": dense,
+        Family.NORMALISATION: dense,
     }
 
 
-def _handing_on(layers: dict[str, Rule], fallback: str = "flat") -> dict[str, Rule]:
+def _handing_on(families: dict[Family, Rule], fallback: str = "flat") -> dict[Family, Rule]:
     """The same table, each linear rule handing on its stabiliser's share by `fallback`."""
-    return {op: R.with_fallback(rule, fallback) if isinstance(rule, R.LinearRule) else rule
-            for op, rule in layers.items()}
+    return {family: R.with_fallback(rule, fallback) if isinstance(rule, R.LinearRule) else rule
+            for family, rule in families.items()}
 
 
 _PAPER_EPS = 1e-5
@@ -136,55 +139,50 @@ PRESETS: dict[str, Preset] = {
         Preset(
             "epsilon-plus-flat",
             "Zennit EpsilonPlusFlat: flat first layer, z+ convs, epsilon dense",
-            _zennit_layers(R.zplus()),
-            first={"Conv": R.flat(), "Gemm": R.flat(), "MatMul": R.flat()},
+            _zennit_families(R.zplus()),
+            first={Family.CONVOLUTION: R.flat(), Family.DENSE: R.flat()},
         ),
         Preset(
             "epsilon-plus-flat-conserve",
             "epsilon-plus-flat, with the share of relevance every layer's stabiliser would absorb handed "
             "on by the flat rule: conserves without biases where denominators vanish (depthwise convs)",
-            _handing_on(_zennit_layers(R.zplus())),
-            first={"Conv": R.flat(), "Gemm": R.flat(), "MatMul": R.flat()},
+            _handing_on(_zennit_families(R.zplus())),
+            first={Family.CONVOLUTION: R.flat(), Family.DENSE: R.flat()},
         ),
         Preset(
             "epsilon-gamma-box",
             "Zennit EpsilonGammaBox: z^B first conv, gamma=0.25 convs, epsilon dense",
-            _zennit_layers(R.gamma(0.25)),
-            first={"Conv": R.zbox()},
+            _zennit_families(R.gamma(0.25)),
+            first={Family.CONVOLUTION: R.zbox()},
         ),
         Preset(
             "epsilon-alpha2-beta1",
             "Zennit EpsilonAlpha2Beta1: alpha2-beta1 on every conv (the first too), epsilon dense",
-            _zennit_layers(R.alpha_beta(2.0, 1.0)),
+            _zennit_families(R.alpha_beta(2.0, 1.0)),
         ),
         Preset(
             "epsilon",
             "LRP-epsilon (1e-6) on every conv and dense layer, normalisation and constant arithmetic "
             "(a bias added on its own, a scale)",
+            {**_zennit_families(R.epsilon()), Family.AFFINE: R.epsilon()},
             # a Clip by its gradient, as LRP-0 (gradient x input) has it: epsilon is LRP-0 stabilised
-            {**_zennit_layers(R.epsilon()), **{op: R.epsilon() for op in ("Add", "Sub", "Mul", "Div")},
-             "Clip": R.GRADIENT},
+            layers={"Clip": R.GRADIENT},
         ),
         Preset(
             "paper",
             "Otsuki et al. ECCV 2024, variant (iv): z+ (eps 1e-5, no bias), stem with a = 1, "
             "MaxPool as 2x2 average, BatchNorm passes, ratio split, softmax probability",
             {
-                "Conv": R.zplus(_PAPER_EPS, use_bias=False),
-                "Gemm": R.zplus(_PAPER_EPS, use_bias=False),
-                "MatMul": R.zplus(_PAPER_EPS, use_bias=False),
-                "MaxPool": R.avg2x2(_PAPER_EPS),
-                "AveragePool": R.norm(_PAPER_EPS),
-                "GlobalAveragePool": R.norm(_PAPER_EPS),
-                "ReduceMean": R.norm(_PAPER_EPS),
-                "ReduceSum": R.norm(_PAPER_EPS),
-                "LayerNormalization": R.epsilon(_PAPER_EPS),
-                "GroupNormalization": R.epsilon(_PAPER_EPS),
-                "InstanceNormalization": R.epsilon(_PAPER_EPS),
-                "BatchNormalization": R.PASS,
-                "Relu": R.PASS,
+                Family.CONVOLUTION: R.zplus(_PAPER_EPS, use_bias=False),
+                Family.DENSE: R.zplus(_PAPER_EPS, use_bias=False),
+                Family.MAX_POOLING: R.avg2x2(_PAPER_EPS),
+                Family.AVERAGE_POOLING: R.norm(_PAPER_EPS),
+                Family.GLOBAL_POOLING: R.norm(_PAPER_EPS),
+                Family.NORMALISATION: R.epsilon(_PAPER_EPS),
+                Family.BATCH_NORM: R.PASS,
+                Family.ACTIVATION: R.PASS,
             },
-            first={"Conv": R.zplus(_PAPER_EPS, use_bias=False, ones_input=True)},
+            first={Family.CONVOLUTION: R.zplus(_PAPER_EPS, use_bias=False, ones_input=True)},
             initial="probability",
             fold_batchnorm=False,
         ),
@@ -192,18 +190,17 @@ PRESETS: dict[str, Preset] = {
             "captum",
             "LRP as Captum applies it by default: epsilon 1e-9 on every layer (BatchNorm too), no "
             "Relevance Splitting (both branches of a merge get all relevance, as the gradient of +)",
-            {**{op: R.epsilon(1e-9) for op in ("Conv", "Gemm", "MatMul", "AveragePool", "GlobalAveragePool",
-                                               "ReduceMean", "ReduceSum", "BatchNormalization", "LayerNormalization",
-                                               "GroupNormalization", "InstanceNormalization")},
-             "MaxPool": R.GRADIENT, "Relu": R.PASS},  # epsilon on a max is its winner-take-all
+            {**{family: R.epsilon(1e-9) for family in (Family.CONVOLUTION, Family.DENSE, Family.AVERAGE_POOLING,
+                                                       Family.GLOBAL_POOLING, Family.BATCH_NORM, Family.NORMALISATION)},
+             Family.MAX_POOLING: R.GRADIENT, Family.ACTIVATION: R.PASS},  # epsilon on a max is its winner-take-all
             fold_batchnorm=False,
             split="copy",
         ),
         # Baselines computed by the same machinery: every op's transpose is its vector-Jacobian product.
         Preset("gradient", "the gradient of the target logit (vanilla saliency)", {},
                initial="one", split="copy", fallback=R.GRADIENT),
-        Preset("guided-backprop", "guided backpropagation: ReLUs pass positive gradients only",
-               {"Relu": R.GUIDED}, initial="one", split="copy", fallback=R.GRADIENT),
+        Preset("guided-backprop", "guided backpropagation: ReLUs pass positive gradients only", {},
+               layers={"Relu": R.GUIDED}, initial="one", split="copy", fallback=R.GRADIENT),
     )
 }
 
@@ -222,4 +219,4 @@ def get_preset(name: str | Preset) -> Preset:
     try:
         return PRESETS[name]
     except KeyError:
-        raise OnnxLrpError(f"unknown preset '{name}'; choose one of {', '.join(PRESETS)}") from None
+        raise SettingError(f"unknown preset '{name}'; choose one of {', '.join(PRESETS)}") from None

@@ -22,7 +22,7 @@ from dataclasses import dataclass
 import numpy as np
 import onnx_graphsurgeon as gs
 
-from ..errors import OnnxLrpError
+from ..errors import SettingError
 from .emit import Emitter
 
 KINDS = ("pixel", "layer", "gated")
@@ -41,9 +41,9 @@ class Heatmap:
 
     def __post_init__(self) -> None:
         if self.kind not in KINDS:
-            raise OnnxLrpError(f"unknown heatmap '{self.kind}'; choose one of {', '.join(KINDS)}")
+            raise SettingError(f"unknown heatmap '{self.kind}'; choose one of {', '.join(KINDS)}")
         if not self.power > 0:
-            raise OnnxLrpError(f"heatmap gate power must be positive, got {self.power}")
+            raise SettingError(f"heatmap gate power must be positive, got {self.power}")
 
     @property
     def needs_layer(self) -> bool:

@@ -36,7 +36,7 @@ import onnx_graphsurgeon as gs
 
 from . import heatmaps, reach
 from .emit import Emitter
-from ..errors import OnnxLrpError, first_line
+from ..errors import ModelError, SettingError, first_line
 from ..ir.canonicalise import quiet_graphsurgeon
 from ..ir.graph import ModelGraph, build_graph
 from .ops import make_op
@@ -109,7 +109,7 @@ class _Box:
             a, b = (session.run(None, {canonical.input.name: np.repeat(v, batch, axis=0)})[0][:1]
                     for v in (self.given["low"], self.given["high"]))
         except Exception as exc:
-            raise OnnxLrpError(f"z^B box bounds: cannot replay the ops before '{x.name}' ({first_line(exc)})") from None
+            raise ModelError(f"z^B box bounds: cannot replay the ops before '{x.name}' ({first_line(exc)})") from None
         return {"low": np.minimum(a, b).astype(np.float32), "high": np.maximum(a, b).astype(np.float32)}
 
 
@@ -208,7 +208,7 @@ def _build(
 
     parts = contributions.pop(images.name, None)
     if not parts:
-        raise OnnxLrpError("no relevance reaches the image input")
+        raise ModelError("no relevance reaches the image input")
     input_relevance = e.sum(parts)
     if layer == images.name:
         layered = input_relevance
@@ -224,7 +224,7 @@ def _build(
     if graph.merges:
         sums = [merge_sums[m.node] if m.node in merge_sums else None for m in graph.merges]
         if any(s is None for s in sums):
-            raise OnnxLrpError("a residual merge receives no relevance")
+            raise ModelError("a residual merge receives no relevance")
         outputs.append(_output(g, MERGE_SUMS, e.op("Concat", *sums, axis=1), [batch, len(sums), 3]))
     # before the optional outputs, so that its nodes (and their names) are the same whatever follows
     zero = e.mul(initial_sum, np.float32(0))
@@ -232,12 +232,12 @@ def _build(
     outputs.append(_output(g, ABSORBED, e.op("Concat", *columns, axis=1), [batch, len(reach.FAMILIES)]))
     if probe is not None:
         if probed is None:
-            raise OnnxLrpError(f"probe tensor '{probe}' is not on the path from the image to the logits")
+            raise SettingError(f"probe tensor '{probe}' is not on the path from the image to the logits")
         shape = list(probed[0].shape)
         outputs += [_output(g, PROBE_ACTIVATION, probed[0], shape), _output(g, PROBE_RELEVANCE, probed[1], shape)]
     if heatmap is not None and heatmap.needs_layer:
         if layered is None:
-            raise OnnxLrpError(f"heatmap layer '{layer}' is not on the path from the image to the logits")
+            raise SettingError(f"heatmap layer '{layer}' is not on the path from the image to the logits")
         height, width = (images.shape[a] for a in _spatial_axes(len(images.shape), pixel_axis))
         outputs.append(_output(g, HEATMAP, heatmaps.emit(e, heatmap, input_relevance, pixel_axis, layered, layer_axis,
                                                          height, width), [batch, height, width]))

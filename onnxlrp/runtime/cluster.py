@@ -20,7 +20,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any, Callable, Iterator, Protocol, Sequence
 
-from ..errors import OnnxLrpError, first_line
+from ..errors import ClusterError, OnnxLrpError, SettingError, first_line
 
 INSTALL = "pip install 'onnxlrp[ray]'"
 
@@ -36,7 +36,7 @@ class Cluster:
 
     def __post_init__(self) -> None:
         if self.concurrency < 1:
-            raise OnnxLrpError("concurrency must be at least 1")
+            raise SettingError("concurrency must be at least 1")
 
 
 class Job(Protocol):
@@ -59,17 +59,43 @@ def _silence() -> None:
         logging.getLogger(name).setLevel(logging.CRITICAL)
 
 
-#: the last line of an OnnxLrpError's traceback, as Ray passes the text of an actor's error
-#: (connected() turns it back into the OnnxLrpError)
-_REMOTE_ERROR = re.compile(rf"^{re.escape(OnnxLrpError.__module__)}\.OnnxLrpError: (.+)$", re.MULTILINE)
+#: the last line of an OnnxLrpError's traceback (or of a subclass's), as Ray passes the text of
+#: an actor's error: the last resort of user_error, where no exception object came back
+_REMOTE_ERROR = re.compile(rf"^{re.escape(OnnxLrpError.__module__)}\.(\w+): (.+)$", re.MULTILINE)
 
 
 def user_error(exc: BaseException) -> OnnxLrpError | None:
     """The OnnxLrpError an actor raised (an unreadable image, ...) inside the error Ray raises
-    for it; None for any other failure. Ray Data brings back only the actor's traceback as text,
-    not the exception."""
+    for it, of its own class; None for any other failure.
+
+    Ray's error chain is read as objects first: a RayTaskError's ``cause`` is the exception
+    the task raised (the driver may get it as a "dual" exception, an instance of both, whose
+    text is the traceback: its cause is what the user reads); an ActorDiedError's ``cause`` is
+    the RayTaskError of a constructor that raised; Ray Data chains its UserCodeException to
+    those by ``__cause__`` (explicit chains only: an error merely raised while another was
+    handled is not its cause). Only where no object carries it (an error that crossed as
+    text) is the traceback's last line read."""
+    seen: set[int] = set()
+    todo: list[BaseException | None] = [exc]
+    while todo:
+        error = todo.pop(0)
+        if error is None or id(error) in seen:
+            continue
+        seen.add(id(error))
+        cause = getattr(error, "cause", None)  # Ray's wrappers: RayTaskError, ActorDiedError
+        if isinstance(error, OnnxLrpError) and not isinstance(cause, BaseException):
+            return error
+        if isinstance(cause, BaseException):
+            todo.append(cause)
+        todo.append(error.__cause__)
     match = _REMOTE_ERROR.search(str(exc))
-    return OnnxLrpError(match.group(1)) if match else None
+    if match is None:
+        return None
+    from .. import errors
+
+    kind = getattr(errors, match.group(1), None)
+    kind = kind if isinstance(kind, type) and issubclass(kind, OnnxLrpError) else OnnxLrpError
+    return kind(match.group(2))
 
 
 def import_ray():
@@ -77,7 +103,7 @@ def import_ray():
         import ray
         import ray.data  # noqa: F401
     except ImportError:
-        raise OnnxLrpError(f"ray is not installed: {INSTALL}") from None
+        raise ClusterError(f"ray is not installed: {INSTALL}") from None
     return ray
 
 
@@ -97,7 +123,7 @@ def connected(cluster: Cluster) -> Iterator[Any]:
                 ray.init(include_dashboard=False, log_to_driver=False, logging_level=level)
         except (ConnectionError, RuntimeError, ValueError) as exc:
             where = f"join the Ray cluster at {cluster.address}" if cluster.address else "start a local Ray instance"
-            raise OnnxLrpError(f"cannot {where} ({first_line(exc)})") from None
+            raise ClusterError(f"cannot {where} ({first_line(exc)})") from None
         started = True
     try:
         ray.data.DataContext.get_current().enable_progress_bars = False  # onnxlrp draws its own
@@ -121,11 +147,11 @@ def _reachable(address: str, seconds: float = 5.0) -> None:
     where = address.removeprefix("ray://")
     host, _, port = where.rpartition(":")
     if not host or not port.isdigit():
-        raise OnnxLrpError(f"Ray address '{address}': expected 'auto', HOST:PORT or ray://HOST:PORT")
+        raise ClusterError(f"Ray address '{address}': expected 'auto', HOST:PORT or ray://HOST:PORT")
     try:
         socket.create_connection((host, int(port)), timeout=seconds).close()
     except OSError as exc:
-        raise OnnxLrpError(f"cannot reach the Ray cluster at {address} ({exc.strerror or type(exc).__name__}); "
+        raise ClusterError(f"cannot reach the Ray cluster at {address} ({exc.strerror or type(exc).__name__}); "
                            "is `ray start --head` running there?") from None
 
 
@@ -181,7 +207,7 @@ def map_batches(job: Job, batches: Sequence[Any], cluster: Cluster, device: str 
                 progress(size(batches[index]))
     missing = [k for k in range(len(batches)) if k not in done]
     if missing:
-        raise OnnxLrpError(f"Ray returned no result for {len(missing)} batch(es)")
+        raise ClusterError(f"Ray returned no result for {len(missing)} batch(es)")
     return [done[k] for k in range(len(batches))]
 
 

@@ -8,7 +8,7 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 
-from ..errors import OnnxLrpError, first_line
+from ..errors import ModelError, OnnxLrpError, SettingError, first_line
 
 DEVICES = ("cpu", "cuda")
 #: onnxruntime's Pad fusion folds a zero Pad into the MaxPool after it, which pads with -inf:
@@ -56,9 +56,9 @@ def session_options(threads: int | None = None) -> ort.SessionOptions:
 def session(model: onnx.ModelProto | bytes | str, device: str = "cpu", threads: int | None = None) -> ort.InferenceSession:
     """An onnxruntime session on `device`; a one-line error if that device cannot run it."""
     if device not in DEVICES:
-        raise OnnxLrpError(f"unknown device '{device}'; choose one of {', '.join(DEVICES)}")
+        raise SettingError(f"unknown device '{device}'; choose one of {', '.join(DEVICES)}")
     if device == "cuda" and "CUDAExecutionProvider" not in ort.get_available_providers():
-        raise OnnxLrpError(
+        raise SettingError(
             "device cuda: this onnxruntime build has no CUDA execution provider (install onnxruntime-gpu)"
         )
     if device == "cuda" and hasattr(ort, "preload_dlls"):
@@ -71,10 +71,10 @@ def session(model: onnx.ModelProto | bytes | str, device: str = "cpu", threads: 
     try:
         sess = ort.InferenceSession(data, options, providers=providers(device), disabled_optimizers=DISABLED_OPTIMIZERS)
     except Exception as exc:
-        raise OnnxLrpError(f"onnxruntime {ort.__version__} cannot load the relevance graph{_versions(data)} "
+        raise ModelError(f"onnxruntime {ort.__version__} cannot load the relevance graph{_versions(data)} "
                            f"({first_line(exc)})") from None
     if device == "cuda" and sess.get_providers()[0] != "CUDAExecutionProvider":
-        raise OnnxLrpError(
+        raise SettingError(
             "device cuda: the CUDA execution provider could not start (no GPU, or CUDA/cuDNN libraries "
             "missing: pip install 'onnxruntime-gpu[cuda,cudnn]')"
         )

@@ -1,12 +1,16 @@
 """Elementwise activations that relevance passes through: ReLU, LeakyReLU, Clip (ReLU6)."""
 from __future__ import annotations
 
+import math
+
 import numpy as np
 
-from .base import Op, constant_input
+from .base import Family, Op, const_value, constant_input, finite_values
 
 
 class Relu(Op):
+    op_types = ("Relu",)
+    family = Family.ACTIVATION
     kind = "activation"
     loss_family = "activation"  # where the gradient is zero (a clip's saturation), relevance stops
     shape_preserving = True
@@ -20,6 +24,8 @@ class LeakyRelu(Op):
     """y = x, or alpha x below 0. Relevance passes as through a ReLU: under LRP-0 (gradient x
     input) the relevance at x is g * alpha * x = g * y, the relevance at y."""
 
+    op_types = ("LeakyRelu",)
+    family = Family.ACTIVATION
     kind = "activation"
     loss_family = "activation"  # where the gradient is zero (a clip's saturation), relevance stops
     shape_preserving = True
@@ -34,6 +40,8 @@ class Clip(Op):
     depends on the input (as with a bias): that relevance is absorbed; inside the range it
     passes. This is the op's gradient, the reading under which LRP-0 is gradient x input."""
 
+    op_types = ("Clip",)
+    family = Family.BOUNDED_ACTIVATION
     kind = "activation"
     loss_family = "activation"  # where the gradient is zero (a clip's saturation), relevance stops
     shape_preserving = True
@@ -47,6 +55,18 @@ class Clip(Op):
                                (constant_input(self, i, "bound") for i in (1, 2)))
         self.makes_nonneg = self.low is not None and self.low >= 0
 
+    @classmethod
+    def output_range(cls, node):
+        """[low, high] where both bounds are given and finite (min/max attributes before opset 11)."""
+        bounds = [finite_values(const_value(node.inputs[i])) if i < len(node.inputs) and node.inputs[i].name
+                  else None for i in (1, 2)]
+        low, high = node.attrs.get("min"), node.attrs.get("max")  # opset < 11 keeps them as attributes
+        low = float(bounds[0].min()) if bounds[0] is not None else low
+        high = float(bounds[1].max()) if bounds[1] is not None else high
+        if low is None or high is None or not math.isfinite(low) or not math.isfinite(high):
+            return None
+        return (float(low), float(high))
+
     def transpose(self, e, g, weight=None):
         inside = None
         for bound, compare in ((self.low, "Greater"), (self.high, "Less")):
@@ -56,4 +76,18 @@ class Clip(Op):
         return g if inside is None else e.op("Where", inside, g, np.float32(0))
 
 
-OPS = {"Relu": Relu, "LeakyRelu": LeakyRelu, "Clip": Clip}
+class Softplus(Op):
+    """y = log(1 + exp(x)), a smooth ReLU: element-wise and monotone, so relevance passes
+    through it as through a ReLU (the pass rule) and the z^B box bounds are replayed through
+    it; its VJP is g sigmoid(x)."""
+
+    op_types = ("Softplus",)
+    family = Family.ACTIVATION
+    kind = "activation"
+    loss_family = "activation"
+    shape_preserving = True
+    makes_nonneg = True  # log(1 + exp(x)) > 0
+    carries_bounds = True  # monotone, one input element per output element
+
+    def transpose(self, e, g, weight=None):
+        return e.mul(g, e.op("Sigmoid", self.x))

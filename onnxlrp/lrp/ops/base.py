@@ -1,10 +1,17 @@
 """What every op adapter shares: the Op protocol, linear ops' parameters, shape helpers.
 
-An adapter wraps one ONNX node on the data path. It says what the op *is* (its kind,
+An adapter wraps one ONNX node on the data path. It says what the op *is* (its family,
 its data inputs, whether it keeps inputs non-negative: the protocol onnxlrp.ir reads)
 and emits what relevance needs as ONNX nodes: its *transpose* (vector-Jacobian
 product) and, for linear ops, its *forward* with given, possibly modified, parameters.
 The LRP rules (onnxlrp.lrp.rules) are recipes over these two emitters.
+
+Everything known about an op lives on its adapter class, as class attributes: the op types
+it handles (``op_types``: declaring them registers the class, see Op.__init_subclass__),
+its family (onnxlrp.ir.opinfo.Family: what presets give rules to), and the facts other
+code asks about (whether it carries box bounds or a gate's factor, its channel axis, its
+weight input, its shape inputs, ...). Nothing outside this package reads op-type strings
+for them, so adding an op is one adapter class in one module of this package.
 """
 from __future__ import annotations
 
@@ -13,7 +20,9 @@ from typing import Callable
 import numpy as np
 import onnx_graphsurgeon as gs
 
-from ...errors import NoRuleError, OnnxLrpError
+from ...errors import ModelError, NoRuleError
+from ...ir import opinfo
+from ...ir.opinfo import Family
 from ..emit import Emitter
 
 IsData = Callable[[gs.Tensor], bool]
@@ -41,10 +50,19 @@ def constant_input(op: Op, index: int, what: str) -> np.ndarray | None:
     return value
 
 
+def finite_values(values: np.ndarray | None) -> np.ndarray | None:
+    """A constant as float64 where it is numeric, non-empty and finite, else None."""
+    if values is None or values.size == 0 or not np.issubdtype(values.dtype, np.floating) and not np.issubdtype(
+            values.dtype, np.integer):
+        return None
+    values = values.astype(np.float64)
+    return values if np.isfinite(values).all() else None
+
+
 def static_shape(tensor: gs.Tensor, node: gs.Node, path: str) -> list[int]:
     shape = tensor.shape
     if shape is None or not all(isinstance(d, int) for d in shape[1:]):
-        raise OnnxLrpError(
+        raise ModelError(
             f"{path}: node '{node.name}' ({node.op}): tensor '{tensor.name}' has shape {shape}; "
             "onnxlrp needs static shapes past the batch axis"
         )
@@ -97,9 +115,26 @@ def flipped(weight: np.ndarray, group: int) -> np.ndarray:
     return np.ascontiguousarray(w.reshape((group * inputs, outputs // group) + kernel))
 
 
-class Op:
-    """An op on the data path. Subclasses say which rules apply and emit its transpose."""
+#: op type -> adapter class, filled as the classes are defined (Op.__init_subclass__)
+ADAPTERS: dict[str, type[Op]] = {}
 
+
+def adapter_class(op_type: str) -> type[Op] | None:
+    """The adapter class that handles `op_type` (for Add/Sub/Mul/Div: with one computed input,
+    constant arithmetic), or None."""
+    return ADAPTERS.get(op_type)
+
+
+class Op:
+    """An op on the data path. Subclasses say which rules apply and emit its transpose.
+
+    A concrete adapter declares ``op_types`` and ``family``; tests/test_families.py walks the
+    registry and fails on one that does not declare what its family needs."""
+
+    op_types: tuple[str, ...] = ()  # the ONNX op types this class handles; declaring them registers it
+    family: Family | None = None  # what presets give rules to (onnxlrp.ir.opinfo.Family)
+    # a finer cut presets can give its own rule ("grouped convolution"), set per node
+    variant: str | None = None
     kind = "op"
     linear = False  # forward/transpose take (modified) parameters: LRP rules apply
     shape_preserving = False  # output shape == input shape: the pass rule applies
@@ -111,8 +146,26 @@ class Op:
     # what relevance the op's rule may not hand on is reported as (lrp.reach.FAMILIES); None:
     # the op moves relevance without losing any (reshapes), so its totals need not be taken
     loss_family: str | None = "other"
-    family: str | None = None  # a family presets can give its own rule ("grouped convolution")
     default_rule = "pass"  # rule used where a preset names none
+    shape_inputs: tuple[int, ...] = ()  # inputs that are shapes, sizes, pads or axes (ir/model folds them)
+    weight_input: int | None = None  # the input holding the learned kernel (Conv, Gemm, MatMul)
+    channel_axis: int | None = None  # the channel axis the op reads (1 by ONNX's convention); None: none
+    pools_globally = False  # a mean over all spatial axes: its input is the last conv block (Grad-CAM's layer)
+    # the output is a factor for a signal (x * g, x / s): a Mul by it is a gate (gates.find_gate)
+    makes_factor = False
+    carries_factor = False  # a factor passed through it (one computed input) is still a factor
+    passes_values = False  # each output value is an input value: a bounded factor keeps its interval
+
+    def __init_subclass__(cls, **kwargs):
+        super().__init_subclass__(**kwargs)
+        for op_type in cls.__dict__.get("op_types", ()):  # its own, not a parent's
+            opinfo.register(op_type, cls)  # refuses a second adapter for one op type
+            ADAPTERS[op_type] = cls
+
+    @classmethod
+    def output_range(cls, node: gs.Node) -> tuple[float, float] | None:
+        """An interval holding every output value whatever the input (a bounded activation), or None."""
+        return None
 
     def __init__(self, node: gs.Node, is_data: IsData, path: str = "model"):
         self.node = node

@@ -18,7 +18,7 @@ import math
 import numpy as np
 import onnx_graphsurgeon as gs
 
-from .base import Op, const_value, static_shape
+from .base import ADAPTERS, Family, Op, adapter_class, const_value, static_shape
 
 
 class Squash(Op):
@@ -27,13 +27,21 @@ class Squash(Op):
     as through an activation."""
 
     kind = "squash"
+    family = Family.ELEMENTWISE
     shape_preserving = True
+    makes_factor = True  # x * g (or x / s) with g its output is a gate
 
 
 class Sigmoid(Squash):
     """s = 1 / (1 + exp(-x)), in (0, 1); its VJP is g s (1 - s)."""
 
+    op_types = ("Sigmoid",)
+    family = Family.BOUNDED_ACTIVATION
     makes_nonneg = True
+
+    @classmethod
+    def output_range(cls, node):
+        return (0.0, 1.0)
 
     def transpose(self, e, g, weight=None):
         s = self.output
@@ -42,6 +50,8 @@ class Sigmoid(Squash):
 
 class HardSigmoid(Sigmoid):
     """max(0, min(1, alpha x + beta)); its VJP is alpha g where the ramp is not clipped."""
+
+    op_types = ("HardSigmoid",)
 
     def transpose(self, e, g, weight=None):
         alpha, beta = np.float32(self.node.attrs.get("alpha", 0.2)), np.float32(self.node.attrs.get("beta", 0.5))
@@ -53,7 +63,13 @@ class HardSigmoid(Sigmoid):
 class Softmax(Squash):
     """Attention weights over an axis (ResNeSt's radix groups); VJP s (g - sum(g s))."""
 
+    op_types = ("Softmax",)
+    family = Family.BOUNDED_ACTIVATION
     makes_nonneg = True
+
+    @classmethod
+    def output_range(cls, node):
+        return (0.0, 1.0)
 
     def transpose(self, e, g, weight=None):
         s = self.output
@@ -65,6 +81,13 @@ class Softmax(Squash):
 class Erf(Squash):
     """The error function of GELU's Phi(x) = (1 + erf(x / sqrt 2)) / 2; VJP g 2/sqrt(pi) exp(-x^2)."""
 
+    op_types = ("Erf",)
+    family = Family.BOUNDED_ACTIVATION
+
+    @classmethod
+    def output_range(cls, node):
+        return (-1.0, 1.0)
+
     def transpose(self, e, g, weight=None):
         bump = e.op("Exp", e.op("Neg", e.mul(self.x, self.x)))
         return e.mul(g, e.mul(bump, np.float32(2 / math.sqrt(math.pi))))
@@ -72,6 +95,8 @@ class Erf(Squash):
 
 class Sqrt(Squash):
     """A standard deviation's square root; VJP g / (2 sqrt x)."""
+
+    op_types = ("Sqrt",)
 
     makes_nonneg = True
 
@@ -82,12 +107,17 @@ class Sqrt(Squash):
 class Reciprocal(Squash):
     """1 / s, as some exporters divide by a standard deviation; VJP -g / x^2."""
 
+    op_types = ("Reciprocal",)
+
     def transpose(self, e, g, weight=None):
         return e.op("Neg", e.mul(g, e.mul(self.output, self.output)))
 
 
 class Pow(Squash):
     """x^p with a constant p (a variance's square); VJP g p x^(p-1)."""
+
+    op_types = ("Pow",)
+    makes_factor = False  # a variance's square, not a factor
 
     def __init__(self, node, is_data, path="model"):
         super().__init__(node, is_data, path)
@@ -107,6 +137,8 @@ class SelfGated(Op):
     """x * gate(x) as one op: HardSwish (gate relu6(x + 3) / 6) and Gelu (gate Phi(x)).
     LRP holds the gate constant, so relevance passes unchanged; the VJP differentiates both."""
 
+    op_types = ("HardSwish", "Gelu")
+    family = Family.GATE
     kind = "gate"
     shape_preserving = True
     default_rule = "gate"
@@ -125,12 +157,6 @@ class SelfGated(Op):
         return e.mul(g, e.add(phi, e.mul(x, density)))
 
 
-#: ops whose output is a factor for a signal (x * g, or x / s)
-GATES = {"Sigmoid", "HardSigmoid", "Softmax", "Erf", "Sqrt", "Reciprocal"}
-#: ops a factor may pass through on its way to the Mul: constant arithmetic and reshapes
-_CARRY = {"Add", "Sub", "Mul", "Div", "Reshape", "Flatten", "Squeeze", "Unsqueeze", "Expand", "Transpose",
-          "Slice", "Gather", "Concat"}
-
 
 class GateMul(Op):
     """x * g or x / g, with g computed from the data by a gate (see the module docstring).
@@ -139,6 +165,7 @@ class GateMul(Op):
     gate's branch; that conserves, and LRP-0 then equals gradient x input of the model with
     the gate detached. The gradient (vjp) reaches both inputs."""
 
+    family = Family.GATE  # made by make_op for a Mul or Div of two computed tensors (no op_types)
     kind = "gate"
     shape_preserving = True  # the output has the signal's shape; the gate broadcasts
     keeps_sign = True  # a gate >= 0 times a signal >= 0
@@ -168,34 +195,27 @@ class GateMul(Op):
         return {self.x.name: self.transpose(e, g), self.gate.name: to_gate}
 
 
+def factor_makers() -> list[str]:
+    """The op types whose output is a factor for a signal (Op.makes_factor), for messages."""
+    return sorted(op for op, cls in ADAPTERS.items() if cls.makes_factor)
+
+
 def _from_gate(tensor: gs.Tensor, is_data) -> bool:
-    """Whether a computed tensor is a gate's factor: a GATES op's output, possibly carried
-    through constant arithmetic and reshapes."""
+    """Whether a computed tensor is a gate's factor: the output of an op that makes factors
+    (Op.makes_factor), possibly carried through ops that carry them (Op.carries_factor:
+    constant arithmetic and reshapes)."""
     for _ in range(16):  # factor chains are short; a bound keeps a malformed graph from looping
         producer = tensor.inputs[0] if tensor.inputs else None
         if producer is None:
             return False
-        if producer.op in GATES:
+        adapter = adapter_class(producer.op)
+        if adapter is not None and adapter.makes_factor:
             return True
         computed = [t for t in producer.inputs if is_data(t)]
-        if producer.op not in _CARRY or len(computed) != 1:
+        if adapter is None or not adapter.carries_factor or len(computed) != 1:
             return False
         tensor = computed[0]
     return False
-
-
-#: element-wise ops whose output lies in a fixed interval whatever the input
-_BOUNDED = {"Sigmoid": (0.0, 1.0), "HardSigmoid": (0.0, 1.0), "Softmax": (0.0, 1.0), "Erf": (-1.0, 1.0)}
-#: ops that pass values on unchanged (a factor's reshapes and broadcasts): the interval stays
-_SAME_VALUES = {"Reshape", "Flatten", "Squeeze", "Unsqueeze", "Expand", "Transpose", "Slice", "Gather", "Identity"}
-
-
-def _finite(values: np.ndarray | None) -> np.ndarray | None:
-    if values is None or values.size == 0 or not np.issubdtype(values.dtype, np.floating) and not np.issubdtype(
-            values.dtype, np.integer):
-        return None
-    values = values.astype(np.float64)
-    return values if np.isfinite(values).all() else None
 
 
 def factor_range(tensor: gs.Tensor, is_data, depth: int = 16) -> tuple[float, float] | None:
@@ -207,46 +227,20 @@ def factor_range(tensor: gs.Tensor, is_data, depth: int = 16) -> tuple[float, fl
     producer = tensor.inputs[0] if tensor.inputs else None
     if producer is None or depth == 0:
         return None
-    op = producer.op
-    if op in _BOUNDED:
-        return _BOUNDED[op]
+    adapter = adapter_class(producer.op)
     computed = [t for t in producer.inputs if is_data(t)]
-    if len(computed) != 1 or producer.inputs.count(computed[0]) != 1:
+    if adapter is None or len(computed) != 1 or producer.inputs.count(computed[0]) != 1:
         return None
-    if op == "Clip":
-        if producer.inputs[0] is not computed[0]:
-            return None
-        bounds = [_finite(const_value(producer.inputs[i])) if i < len(producer.inputs) and producer.inputs[i].name
-                  else None for i in (1, 2)]
-        low, high = producer.attrs.get("min"), producer.attrs.get("max")  # opset < 11 keeps them as attributes
-        low = float(bounds[0].min()) if bounds[0] is not None else low
-        high = float(bounds[1].max()) if bounds[1] is not None else high
-        if low is None or high is None or not math.isfinite(low) or not math.isfinite(high):
-            return None
-        return (float(low), float(high))
+    if adapter.family is Family.BOUNDED_ACTIVATION:  # the data must be what is bounded, not a bound
+        return adapter.output_range(producer) if producer.inputs[0] is computed[0] else None
     inner = factor_range(computed[0], is_data, depth - 1)
     if inner is None:
         return None
-    if op in _SAME_VALUES:
+    if adapter.passes_values:
         return inner
-    if op not in ("Add", "Sub", "Mul", "Div"):
-        return None
-    other = next(t for t in producer.inputs if t is not computed[0])
-    c = _finite(const_value(other))
-    if c is None:
-        return None
-    lo, hi = inner
-    first = producer.inputs[0] is computed[0]
-    if op == "Add":
-        return (lo + c.min(), hi + c.max())
-    if op == "Sub":
-        return (lo - c.max(), hi - c.min()) if first else (c.min() - hi, c.max() - lo)
-    if op == "Div":
-        if not first or (c == 0).any():
-            return None  # c / g is unbounded where g nears zero
-        c = 1.0 / c
-    ends = [a * b for a in (lo, hi) for b in (c.min(), c.max())]
-    return (float(min(ends)), float(max(ends)))
+    if adapter.family is Family.AFFINE:  # constant arithmetic
+        return adapter.interval(producer, computed[0], inner)
+    return None
 
 
 def _reaches(tensor: gs.Tensor, target: gs.Tensor, is_data, depth: int = 16) -> bool:
@@ -281,7 +275,3 @@ def find_gate(node: gs.Node, computed: list[gs.Tensor], is_data) -> gs.Tensor | 
         a, b = bounded
         bounded = [t for t, other in ((a, b), (b, a)) if _reaches(t, other, is_data) and not _reaches(other, t, is_data)]
     return bounded[0] if len(bounded) == 1 else None
-
-
-OPS = {"Sigmoid": Sigmoid, "HardSigmoid": HardSigmoid, "Softmax": Softmax, "Erf": Erf, "Sqrt": Sqrt,
-       "Reciprocal": Reciprocal, "Pow": Pow, "HardSwish": SelfGated, "Gelu": SelfGated}

@@ -4,10 +4,15 @@ from __future__ import annotations
 
 import numpy as np
 
-from .base import LinearOp, const_value, given, is_one, static_shape, window_transpose
+from .base import Family, LinearOp, const_value, finite_values, given, is_one, static_shape, window_transpose
 
 
 class Conv(LinearOp):
+    op_types = ("Conv",)
+    family = Family.CONVOLUTION
+    weight_input = 1
+    channel_axis = 1  # ONNX convolutions are channels-first
+
     def __init__(self, node, is_data, path="model"):
         super().__init__(node, is_data, path)
         if node.inputs[0] is not self.x or len(self.data_inputs) != 1:
@@ -28,7 +33,7 @@ class Conv(LinearOp):
         self.pads = list(node.attrs.get("pads", [0] * (2 * rank)))
         self.group = int(node.attrs.get("group", 1))
         if self.group > 1:  # depthwise (one input channel per group) and grouped convolutions
-            self.family = "grouped convolution"
+            self.variant = "grouped convolution"
 
     def _attrs(self) -> dict:
         return dict(kernel_shape=self.kernel, strides=self.strides, pads=self.pads,
@@ -67,6 +72,10 @@ class Conv(LinearOp):
 
 
 class Gemm(LinearOp):
+    op_types = ("Gemm",)
+    family = Family.DENSE
+    weight_input = 1
+
     def __init__(self, node, is_data, path="model"):
         super().__init__(node, is_data, path)
         if node.inputs[0] is not self.x or len(self.data_inputs) != 1 or node.attrs.get("transA", 0):
@@ -116,6 +125,10 @@ class Gemm(LinearOp):
 
 
 class MatMul(LinearOp):
+    op_types = ("MatMul",)
+    family = Family.DENSE
+    weight_input = 1
+
     def __init__(self, node, is_data, path="model"):
         super().__init__(node, is_data, path)
         self.weight = const_value(node.inputs[1])
@@ -134,11 +147,16 @@ class MatMul(LinearOp):
 
 
 class Affine(LinearOp):
-    """y = x * scale + shift, elementwise with constants: BatchNormalization and constant arithmetic."""
+    """y = x * scale + shift, elementwise with constants: constant arithmetic (and, as the
+    subclass BatchNorm, BatchNormalization). make_op gives it an Add, Sub, Mul or Div of one
+    computed tensor; of two, the op is a merge, a difference or a gate."""
 
+    op_types = ("Add", "Sub", "Mul", "Div")
+    family = Family.AFFINE
     kind = "affine"
     shape_preserving = True
     carries_bounds = True  # elementwise y = a x + b: monotone in each element
+    carries_factor = True  # a gate's factor shifted or scaled by constants is still a factor
     default_rule = "pass"
 
     def __init__(self, node, is_data, path="model"):
@@ -150,16 +168,6 @@ class Affine(LinearOp):
 
     def _coefficients(self, node) -> tuple[np.ndarray, np.ndarray | None]:
         one = np.array(1.0, dtype=np.float32)
-        if node.op == "BatchNormalization":
-            params = [const_value(t) for t in node.inputs[1:5]]
-            if any(p is None for p in params) or len(node.outputs) != 1:
-                raise self.error("only inference-mode BatchNormalization with constant statistics is supported")
-            gamma, beta, mean, var = (p.astype(np.float64) for p in params)
-            scale = gamma / np.sqrt(var + node.attrs.get("epsilon", 1e-5))
-            rank = len(self.x.shape)
-            shape = (-1,) + (1,) * (rank - 2)
-            return (scale.reshape(shape).astype(np.float32),
-                    (beta - mean * scale).reshape(shape).astype(np.float32))
         other = next(t for t in node.inputs if t is not self.x)
         c = const_value(other)
         if c is None:
@@ -176,6 +184,26 @@ class Affine(LinearOp):
             return (1.0 / c).astype(np.float32), None
         raise self.error("dividing a constant by a computed tensor is not linear; no LRP rule applies")
 
+    @staticmethod
+    def interval(node, x, inner: tuple[float, float]) -> tuple[float, float] | None:
+        """The interval holding y where x lies in `inner` (lrp.ops.gates.factor_range), or None."""
+        other = next(t for t in node.inputs if t is not x)
+        c = finite_values(const_value(other))
+        if c is None:
+            return None
+        lo, hi = inner
+        first = node.inputs[0] is x
+        if node.op == "Add":
+            return (lo + c.min(), hi + c.max())
+        if node.op == "Sub":
+            return (lo - c.max(), hi - c.min()) if first else (c.min() - hi, c.max() - lo)
+        if node.op == "Div":
+            if not first or (c == 0).any():
+                return None  # c / g is unbounded where g nears zero
+            c = 1.0 / c
+        ends = [a * b for a in (lo, hi) for b in (c.min(), c.max())]
+        return (float(min(ends)), float(max(ends)))
+
     def forward(self, e, x, weight, bias):
         y = x if is_one(weight) else e.mul(x, e.const(weight))
         return y if bias is None else e.add(y, e.const(bias))
@@ -188,4 +216,21 @@ class Affine(LinearOp):
         return "affine"
 
 
-OPS = {"Conv": Conv, "Gemm": Gemm, "MatMul": MatMul, "BatchNormalization": Affine}
+class BatchNorm(Affine):
+    """Inference-mode BatchNormalization: a per-channel affine map (Affine._coefficients)."""
+
+    op_types = ("BatchNormalization",)
+    family = Family.BATCH_NORM
+    channel_axis = 1
+    carries_factor = False  # a factor is not normalised on its way to the Mul
+
+    def _coefficients(self, node) -> tuple[np.ndarray, np.ndarray | None]:
+        params = [const_value(t) for t in node.inputs[1:5]]
+        if any(p is None for p in params) or len(node.outputs) != 1:
+            raise self.error("only inference-mode BatchNormalization with constant statistics is supported")
+        gamma, beta, mean, var = (p.astype(np.float64) for p in params)
+        scale = gamma / np.sqrt(var + node.attrs.get("epsilon", 1e-5))
+        rank = len(self.x.shape)
+        shape = (-1,) + (1,) * (rank - 2)
+        return (scale.reshape(shape).astype(np.float32),
+                (beta - mean * scale).reshape(shape).astype(np.float32))

@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import onnx_graphsurgeon as gs
 
-from .base import Op, static_shape
+from .base import Family, Op, static_shape
 
 
 class ResidualAdd(Op):
     """An Add of two computed tensors: a residual merge. Relevance is split, see splitting.py."""
 
+    family = Family.MERGE  # made by make_op for an Add of two computed tensors (no op_types)
     kind = "merge"
     keeps_sign = True
     shape_preserving = True
@@ -27,6 +28,7 @@ class Difference(Op):
     (ReduceMean / Sub / Pow / Sqrt / Div). Linear in both inputs; b may broadcast over a.
     Its rule is the proportional (z-) rule: R_a = a R / y, R_b = -b R / y."""
 
+    family = Family.MERGE  # made by make_op for a Sub of two computed tensors (no op_types)
     kind = "difference"
     shape_preserving = True
     default_rule = "proportional"

@@ -13,10 +13,11 @@ from __future__ import annotations
 
 import numpy as np
 
-from .base import LinearOp, const_value, given, static_shape
+from .base import Family, LinearOp, const_value, given, static_shape
 
 
 class Normalization(LinearOp):
+    family = Family.NORMALISATION
     kind = "norm"
 
     def __init__(self, node, is_data, path="model"):
@@ -72,6 +73,8 @@ class Normalization(LinearOp):
 
 
 class LayerNormalization(Normalization):
+    op_types = ("LayerNormalization",)  # over trailing axes: no channel axis of its own
+
     def _layout(self, scale, bias):
         rank = len(self.shape)
         axis = int(self.node.attrs.get("axis", -1)) % rank
@@ -85,6 +88,9 @@ class LayerNormalization(Normalization):
 
 
 class InstanceNormalization(Normalization):
+    op_types = ("InstanceNormalization",)
+    channel_axis = 1
+
     def _layout(self, scale, bias):
         rank = len(self.shape)
         per_channel = (1, -1) + (1,) * (rank - 2)
@@ -93,6 +99,9 @@ class InstanceNormalization(Normalization):
 
 class GroupNormalization(Normalization):
     """Statistics per group of channels (over the group's channels and all positions)."""
+
+    op_types = ("GroupNormalization",)
+    channel_axis = 1
 
     def _layout(self, scale, bias):
         rank, channels = len(self.shape), self.shape[1]
@@ -115,7 +124,3 @@ class GroupNormalization(Normalization):
 
     def describe(self) -> str:
         return f"normalised over {self.groups} groups"
-
-
-OPS = {"LayerNormalization": LayerNormalization, "InstanceNormalization": InstanceNormalization,
-       "GroupNormalization": GroupNormalization}

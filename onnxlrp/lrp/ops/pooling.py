@@ -6,12 +6,15 @@ import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
 
-from .base import LinearOp, Op, const_value, given, scaled, static_shape, window_transpose
+from .base import Family, LinearOp, Op, const_value, given, scaled, static_shape, window_transpose
 
 
 class AveragePool(LinearOp):
     """Average pooling; its transpose spreads each output's gradient over its window."""
 
+    op_types = ("AveragePool",)
+    family = Family.AVERAGE_POOLING
+    channel_axis = 1
     kind = "pool"
     keeps_sign = True
 
@@ -70,6 +73,9 @@ class AveragePool(LinearOp):
 
 
 class GlobalAveragePool(LinearOp):
+    op_types = ("GlobalAveragePool",)
+    family = Family.GLOBAL_POOLING
+    pools_globally = True
     kind = "pool"
     keeps_sign = True
 
@@ -95,11 +101,20 @@ class GlobalAveragePool(LinearOp):
     def divisor(self) -> int:
         return int(np.prod([self.in_shape[a] for a in self.axes]))
 
+    @property
+    def channel_axis(self) -> int | None:
+        """The one axis past the batch that is not averaged (a ReduceMean over the rows and columns
+        of a channels-last map keeps axis 3); None where that is not one axis."""
+        kept = [a for a in range(1, len(self.in_shape)) if a not in self.axes]
+        return kept[0] if len(kept) == 1 else None
+
     def describe(self) -> str:
         return "mean over " + ",".join(map(str, self.axes))
 
 
 class ReduceMean(GlobalAveragePool):
+    op_types = ("ReduceMean",)
+
     def __init__(self, node, is_data, path="model"):
         LinearOp.__init__(self, node, is_data, path)
         self.weight = np.array(1.0, dtype=np.float32)
@@ -125,6 +140,9 @@ class ReduceMean(GlobalAveragePool):
 class ReduceSum(ReduceMean):
     """A sum over axes other than the batch (ResNeSt adds its radix groups): linear, weight 1."""
 
+    op_types = ("ReduceSum",)
+    pools_globally = False  # a sum of radix groups, not the mean a classifier's head takes
+
     def divisor(self) -> int:
         return 1
 
@@ -135,6 +153,9 @@ class ReduceSum(ReduceMean):
 class MaxPool(Op):
     """Max pooling. Its transpose routes each output's gradient to the window's winner."""
 
+    op_types = ("MaxPool",)
+    family = Family.MAX_POOLING
+    channel_axis = 1
     kind = "maxpool"
     keeps_sign = True
     default_rule = "gradient"
@@ -181,7 +202,3 @@ class MaxPool(Op):
         kernel = self.node.attrs.get("kernel_shape", [])
         strides = self.node.attrs.get("strides", [1] * len(kernel))
         return f"{'x'.join(map(str, kernel))}/{'x'.join(map(str, strides))}"
-
-
-OPS = {"AveragePool": AveragePool, "GlobalAveragePool": GlobalAveragePool, "ReduceMean": ReduceMean, "ReduceSum": ReduceSum,
-       "MaxPool": MaxPool}

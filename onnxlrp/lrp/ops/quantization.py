@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from .base import Op, const_value, given
+from .base import Family, Op, const_value, given
 
 _LOWEST = {np.dtype(np.int8): -128, np.dtype(np.uint8): 0, np.dtype(np.int16): -32768, np.dtype(np.uint16): 0}
 
@@ -25,6 +25,8 @@ _LOWEST = {np.dtype(np.int8): -128, np.dtype(np.uint8): 0, np.dtype(np.int16): -
 class QuantizeLinear(Op):
     """float -> integer on a scale: relevance (and gradient) passes straight through."""
 
+    op_types = ("QuantizeLinear",)
+    family = Family.QUANTIZATION
     kind = "quantize"
     shape_preserving = True
     keeps_sign = True  # rounding is monotone and 0 maps to the zero point: x >= 0 stays >= 0
@@ -41,6 +43,8 @@ class QuantizeLinear(Op):
 class DequantizeLinear(QuantizeLinear):
     """integer -> float: relevance passes; the output is >= 0 where the zero point is the
     lowest integer (the clamp of a ReLU that quantisation removed)."""
+
+    op_types = ("DequantizeLinear",)
 
     def __init__(self, node, is_data, path="model"):
         super().__init__(node, is_data, path)
@@ -59,6 +63,8 @@ class DynamicQuantizeLinear(Op):
     QuantizeLinear -> DequantizeLinear pair. Only its first output is on the data path (the
     scale and zero point reach the DequantizeLinear as run-time inputs, not as data)."""
 
+    op_types = ("DynamicQuantizeLinear",)
+    family = Family.QUANTIZATION
     kind = "quantize"
     shape_preserving = True
     keeps_sign = True  # 0 maps to the zero point and rounding is monotone: x >= 0 dequantizes to >= 0
@@ -78,6 +84,3 @@ class DynamicQuantizeLinear(Op):
 QOPERATOR = {"QLinearConv", "QLinearMatMul", "QLinearAdd", "QLinearMul", "QLinearGlobalAveragePool",
              "QLinearAveragePool", "QLinearConcat", "QLinearSigmoid", "QLinearLeakyRelu", "QGemm", "ConvInteger",
              "MatMulInteger"}
-
-OPS = {"QuantizeLinear": QuantizeLinear, "DequantizeLinear": DequantizeLinear,
-       "DynamicQuantizeLinear": DynamicQuantizeLinear}

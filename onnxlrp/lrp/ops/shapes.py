@@ -6,15 +6,20 @@ import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
 
-from .base import Op, const_value, constant_input, given, static_shape
+from .base import Family, Op, const_value, constant_input, given, static_shape
 
 
 class Reshape(Op):
     """Flatten, Reshape, Squeeze, Unsqueeze: relevance keeps its values, takes the input's shape."""
 
+    op_types = ("Flatten", "Reshape", "Squeeze", "Unsqueeze")
+    family = Family.SHAPE
+    shape_inputs = (1,)  # Reshape's target shape, Squeeze's and Unsqueeze's axes
     kind = "reshape"
     keeps_sign = True
     carries_bounds = True
+    carries_factor = True  # a gate's factor reshaped on its way to the Mul
+    passes_values = True
     loss_family = None  # values moved, none computed: relevance goes back whole
     default_rule = "gradient"
 
@@ -28,6 +33,9 @@ class Reshape(Op):
 
 
 class Transpose(Reshape):
+    op_types = ("Transpose",)
+    shape_inputs = ()
+
     def transpose(self, e, g, weight=None):
         perm = list(self.node.attrs.get("perm", reversed(range(len(self.x.shape)))))
         return e.op("Transpose", g, perm=[int(i) for i in np.argsort(perm)])
@@ -35,6 +43,9 @@ class Transpose(Reshape):
 
 class Slice(Reshape):
     """A constant slice (step 1): relevance goes back to the elements it took, zero elsewhere."""
+
+    op_types = ("Slice",)
+    shape_inputs = (1, 2, 3, 4)  # starts, ends, axes, steps
 
     def __init__(self, node, is_data, path="model"):
         super().__init__(node, is_data, path)
@@ -63,8 +74,11 @@ class Slice(Reshape):
 class Concat(Op):
     """Concatenation: each computed input gets back its own part of the relevance, exactly."""
 
+    op_types = ("Concat",)
+    family = Family.SHAPE
     kind = "reshape"
     carries_bounds = True
+    carries_factor = True
     loss_family = None  # values moved, none computed: relevance goes back whole
     default_rule = "gradient"
 
@@ -89,6 +103,11 @@ class Concat(Op):
 
 class Pad(Reshape):
     """A constant Pad that canonicalisation could not merge: relevance on the padding is dropped."""
+
+    op_types = ("Pad",)
+    shape_inputs = (1, 2, 3)  # pads, constant_value, axes
+    carries_factor = False
+    passes_values = False  # the padding is a new value
 
     def __init__(self, node, is_data, path="model"):
         super().__init__(node, is_data, path)
@@ -120,6 +139,9 @@ class Pad(Reshape):
 class Expand(Reshape):
     """Broadcast to a constant shape: relevance of the copies is summed back onto the original."""
 
+    op_types = ("Expand",)
+    shape_inputs = (1,)  # the target shape
+
     def __init__(self, node, is_data, path="model"):
         super().__init__(node, is_data, path)
         self.in_shape, self.out_shape = static_shape(self.x, node, path), static_shape(self.output, node, path)
@@ -134,6 +156,9 @@ class Expand(Reshape):
 class Gather(Reshape):
     """Constant indices along an axis other than the batch (channel groups): each index's
     relevance goes back to the element it took; elements not taken get none."""
+
+    op_types = ("Gather",)
+    shape_inputs = ()  # the indices are data positions, read as constants below
 
     def __init__(self, node, is_data, path="model"):
         super().__init__(node, is_data, path)
@@ -164,6 +189,11 @@ class Cast(Reshape):
     """A cast between float types (exporters write float32 -> float32 casts on the input): the
     values pass; a cast to integers or bool rounds them away, and no LRP rule applies."""
 
+    op_types = ("Cast",)
+    shape_inputs = ()
+    carries_factor = False
+    passes_values = False  # (a float cast passes them, but factor chains are not read through casts)
+
     def __init__(self, node, is_data, path="model"):
         super().__init__(node, is_data, path)
         to = int(node.attrs.get("to", onnx.TensorProto.FLOAT))
@@ -173,7 +203,3 @@ class Cast(Reshape):
 
     def transpose(self, e, g, weight=None):
         return g
-
-
-OPS = {"Flatten": Reshape, "Reshape": Reshape, "Squeeze": Reshape, "Unsqueeze": Reshape, "Transpose": Transpose,
-       "Pad": Pad, "Slice": Slice, "Concat": Concat, "Expand": Expand, "Gather": Gather, "Cast": Cast}
