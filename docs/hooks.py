@@ -6,7 +6,8 @@ they cannot drift from it.
   (the help records come from the same click objects that parse the command line).
 - ``<!-- onnxlrp:checks -->`` becomes the table of audit checks from the checks registry.
 - ``<!-- onnxlrp:audit-schema -->`` becomes the fields of the audit's JSON report, from
-  ``onnxlrp/audit/report.schema.json`` (the file ``report.json`` is validated against).
+  ``onnxlrp.audit.report.schema()`` (report.schema.json with the registered checks' names:
+  what ``report.json`` is validated against).
 - The figures that ``examples/`` scripts write stay where the scripts write them; they are
   added to the site under ``assets/`` instead of being copied into ``docs/`` by hand.
 
@@ -151,14 +152,15 @@ def _type(spec: dict) -> str:
 
 
 def schema_fields() -> str:
-    path = ROOT / "onnxlrp" / "audit" / "report.schema.json"
-    schema = json.loads(path.read_text())
+    from onnxlrp.audit.report import schema as report_schema
+
+    schema = report_schema()  # the shipped file with the registered checks' names
     required = set(schema.get("required", []))
     lines = ["| field | type | required | meaning |", "|---|---|---|---|"]
     for name, spec in schema["properties"].items():
         lines.append(f"| `{name}` | {_type(spec)} | {'yes' if name in required else 'no'} | "
                      f"{_escape(spec.get('description', '')).replace('|', '&#124;')} |")
-    lines += ["", '??? note "The whole schema (`onnxlrp/audit/report.schema.json`)"', "",
+    lines += ["", '??? note "The whole schema (`onnxlrp.audit.report.schema()`)"', "",
               "    ```json"]
     lines += ["    " + line for line in json.dumps(schema, indent=2).splitlines()]
     lines += ["    ```", ""]

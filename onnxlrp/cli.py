@@ -2,7 +2,8 @@
 
 Every user error ends as one line ``error: ...`` on stderr, before any output file is
 written: every input and every destination is checked first, and a command's outputs are
-staged and published together (files.Outputs), so a failure leaves none.
+staged and published together (files.Outputs), so a failure leaves none (explain --ray
+publishes each image's files as its batch ends, and a rerun resumes).
 
 Exit codes, the same in every command: 0 success (audit: pass); 1 bad input, or an audit
 that fails; 2 a usage error (an unknown option, a bad value); 3 an internal error (a bug in
@@ -14,10 +15,9 @@ import json
 import os
 import re
 import warnings
-from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import replace
-from pathlib import Path, PurePosixPath
+from pathlib import Path
 from typing import Annotated, Iterator, Literal, Optional
 
 import numpy as np
@@ -46,12 +46,13 @@ from .evaluation.evaluate import (DEFAULT_METHODS, RESULT_FILES, evaluate as run
                                   write as write_results)
 from .evaluation.metrics import PROTOCOLS
 from .explainer import Explainer
-from .io.files import Outputs, check_writable
-from .io.image import SIGNS, STYLES, is_colormap, write_heatmap
-from .io.preprocessing import check_images, image_sources
+from .io.files import check_writable
+from .io.image import SIGNS, STYLES, is_colormap
 from .lrp import explosion as explode
 from .lrp import reach
-from .runtime.cluster import Cluster, batches_of
+from .options import Runtime
+from .runs import FileSink, ImageFiles, explain_folder
+from .runtime.cluster import Cluster
 from .runtime.session import quiet as quiet_onnxruntime
 
 
@@ -151,42 +152,6 @@ def _user_errors(code: int = BAD_INPUT) -> Iterator[None]:
         raise typer.Exit(INTERNAL) from None
 
 
-def _unique(names: list[str]) -> list[str]:
-    """The names, numbered where two images from different arguments would share one."""
-    result, seen = [], set()
-    for stem in names:
-        name, k = stem, 1
-        while name in seen:
-            name, k = f"{stem}_{k}", k + 1
-        seen.add(name)
-        result.append(name)
-    return result
-
-
-def _destinations(sources: list[tuple[Path, PurePosixPath]], suffixes: list[str], output: Path | None,
-                  npy: Path | None) -> list[tuple[Path | None, Path | None]]:
-    """(PNG, NPY) per image and rank. One heatmap: -o is the PNG (or a folder to put it in),
-    default ./<image>_lrp.png; several: -o is a folder, default ./lrp_out/, mirroring the
-    images' subfolders. --npy alone writes only the .npy files."""
-    several = len(sources) * len(suffixes) > 1
-    names = _unique([str(rel.parent / f"{rel.stem}{suffix}") for _, rel in sources for suffix in suffixes])
-    png_dir = output if several else (output if output is not None and output.is_dir() else None)
-    if several and output is None and npy is None:
-        png_dir = Path("lrp_out")
-    npy_dir = npy if several or (npy is not None and npy.is_dir()) else None
-    result = []
-    for name in names:
-        if png_dir is not None:
-            png = png_dir / f"{name}.png"
-        elif output is not None:
-            png = output
-        else:
-            png = None if npy is not None else Path(f"{Path(name).name}.png")
-        array = npy_dir / f"{name}.npy" if npy_dir is not None else npy
-        result.append((png, array))
-    return result
-
-
 #: explain's options that only shape the PNG files, which --parquet does not write
 _PICTURE_OPTIONS = ("style", "heat_quantization", "sign", "cmap", "top_k")
 
@@ -219,76 +184,58 @@ def explain(
         return
     with _user_errors():
         options, runtime = settings.build()
-        cluster, batch_size = runtime.cluster, runtime.batch_size
-        sources = image_sources(images)
-        files = [path for path, _ in sources]
-        ranks = top_k or 1
-        several = len(files) * ranks > 1
-        if top_k and target is not None:
-            raise SettingError("--top-k and --target exclude each other")
+        source = ImageFiles.of(images)  # a missing file, an empty folder: one line, before any work
+        count = len(source.items) * (top_k or 1)
         for option, path, suffix in (("--output", output, ".png"), ("--npy", npy, ".npy")):
-            if several and path is not None and path.suffix.lower() == suffix:
-                raise OutputError(f"{path}: {len(files) * ranks} heatmaps need an output folder for {option}, not a {suffix} file")
+            if count > 1 and path is not None and path.suffix.lower() == suffix:
+                raise OutputError(f"{path}: {count} heatmaps need an output folder for {option}, not a {suffix} file")
+        if output is not None and npy is not None and output.resolve() == npy.resolve() and count == 1:
+            raise OutputError(f"{output}: --output and --npy name the same file")
         if cmap is not None and not is_colormap(cmap):
             raise SettingError(f"unknown colormap '{cmap}'")
-        suffixes = [f"_top{r}_lrp" for r in range(1, ranks + 1)] if top_k else ["_lrp"]
-        destinations = _destinations(sources, suffixes, output, npy)
-        if output is not None and npy is not None and output.resolve() == npy.resolve() and not several:
-            raise OutputError(f"{output}: --output and --npy name the same file")
-        # Every destination and every image is checked before anything is built or written.
-        check_writable(p for pair in destinations for p in pair if p is not None)
-        check_images(files)
-        explainer = Explainer(model, options, runtime)
+        if top_k and target is not None:
+            raise SettingError("--top-k and --target exclude each other")
+        # In one process the outputs are staged and appear together: a failure leaves none. On
+        # Ray each image's files appear as its batch ends, and a rerun skips what is there.
+        local = runtime.cluster is None
+        sink = FileSink(output=output, npy=npy, style=style, levels=heat_quantization, sign=sign, cmap=cmap,
+                        staged=local).plan(len(source.items), top_k)
+        sink.check(source.items)  # every destination, before anything is built or written
+        if local:  # every image too (on Ray the actors decode their own: the driver holds none)
+            source.check()
+        explainer = Explainer(model, options, runtime if local else replace(runtime, device="cpu", threads=1))
         explainer.targets(target, 1)  # a bad --target or --top-k is an error before anything is said or run
         if top_k and top_k > explainer.num_classes:
             raise SettingError(f"--top-k {top_k}: the model has {explainer.num_classes} classes")
         for note in explainer.summary.notes:  # before the results: they say what was explained
             typer.echo(f"note: {note}", err=True)
-        if cluster is not None:
-            _explain_on_ray(explainer, images, output, npy, runtime, target, top_k, style, heat_quantization, sign,
-                            cmap)
-            return
-        layout = explainer.summary.image.layout
-        batches = batches_of(files, batch_size)  # as explain --ray cuts them
-        lines, writes, explosion, reached = [], [], None, []
-        # A pipeline: the next batch is decoded and the last one written while onnxruntime runs.
-        # Outputs are staged and appear together at the end: a failure leaves none behind.
-        with Outputs() as outputs, ThreadPoolExecutor(max_workers=4) as pool, \
-                _progress(disable=len(batches) <= 1) as progress:
-            task = progress.add_task("explaining", total=len(files))
-            upcoming = pool.submit(explainer.read_images, batches[0])
-            done = 0
-            for k in range(len(batches)):
-                pixels = upcoming.result()
-                if k + 1 < len(batches):
-                    upcoming = pool.submit(explainer.read_images, batches[k + 1])
-                result = explainer.explain(explainer.preprocessing.normalize(pixels, layout), target, batch_size, top_k,
-                                           warn=False)
-                explosion = result.explosion if explosion is None else explosion + result.explosion
-                # per batch, once: each of these sums the whole relevance
-                sums, at_input, taken = result.input_sum, result.reach, result.taken_shares
-                if taken is not None:  # LRP, not gradients
-                    reached.append((at_input, taken))
-                for row, heat in enumerate(result.heatmap()):
-                    i = done * ranks + row
-                    png, array = destinations[i]
-                    writes.append(pool.submit(write_heatmap, outputs, pixels[row // ranks], heat, png, array,
-                                              style, heat_quantization, sign, cmap))
-                    written = ", ".join(str(p) for p in (png, array) if p is not None)
-                    lines.append(f"{files[done + row // ranks]}: class {result.targets[row]}, initial relevance "
-                                 f"{result.initial[row]:.4g}, input relevance {sums[row]:.4g}"
-                                 f"{_reached(at_input, taken, row)} -> {written}")
-                done += len(pixels)
-                progress.advance(task, len(pixels))
-            for write in writes:
-                write.result()
-        for line in lines:
-            console.print(line, highlight=False, soft_wrap=True)
-        if explosion is not None and explosion.images:
-            typer.echo(f"warning: {explode.message(explosion, options.preset.name, options.bias)}", err=True)
-        if reached:
-            _warn_reach(np.concatenate([a for a, _ in reached]), np.concatenate([t for _, t in reached]),
-                        options.preset.name, options.bias)
+        _explain_folder(explainer, source, sink, runtime, target, top_k)
+
+
+def _explain_folder(explainer: Explainer, source, sink, runtime: Runtime, target: int | None,
+                    top_k: int | None) -> None:
+    """runs.explain_folder with a bar, a line per heatmap, then the run's warnings."""
+    lines: list[str] = []
+
+    def said(record) -> None:
+        taken = np.asarray([record.taken]) if record.taken is not None else None
+        lines.append(f"{record.key}: class {record.target}, initial relevance {record.initial:.4g}, input relevance "
+                     f"{record.input_sum:.4g}{_reached(np.asarray([record.reach]), taken, 0)} -> "
+                     f"{', '.join(record.written)}")
+
+    where = "explaining" if runtime.cluster is None else f"explaining on Ray ({runtime.cluster.concurrency} actor(s))"
+    with _progress(disable=runtime.cluster is None and len(source.items) <= runtime.batch_size) as progress:
+        task = progress.add_task(where, total=None)
+        summary = explain_folder(explainer, source, sink, runtime=runtime, target=target, top_k=top_k, on_result=said,
+                                 progress=lambda done, total: progress.update(task, completed=done, total=total))
+    if summary.skipped:
+        typer.echo(f"note: {summary.skipped} image(s) already explained there: skipped", err=True)
+    for line in lines:
+        console.print(line, highlight=False, soft_wrap=True)
+    if summary.explosion is not None and summary.explosion.images:
+        typer.echo(f"warning: {explode.message(summary.explosion, explainer.summary.preset, explainer.bias)}", err=True)
+    if summary.taken is not None:
+        _warn_reach(summary.at_input, summary.taken, explainer.summary.preset, explainer.bias)
 
 
 def _reached(at_input: np.ndarray, taken: np.ndarray | None, row: int) -> str:
@@ -310,34 +257,6 @@ def _progress(disable: bool = False) -> Progress:
     """A bar with the time left, on stderr, only where a person watches a terminal."""
     return Progress(TextColumn("{task.description}"), BarColumn(), TaskProgressColumn(), TimeRemainingColumn(),
                     console=progress_console, transient=True, disable=disable or not progress_console.is_terminal)
-
-
-def _explain_on_ray(explainer, files, output, npy, runtime, target, top_k, style, levels, sign, cmap) -> None:
-    """explain --ray: the same files as in one process, written by Ray actors batch by batch
-    (runs.explain_folder with a FileSink); a rerun skips the images whose files all exist."""
-    from .runs import FileSink, explain_folder
-
-    sink = FileSink(output=output, npy=npy, style=style, levels=levels, sign=sign, cmap=cmap)
-    lines: list[str] = []
-
-    def said(record) -> None:
-        taken = np.asarray([record.taken]) if record.taken is not None else None
-        lines.append(f"{record.key}: class {record.target}, initial relevance {record.initial:.4g}, input relevance "
-                     f"{record.input_sum:.4g}{_reached(np.asarray([record.reach]), taken, 0)} -> "
-                     f"{', '.join(record.written)}")
-
-    with _progress() as progress:
-        task = progress.add_task(f"explaining on Ray ({runtime.cluster.concurrency} actor(s))", total=None)
-        summary = explain_folder(explainer, files, sink, runtime=runtime, target=target, top_k=top_k, on_result=said,
-                                 progress=lambda done, total: progress.update(task, completed=done, total=total))
-    if summary.skipped:
-        typer.echo(f"note: {summary.skipped} image(s) already explained there: skipped", err=True)
-    for line in lines:
-        console.print(line, highlight=False, soft_wrap=True)
-    if summary.explosion is not None and summary.explosion.images:
-        typer.echo(f"warning: {explode.message(summary.explosion, explainer.summary.preset, explainer.bias)}", err=True)
-    if summary.taken is not None:
-        _warn_reach(summary.at_input, summary.taken, explainer.summary.preset, explainer.bias)
 
 
 def _explain_to_parquet(model, images, parquet, output, npy, pictures: list[str], settings: Settings,

@@ -11,7 +11,7 @@ from typer.testing import CliRunner
 from conftest import ROOT
 from onnxlrp import OnnxLrpError
 from onnxlrp.audit import FailOn, audit
-from onnxlrp.audit.report import SCHEMA, payload
+from onnxlrp.audit.report import payload, schema
 from onnxlrp.audit.statistics import border_share, gini, rank_correlation
 from onnxlrp.cli import app
 
@@ -58,7 +58,7 @@ def test_demo_model_passes_and_the_report_validates(demo_audit):
     result, _ = demo_audit
     assert result.verdict == "pass"
     data = payload(result)
-    jsonschema.validate(data, json.loads(SCHEMA.read_text()))
+    jsonschema.validate(data, schema())
     assert len(data["per_image"]) == 24 and data["checks"]["accuracy"] == 1.0
     assert data["checks"]["logits"] < 1  # the explainer's logits are the model's own, to 1e-4 of the largest
     assert data["checks"]["conservation"] < 1e-3  # every merge splits all it gets
@@ -260,7 +260,7 @@ def test_int8_gate_compares_the_reference_arithmetic_and_reports_the_deployed_ke
     assert result.verdict == "pass"
     assert [(f.check, f.severity) for f in result.findings] == [("deployed-kernels", "warning")]
     data = payload(result)
-    jsonschema.validate(data, json.loads(SCHEMA.read_text()))
+    jsonschema.validate(data, schema())
     assert data["deployed_kernels"]["max_difference"] == pytest.approx(8 * output_step(model), rel=1e-3)
     assert data["deployed_kernels"]["unit"] == "output quantisation steps"
     with pytest.raises(OnnxLrpError, match="deployed-kernels.*informational"):
@@ -289,7 +289,7 @@ def test_an_unlabeled_sample_is_audited_on_the_predicted_classes(tmp_path):
     assert result.strategies and "random-logit" in result.checks and "clever-hans" in result.checks
     assert result.verdict == "pass"
     data = payload(result)
-    jsonschema.validate(data, json.loads(SCHEMA.read_text()))
+    jsonschema.validate(data, schema())
     assert data["based_on"] == {"images": 18, "labels": None, "classes": "predicted",
                                 "text": "18 images, labels: none (predicted classes)"}
     assert data["not_run"] == {"accuracy": "no labels"}
@@ -345,3 +345,51 @@ def test_faithfulness_on_a_model_of_open_size_uses_the_size_asked(tmp_path):
         Image.fromarray(np.random.RandomState(k).randint(0, 255, (32, 48, 3), np.uint8)).save(sample / f"{k}.png")
     result = audit(model, sample, image_size=(32, 48), faithfulness=True, sanity_images=0)
     assert len(result.rows) == 2 and all("exact_insertion" in r for r in result.rows), result.rows[0]
+
+
+def test_a_new_check_is_one_class_and_every_part_of_the_audit_reads_it(tmp_path):
+    """Registering a check is all it takes: it runs, --fail-on takes its name, it makes a
+    finding, report.json lists it (and still validates), and one whose needs the data does
+    not meet says why it did not run."""
+    from onnxlrp.audit.checks import REGISTRY, Check, Observation, Outcome, register, unregister
+
+    @register
+    class Bright(Check):
+        name, order, threshold, direction = "test_relevance_total", 999, 0.0, "above"
+        summary = "the number of explained images (a test's own check)"
+
+        def run(self, data):
+            value = float(len(data.images))
+            return Outcome(value, (Observation(value, f"{int(value)} images explained", images=data.names[:2]),))
+
+    @register
+    class Labelled(Check):
+        name, order, threshold, direction = "test_needs_labels", 1000, 0.0, "above"
+        summary = "a test's check that needs labels"
+        needs = ("explained", "labels")
+
+        def run(self, data):
+            return Outcome(1.0)
+
+    try:
+        assert list(REGISTRY)[-2:] == ["test_relevance_total", "test_needs_labels"]
+        flat = tmp_path / "flat"
+        flat.mkdir()
+        for image in sorted((SHAPES / "ring").glob("*.png"))[:3]:
+            shutil.copy(image, flat / image.name)
+        result = audit(DEMO, flat, fail_on=FailOn.parse(["test_relevance_total"]), sanity_images=0)
+        assert result.checks["test_relevance_total"] == 3.0
+        assert result.verdict == "fail"
+        [finding] = [f for f in result.findings if f.check == "test_relevance_total"]
+        assert finding.message == "3 images explained" and finding.severity == "fail"
+        assert result.not_run["test_needs_labels"] == "no labels"
+        data = payload(result)
+        jsonschema.validate(data, schema())
+        assert data["checks"]["test_relevance_total"] == 3.0
+        assert data["thresholds"]["test_relevance_total"]["summary"].startswith("the number of explained images")
+    finally:
+        unregister("test_relevance_total")
+        unregister("test_needs_labels")
+    assert "test_relevance_total" not in REGISTRY
+    with pytest.raises(jsonschema.ValidationError, match="test_relevance_total"):  # the schema follows the registry
+        jsonschema.validate(data, schema())

@@ -24,7 +24,7 @@ from .run import Audit
 from .strategies import SMALL_REGION
 
 SCHEMA_VERSION = "1.0"
-SCHEMA = Path(__file__).with_name("report.schema.json")
+SCHEMA = Path(__file__).with_name("report.schema.json")  # the fixed part of schema()
 FILES = ("report.html", "report.json", "images.csv")
 THUMBNAIL = 128
 
@@ -67,6 +67,14 @@ def _grid_picture(grid: np.ndarray, region: np.ndarray | None = None) -> str:
             pixels[(r + 1) * cell - 1, c * cell:(c + 1) * cell, :] = (0, 200, 255)
         picture = Image.fromarray(pixels)
     return _png(picture)
+
+
+def schema() -> dict:
+    """report.json's JSON Schema: the shipped file, with the names of the registered checks (a
+    new check is one class; the schema follows the registry)."""
+    spec = json.loads(SCHEMA.read_text())
+    spec["properties"]["findings"]["items"]["properties"]["check"]["enum"] = list(CHECKS)
+    return spec
 
 
 def payload(audit: Audit) -> dict:
