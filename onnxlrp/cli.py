@@ -153,7 +153,7 @@ def _user_errors(code: int = BAD_INPUT) -> Iterator[None]:
 
 
 #: explain's options that only shape the PNG files, which --parquet does not write
-_PICTURE_OPTIONS = ("style", "heat_quantization", "sign", "cmap", "top_k")
+_PICTURE_OPTIONS = ("style", "heat_quantization", "sign", "cmap", "top_k", "concepts")
 
 
 @app.command(cls=GroupedCommand)
@@ -173,6 +173,7 @@ def explain(
     heat_quantization: Annotated[Optional[int], typer.Option("--heat-quantization", min=0, metavar="LEVELS", help="Quantize the map to this many levels (0: off).", show_default="8 for --style paper, else 0")] = None,
     sign: Annotated[SignName, typer.Option("--sign", help="--style paper: which relevance to show.")] = "positive",
     cmap: Annotated[Optional[str], typer.Option("--cmap", help="Matplotlib colormap.", show_default="coldnhot; jet for --style paper")] = None,
+    concepts: Annotated[Optional[int], typer.Option("--concepts", min=1, metavar="K", help="Beside each heatmap, the conditional maps of the K channels of --layer that carry most of its relevance (<heatmap>_concept<j>.png).")] = None,
     *,
     settings: Settings,
 ) -> None:
@@ -184,6 +185,8 @@ def explain(
         return
     with _user_errors():
         options, runtime = settings.build()
+        if concepts:  # the channels of --layer are the concepts
+            options = replace(options, concept_layer=settings["layer"])
         source = ImageFiles.of(images)  # a missing file, an empty folder: one line, before any work
         count = len(source.items) * (top_k or 1)
         for option, path, suffix in (("--output", output, ".png"), ("--npy", npy, ".npy")):
@@ -199,7 +202,7 @@ def explain(
         # Ray each image's files appear as its batch ends, and a rerun skips what is there.
         local = runtime.cluster is None
         sink = FileSink(output=output, npy=npy, style=style, levels=heat_quantization, sign=sign, cmap=cmap,
-                        staged=local).plan(len(source.items), top_k)
+                        staged=local, concepts=concepts or 0).plan(len(source.items), top_k)
         sink.check(source.items)  # every destination, before anything is built or written
         if local:  # every image too (on Ray the actors decode their own: the driver holds none)
             source.check()
@@ -207,6 +210,9 @@ def explain(
         explainer.targets(target, 1)  # a bad --target or --top-k is an error before anything is said or run
         if top_k and top_k > explainer.num_classes:
             raise SettingError(f"--top-k {top_k}: the model has {explainer.num_classes} classes")
+        if concepts and concepts > explainer.summary.concept_channels:
+            raise SettingError(f"--concepts {concepts}: layer '{explainer.summary.concept_layer}' has "
+                               f"{explainer.summary.concept_channels} channels")
         for note in explainer.summary.notes:  # before the results: they say what was explained
             typer.echo(f"note: {note}", err=True)
         _explain_folder(explainer, source, sink, runtime, target, top_k)
@@ -219,8 +225,11 @@ def _explain_folder(explainer: Explainer, source, sink, runtime: Runtime, target
 
     def said(record) -> None:
         taken = np.asarray([record.taken]) if record.taken is not None else None
+        concepts = "".join(f"; concepts at {explainer.summary.concept_layer}: " +
+                           ", ".join(f"channel {c} {share:.1%}" for c, share in record.concepts)
+                           for _ in record.concepts[:1])
         lines.append(f"{record.key}: class {record.target}, initial relevance {record.initial:.4g}, input relevance "
-                     f"{record.input_sum:.4g}{_reached(np.asarray([record.reach]), taken, 0)} -> "
+                     f"{record.input_sum:.4g}{_reached(np.asarray([record.reach]), taken, 0)}{concepts} -> "
                      f"{', '.join(record.written)}")
 
     where = "explaining" if runtime.cluster is None else f"explaining on Ray ({runtime.cluster.concurrency} actor(s))"
@@ -463,6 +472,46 @@ def audit(
         console.print("wrote " + ", ".join(str(p) for p in paths.values()), highlight=False, soft_wrap=True)
     if result.verdict == "fail":
         raise typer.Exit(AUDIT_FAIL)
+
+
+@app.command(cls=GroupedCommand)
+@takes(*EXPLAINING)
+def concepts(
+    model: Model,
+    images: Annotated[list[Path], typer.Argument(help="Image files or folders of images (subfolders too); a folder's classes.txt names the classes.",
+                                                 show_default=False, metavar="IMAGES...")],
+    output: Annotated[Path, typer.Option("--output", "-o", help="Folder for atlas.html and atlas.json.")] = Path("atlas"),
+    per_class: Annotated[int, typer.Option("--per-class", min=1, help="Concepts shown per class.")] = 5,
+    references: Annotated[int, typer.Option("--references", min=1, help="Reference images per concept, by relevance and by activation.")] = 6,
+    *,
+    settings: Settings,
+) -> None:
+    """A concept atlas: per class, the channels of --layer its predictions rest on, each with the
+    images that show it most, cropped to where it looks (atlas.html, atlas.json)."""
+    from .concepts import FILES as ATLAS_FILES, atlas, write as write_atlas
+
+    with _user_errors():
+        check_writable(output / name for name in ATLAS_FILES)  # before the run, not after it
+        options, runtime = settings.build()
+        names = _class_names(images)
+        with _progress() as progress:
+            task = progress.add_task("concepts", total=None)
+            found = atlas(model, images, layer=settings["layer"], per_class=per_class, references=references,
+                          class_names=names, options=options, runtime=runtime,
+                          progress=lambda done, total: progress.update(task, completed=done, total=total))
+        paths = write_atlas(found, output)
+        console.print(f"concepts at {found.layer} ({found.channels} channels), {found.images} images:",
+                      highlight=False, soft_wrap=True)
+        for entry in found.classes:
+            shown = ", ".join(f"channel {c} {share:.1%}" for c, share in entry.channels)
+            console.print(f"  {entry.name} ({entry.images} images): {shown}", highlight=False, soft_wrap=True)
+        console.print("wrote " + ", ".join(str(p) for p in paths.values()), highlight=False, soft_wrap=True)
+
+
+def _class_names(images: list[Path]) -> list[str] | None:
+    """The class names in classes.txt of the one folder given, if it has one."""
+    listed = images[0] / "classes.txt" if len(images) == 1 and images[0].is_dir() else None
+    return listed.read_text().split() if listed is not None and listed.is_file() else None
 
 
 @app.command("compile", cls=GroupedCommand)

@@ -132,7 +132,7 @@ HEATMAP = _group(
         "--heatmap", help="pixel: the input relevance; layer: Relevance-CAM at --layer; gated: pixel relevance "
                           "gated by the positive layer relevance (neither conserves).")], "pixel"),
     layer=(Annotated[str, typer.Option(
-        "--layer", metavar="NAME", help="Where --heatmap layer/gated look: 'last' (the last conv block), 'input', "
+        "--layer", metavar="NAME", help="Where --heatmap layer/gated and --concepts look: 'last' (the last conv block), 'input', "
                                         "or a node (onnxlrp graph lists them) or tensor name.")], "last"),
 )
 

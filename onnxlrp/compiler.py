@@ -51,6 +51,9 @@ class Summary:
     # LogSoftmax, Sigmoid), None for a model that outputs its logits: the model's own output is
     # this activation of Explanation.logits
     output_activation: str | None = None
+    concept_layer: str | None = None  # the tensor whose channels are concepts (lrp.conditional)
+    concept_channels: int = 0  # how many it has
+    concept_axis: int = 1  # their axis
 
     def to_json(self) -> str:
         return json.dumps(asdict(self))
@@ -131,10 +134,12 @@ def build(analysis: Analysis, options: Options) -> tuple[Summary, onnx.ModelProt
         if probe is None:
             raise SettingError(f"{analysis.path}: no global average pool, so no last conv block to probe")
     layer, layer_axis = heatmap_layer(analysis, options.heatmap)
+    concepts, concept_axis, channels = concept_layer(analysis, options.concept_layer)
     compiled = rg.build(
         analysis.graph, analysis.rules, initial=analysis.preset.initial, bias=options.bias, low=low,
         high=high, ir_version=readable_ir_version(analysis.ir_version), opset=analysis.opset, trace=options.trace, probe=probe,
         heatmap=options.heatmap, layer=layer, layer_axis=layer_axis, pixel_axis=analysis.image.channel_axis,
+        concept_layer=concepts, concept_axis=concept_axis,
     )
     if options.precision == "fp16":
         compiled = rg.to_float16(compiled)
@@ -144,7 +149,8 @@ def build(analysis: Analysis, options: Options) -> tuple[Summary, onnx.ModelProt
         analysis.image, analysis.height, analysis.width, analysis.num_classes, analysis.merges,
         analysis.notes + _heatmap_note(options.heatmap, layer), analysis.warnings,
         json.loads(props.get(rg.TRACE_KEY, "[]")), probe, options.heatmap.kind, layer,
-        output_activation=analysis.output_activation,
+        output_activation=analysis.output_activation, concept_layer=concepts, concept_channels=channels,
+        concept_axis=concept_axis,
     )
     return summary, compiled
 
@@ -157,15 +163,32 @@ def _heatmap_note(spec: Heatmap, layer: str | None) -> list[str]:
 
 
 def heatmap_layer(analysis: Analysis, spec: Heatmap) -> tuple[str | None, int]:
-    """The tensor a layer or gated map is taken at (given by its name, its node's name, "last"
-    or "input"), and its channel axis: 1 by ONNX's convention, or the axis the global pooling
-    over it keeps (a ReduceMean over rows and columns of a channels-last map)."""
+    """The tensor a layer or gated map is taken at, and its channel axis (find_layer)."""
     if not spec.needs_layer:
         return None, 1
+    return find_layer(analysis, spec.layer, "layer map", (4,))
+
+
+def concept_layer(analysis: Analysis, given: str | None) -> tuple[str | None, int, int]:
+    """The tensor whose channels are concepts, its channel axis and how many channels it has."""
+    if given is None:
+        return None, 1, 0
+    name, axis = find_layer(analysis, given, "concept layer", (2, 4))
+    if name == analysis.graph.canonical.input.name:
+        raise SettingError(f"{analysis.path}: the input's colour channels are no concepts; choose a layer "
+                           "(onnxlrp graph lists the nodes)")
+    shape = next(op.output.shape for op in analysis.graph.ops.values() if op.output.name == name)
+    return name, axis, int(shape[axis])
+
+
+def find_layer(analysis: Analysis, given: str, what: str, ranks: tuple[int, ...]) -> tuple[str, int]:
+    """A layer's tensor (given by its name, its node's name, "last" or "input") and its channel
+    axis: 1 by ONNX's convention, or the axis the global pooling over it keeps (a ReduceMean
+    over rows and columns of a channels-last map)."""
     graph = analysis.graph
-    name = {LAST: graph.last_feature_map(), INPUT: graph.canonical.input.name}.get(spec.layer, spec.layer)
+    name = {LAST: graph.last_feature_map(), INPUT: graph.canonical.input.name}.get(given, given)
     if name is None:
-        raise SettingError(f"{analysis.path}: no global average pool, so no last conv block for the layer map")
+        raise SettingError(f"{analysis.path}: no global average pool, so no last conv block for the {what}")
     if name == graph.canonical.input.name:
         return name, analysis.image.channel_axis
     # a tensor name, or the name of the node that writes it (what `onnxlrp graph` lists)
@@ -175,9 +198,11 @@ def heatmap_layer(analysis: Analysis, spec: Heatmap) -> tuple[str | None, int]:
                            "(onnxlrp graph lists the nodes)")
     name = producer.output.name
     shape = producer.output.shape
-    if shape is None or len(shape) != 4:
-        raise SettingError(f"{analysis.path}: tensor '{name}' has shape {shape}; a layer map needs a 4-d feature map")
-    return name, graph.channel_axis(name)
+    if shape is None or len(shape) not in ranks:
+        kinds = " or ".join(f"{r}-d" for r in ranks)
+        raise SettingError(f"{analysis.path}: tensor '{name}' has shape {shape}; a {what} needs a {kinds} "
+                           f"{'feature map' if ranks == (4,) else 'tensor'}")
+    return name, graph.channel_axis(name) if len(shape) == 4 else 1
 
 
 def box_bounds(analysis: Analysis, options: Options) -> tuple[np.ndarray, np.ndarray]:

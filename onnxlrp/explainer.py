@@ -18,7 +18,7 @@ import onnx
 from .analysis import Analysis
 from .compiler import Compiled, Summary, analysis_of, compile_or_load
 from .errors import DataError, OnnxLrpWarning, SettingError
-from .explanation import Explanation
+from .explanation import Concepts, Explanation
 from .io.preprocessing import ImageReader, Preprocessing
 from .ir.merges import Merge
 from .lrp import explosion as explode
@@ -142,10 +142,14 @@ class Explainer:
         return targets.copy()
 
     def explain(self, x: np.ndarray, target=None, batch_size: int | None = None, top_k: int | None = None,
-                warn: bool = True) -> Explanation:
+                warn: bool = True, concepts=None) -> Explanation:
         """Explain a preprocessed batch. target: None (top-1), a class for all, or one per image.
         top_k: explain each image's k best classes instead, in one batched run; the result then
         has k rows per image (image 0's best, second best, ..., then image 1's).
+        concepts (an Explainer with a concept_layer): K, each image's K most relevant channels;
+        or channels of the layer, the same for every image ([c1, c2, ...]) or per image ([N, K]);
+        Explanation.concepts then holds each one's conditional relevance, from the same forward
+        pass (rows of batch_size // K images per run; K > batch_size: several runs).
         Relevance that exploded (NaN/Inf, set to 0, or totals far beyond the initial relevance)
         is in Explanation.explosion, and warned about unless warn=False."""
         x = np.asarray(x, dtype=np.float32)
@@ -159,7 +163,14 @@ class Explainer:
             x = np.repeat(x, top_k, axis=0)
         else:
             targets = self.targets(target, len(x))
-        out = self.runner.run({rg.INPUT: x, rg.TARGET: targets}, batch_size or self.runtime.batch_size)
+        batch_size = batch_size or self.runtime.batch_size
+        conditions = self.conditions(concepts, len(x) // (top_k or 1))
+        if conditions is None:
+            out = self.runner.run({rg.INPUT: x, rg.TARGET: targets}, batch_size)
+        else:
+            if top_k is not None:
+                conditions = np.repeat(conditions, top_k, axis=0)
+            out = self._run_conditions(x, targets, conditions, batch_size)
         merges = out.get(rg.MERGE_SUMS, np.zeros((len(x), 0, 3), np.float32))
         probe = (out[rg.PROBE_ACTIVATION], out[rg.PROBE_RELEVANCE]) if self.summary.probe else None
         preset = self.options.preset
@@ -175,7 +186,58 @@ class Explainer:
             relevance, out[rg.LOGITS], out[rg.TARGETS], out[rg.INITIAL], merges,
             self.merges, self.summary.image.layout, out.get(rg.LAYER_SUMS), list(self.trace_nodes), probe,
             explosion, maps, out.get(rg.ABSORBED) if conserving else None,
+            self._concepts(out, warn) if concepts is not None else None,
         )
+
+    def conditions(self, concepts, n: int) -> np.ndarray | None:
+        """concepts as explain() takes them -> int64 [n, K] (-r: the r-th most relevant channel);
+        None without a concept layer (then concepts must be None too)."""
+        layer, count = self.summary.concept_layer, self.summary.concept_channels
+        if layer is None:
+            if concepts is not None:
+                raise SettingError("concepts need an Explainer with a concept layer (concept_layer=, e.g. \"last\")")
+            return None
+        if concepts is None:  # the cheapest condition, not returned
+            return np.full((n, 1), -1, dtype=np.int64)
+        if isinstance(concepts, (int, np.integer)):
+            if not 1 <= concepts <= count:
+                raise SettingError(f"concepts {concepts}: the concept layer '{layer}' has {count} channels")
+            return np.tile(-np.arange(1, concepts + 1, dtype=np.int64), (n, 1))
+        chosen = np.asarray(concepts, dtype=np.int64)
+        if chosen.ndim == 1:
+            chosen = np.tile(chosen, (n, 1))
+        if chosen.ndim != 2 or len(chosen) != n or chosen.shape[1] == 0:
+            raise SettingError(f"concepts: {list(np.shape(concepts))} channels for {n} images; give K, a list of "
+                               "channels, or one list per image")
+        bad = chosen[(chosen < 0) | (chosen >= count)]
+        if bad.size:
+            raise SettingError(f"channel {int(bad[0])} out of range: the concept layer '{layer}' has {count} "
+                               f"channels (0..{count - 1})")
+        return chosen
+
+    def _run_conditions(self, x: np.ndarray, targets: np.ndarray, conditions: np.ndarray,
+                        batch_size: int) -> dict[str, np.ndarray]:
+        """The graph on images and conditions, within batch_size rows per run: each image's K
+        conditions are K rows of the pass below the concept layer."""
+        k = conditions.shape[1]
+        per_run = max(1, batch_size // k)
+        groups = [conditions[:, i:i + batch_size] for i in range(0, k, batch_size)] if k > batch_size else [conditions]
+        runs = [self.runner.run({rg.INPUT: x, rg.TARGET: targets, rg.CONCEPT: group}, per_run) for group in groups]
+        out = runs[0]
+        for name in (rg.CONCEPT_RELEVANCE, rg.CONCEPT_CHANNELS):
+            out[name] = np.concatenate([run[name] for run in runs], axis=1)
+        return out
+
+    def _concepts(self, out: dict[str, np.ndarray], warn: bool) -> Concepts:
+        relevance = out[rg.CONCEPT_RELEVANCE]
+        finite = np.isfinite(relevance)
+        if not finite.all():  # a map never holds NaN/Inf: set to 0, and said
+            relevance = np.where(finite, relevance, np.float32(0))
+            if warn:
+                warnings.warn(f"conditional relevance: {int((~finite).sum())} NaN/Inf value(s) set to 0",
+                              OnnxLrpWarning, stacklevel=3)
+        return Concepts(self.summary.concept_layer, out[rg.CONCEPT_CHANNELS], relevance, out[rg.CHANNEL_RELEVANCE],
+                        out[rg.CHANNEL_ACTIVATION], self.summary.image.layout)
 
     # Image files
     def load_images(self, paths: Sequence[str | Path]) -> tuple[list[Path], np.ndarray]:

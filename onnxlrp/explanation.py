@@ -12,6 +12,35 @@ from .lrp.explosion import Explosion
 
 
 @dataclass
+class Concepts:
+    """Conditional relevance at a concept layer (lrp.conditional): K conditions per image, each one
+    channel of the layer; the relevance pass from that channel alone down to the input."""
+
+    layer: str  # the tensor whose channels are the concepts
+    channels: np.ndarray  # [N, K] int64: the channel of each condition
+    relevance: np.ndarray  # [N, K, ...] the input relevance of each condition (the input's layout per row)
+    channel_relevance: np.ndarray  # [N, C] the relevance total of every channel at the layer
+    channel_activation: np.ndarray | None = None  # [N, C] each channel's largest activation there
+    layout: str = "NCHW"
+
+    @property
+    def shares(self) -> np.ndarray:
+        """[N, C] each channel's relevance over the sum of |relevance| of all channels
+        (zennit-crp's ChannelConcept.attribute with abs_norm): the concepts' ranking."""
+        total = np.abs(self.channel_relevance.astype(np.float64)).sum(axis=1, keepdims=True)
+        return self.channel_relevance / np.maximum(total, 1e-30)
+
+    @property
+    def chosen_shares(self) -> np.ndarray:
+        """[N, K] the share of each condition's channel."""
+        return np.take_along_axis(self.shares, self.channels, axis=1)
+
+    def heatmap(self) -> np.ndarray:
+        """[N, K, H, W] each condition's input relevance summed over colour channels."""
+        return self.relevance.sum(axis=2 if self.layout == "NCHW" else 4)
+
+
+@dataclass
 class Explanation:
     """Input relevance for a batch, with the numbers needed to audit conservation."""
 
@@ -30,6 +59,7 @@ class Explanation:
     # [N, F] relevance each family of ops did not hand on (lrp.reach.FAMILIES: biases and
     # stabilisers, saturated activations, other); None for gradients, which conserve nothing
     absorbed_by: np.ndarray | None = None
+    concepts: Concepts | None = None  # with a concept layer and concepts= asked: conditional relevance
 
     def layer_report(self, index: int = 0) -> list[dict]:
         """With trace=True: per op (forward order), the relevance at its output, what it passed

@@ -60,6 +60,7 @@ class Options:
     precision: str = "fp32"
     probe: str | None = None
     heatmap: Heatmap = Heatmap()  # pixel, layer (Relevance-CAM) or gated
+    concept_layer: str | None = None  # the layer whose channels are concepts (lrp.conditional)
 
     @classmethod
     def make(
@@ -79,6 +80,7 @@ class Options:
         probe: str | None = None,
         heatmap: str | Heatmap = "pixel",
         layer: str = "last",
+        concept_layer: str | None = None,
     ) -> Options:
         """Options from names. preset: a name from onnxlrp.PRESETS. split: symmetric, ratio or
         proportional (default: the preset's, ratio). include_identity: whether identity skips
@@ -92,7 +94,9 @@ class Options:
         and outputs stay float32), for GPUs. probe: a tensor name ("last": the last conv
         block's output) whose activation and relevance are returned too. heatmap: "pixel"
         (input relevance over channels), "layer" (Relevance-CAM at tensor `layer`) or "gated"
-        (the pixel map gated by the positive layer map), or an lrp.heatmaps.Heatmap."""
+        (the pixel map gated by the positive layer map), or an lrp.heatmaps.Heatmap.
+        concept_layer: a tensor or node name, or "last", whose channels are concepts: the graph
+        then also returns conditional relevance (Explainer.explain(..., concepts=))."""
         if precision not in PRECISIONS:
             raise SettingError(f"unknown precision '{precision}'; choose one of {', '.join(PRECISIONS)}")
         preset = get_preset(preset)
@@ -101,7 +105,7 @@ class Options:
             low=bound_values(low), high=bound_values(high), preprocessing=get_preprocessing(preprocessing),
             image_size=tuple(image_size) if image_size else None, rules=tuple((rules or {}).items()), trace=trace,
             precision=precision, probe=probe,
-            heatmap=heatmap if isinstance(heatmap, Heatmap) else Heatmap(heatmap, layer),
+            heatmap=heatmap if isinstance(heatmap, Heatmap) else Heatmap(heatmap, layer), concept_layer=concept_layer,
         )
 
     def digest(self) -> str | None:

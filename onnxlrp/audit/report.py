@@ -6,17 +6,16 @@ script, nothing loaded from elsewhere. Everything that comes from the data or th
 """
 from __future__ import annotations
 
-import base64
 import csv
-import io
 import json
+from functools import partial
 from pathlib import Path
 
 import numpy as np
 from PIL import Image
 
 from ..io.files import Outputs
-from ..io.image import colorize, render
+from ..io.image import colorize, data_uri, render, thumbnail
 from ..lrp import reach
 from . import examples as shown
 from .findings import CHECKS
@@ -27,22 +26,7 @@ SCHEMA_VERSION = "1.0"
 SCHEMA = Path(__file__).with_name("report.schema.json")  # the fixed part of schema()
 FILES = ("report.html", "report.json", "images.csv")
 THUMBNAIL = 128
-
-
-def _png(picture: Image.Image | np.ndarray) -> str:
-    if isinstance(picture, np.ndarray):
-        picture = Image.fromarray(picture)
-    buffer = io.BytesIO()
-    picture.save(buffer, format="PNG", optimize=True)
-    return "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode("ascii")
-
-
-def _thumb(picture: Image.Image, size: int = THUMBNAIL) -> Image.Image:
-    picture = picture.convert("RGB")
-    if max(picture.size) >= size:
-        picture.thumbnail((size, size))  # in place; no change at exactly `size`
-        return picture
-    return picture.resize((size, size), Image.NEAREST)  # small images enlarged, pixels kept sharp
+_png, _thumb = data_uri, partial(thumbnail, size=THUMBNAIL)
 
 
 def _image(audit: Audit, i: int) -> str:

@@ -10,6 +10,8 @@ Two styles:
 """
 from __future__ import annotations
 
+import base64
+import io
 from pathlib import Path
 
 import numpy as np
@@ -124,6 +126,24 @@ def render(image: np.ndarray, heat: np.ndarray, style: str = "signed", levels: i
     if style == "signed":
         return overlay(image, quantize(heat, levels) if levels else heat, cmap=cmap or "coldnhot")
     raise ValueError(f"unknown style '{style}'; choose one of {', '.join(STYLES)}")
+
+
+def data_uri(picture: Image.Image | np.ndarray) -> str:
+    """A picture as a PNG data: URI, for self-contained HTML pages."""
+    if isinstance(picture, np.ndarray):
+        picture = Image.fromarray(picture)
+    buffer = io.BytesIO()
+    picture.save(buffer, format="PNG", optimize=True)
+    return "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode("ascii")
+
+
+def thumbnail(picture: Image.Image, size: int = 128) -> Image.Image:
+    """At most `size` pixels a side; small pictures enlarged to it, their pixels kept sharp."""
+    picture = picture.convert("RGB")
+    if max(picture.size) >= size:
+        picture.thumbnail((size, size))  # in place; no change at exactly `size`
+        return picture
+    return picture.resize((size, size), Image.NEAREST)
 
 
 def write_png(picture: Image.Image, path: str | Path) -> None:

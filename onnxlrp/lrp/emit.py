@@ -6,12 +6,21 @@ so the relevance graph can be read next to the model in Netron.
 from __future__ import annotations
 
 from contextlib import contextmanager
-from typing import Iterator
+from typing import Callable, Iterator, Protocol
 
 import numpy as np
 import onnx_graphsurgeon as gs
 
 TensorLike = gs.Tensor | np.ndarray | float | int
+
+
+class Rewriter(Protocol):
+    """Changes every node emitted within Emitter.rewriting (lrp.conditional.ByCondition)."""
+
+    def inputs(self, e: Emitter, op_type: str, inputs: list[gs.Tensor]) -> tuple[list[gs.Tensor], Finish]: ...
+
+
+Finish = Callable[["Emitter", list[gs.Variable]], list[gs.Variable]]
 
 
 class Emitter:
@@ -22,6 +31,7 @@ class Emitter:
         self._consts: dict[int, tuple[np.ndarray, gs.Constant]] = {}
         self._scalars: dict[tuple, gs.Constant] = {}
         self._waits: dict[tuple, gs.Variable] = {}  # after()'s nodes, shared per dependency
+        self._rewriter: Rewriter | None = None
 
     @contextmanager
     def scope(self, name: str) -> Iterator[None]:
@@ -59,14 +69,30 @@ class Emitter:
             self._scalars[key] = gs.Constant(self._name("ints"), array)
         return self._scalars[key]
 
+    @contextmanager
+    def rewriting(self, rewriter: Rewriter) -> Iterator[None]:
+        """Within the block, every node's inputs pass through rewriter.inputs, which may emit
+        nodes of its own (emitted as they are) and says what becomes of the node's outputs."""
+        outer, self._rewriter = self._rewriter, rewriter
+        try:
+            yield
+        finally:
+            self._rewriter = outer
+
     def _tensor(self, value: TensorLike) -> gs.Tensor:
         return value if isinstance(value, gs.Tensor) else self.const(value)
 
     def op(self, op_type: str, *inputs: TensorLike, outputs: int = 1, **attrs):
         name = self._name(op_type)
+        tensors, rewriter, finish = [self._tensor(i) for i in inputs], self._rewriter, None
+        if rewriter is not None:
+            self._rewriter = None  # the rewriter's own nodes are emitted as they are
+            tensors, finish = rewriter.inputs(self, op_type, tensors)
         outs = [gs.Variable(f"{name}:{i}") for i in range(outputs)]
-        node = gs.Node(op_type, name, attrs=attrs, inputs=[self._tensor(i) for i in inputs], outputs=outs)
-        self.graph.nodes.append(node)
+        self.graph.nodes.append(gs.Node(op_type, name, attrs=attrs, inputs=tensors, outputs=outs))
+        if rewriter is not None:
+            outs = finish(self, outs)
+            self._rewriter = rewriter
         return outs[0] if outputs == 1 else outs
 
     # Shorthands for the arithmetic the rules are made of.

@@ -17,6 +17,14 @@ all consumers of a tensor are summed. The result is a plain ONNX model:
              absorbed           [N, F]    relevance each family of ops did not hand on (lrp.reach.FAMILIES:
                                           biases and stabilisers, saturated activations, other)
              heatmap            [N, H, W] with a layer or gated heatmap (lrp.heatmaps): the map
+             concept_relevance  [N, K, ...] with concept_layer: the relevance at the input of each
+                                          of K conditions (input `concept` [N, K]: a channel of the
+                                          layer, or -r: the image's r-th most relevant one), the
+                                          pass from that layer with every other channel's relevance
+                                          set to 0 (lrp.conditional), after the same forward pass
+             concept_channels   [N, K]    the channel of each condition
+             channel_relevance  [N, C]    the relevance total of each channel of concept_layer
+             channel_activation [N, C]    each channel's largest activation there
              layer_relevance    [N, L, 3] with trace=True: per op, the relevance total at its output,
                                           the total it passes to its inputs, and the sum of |R| at
                                           its output (the scale float32 totals are rounded on) (op names in the
@@ -34,7 +42,7 @@ import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
 
-from . import heatmaps, reach
+from . import conditional, heatmaps, reach
 from .emit import Emitter
 from ..errors import ModelError, SettingError, first_line
 from ..ir.canonicalise import quiet_graphsurgeon
@@ -48,6 +56,8 @@ LOGITS, RELEVANCE, TARGETS, INITIAL, MERGE_SUMS, LAYER_SUMS = (
 )
 PROBE_ACTIVATION, PROBE_RELEVANCE = "probe_activation", "probe_relevance"
 HEATMAP = "heatmap"
+CONCEPT, CONCEPT_RELEVANCE, CONCEPT_CHANNELS, CHANNEL_RELEVANCE, CHANNEL_ACTIVATION = (
+    "concept", "concept_relevance", "concept_channels", "channel_relevance", "channel_activation")
 ABSORBED = "absorbed"
 TRACE_KEY = "onnxlrp.trace"
 
@@ -135,10 +145,14 @@ def _build(
     layer: str | None = None,
     layer_axis: int = 1,
     pixel_axis: int = 1,
+    concept_layer: str | None = None,
+    concept_axis: int = 1,
 ) -> onnx.ModelProto:
     """The model graph extended with its relevance pass, as a new ONNX model. `graph` itself
     is not changed: the builder works on its own copy. heatmap: a layer or gated map (output
-    `heatmap`) from the relevance at tensor `layer` (channel axis `layer_axis`)."""
+    `heatmap`) from the relevance at tensor `layer` (channel axis `layer_axis`).
+    concept_layer: the tensor whose channels (axis `concept_axis`) are concepts: input
+    `concept` and the concept outputs (lrp.conditional)."""
     graph = _own_copy(graph)
     canonical = graph.canonical
     g = canonical.graph
@@ -170,7 +184,7 @@ def _build(
     merge_sums: dict[str, gs.Tensor] = {}
     layer_sums: dict[str, gs.Tensor] = {}
     lost: dict[str, list[gs.Tensor]] = {family: [] for family in reach.FAMILIES}
-    probed = layered = None
+    probed = layered = conditioned = None
     for name in reversed(list(graph.ops)):
         op = graph.ops[name]
         parts = contributions.pop(op.output.name, None)
@@ -183,6 +197,8 @@ def _build(
                 probed = (op.output, R)
             if op.output.name == layer:
                 layered = R
+            if op.output.name == concept_layer:
+                conditioned = R
             ctx = RuleContext(bias=bias, x_nonneg=op.x.name in graph.nonneg,
                               bounds=box.at(op.x) if box else None, merge=merge)
             inputs = rules[name].relevance(e, op, R, ctx)
@@ -206,6 +222,15 @@ def _build(
             for tensor, r in inputs.items():
                 contributions[tensor].append(e.after(r, ranks[tensor], wait) if wait is not None else r)
 
+    found = concept = None
+    if concept_layer is not None:  # before the interface names are claimed: it reads the model's
+        if conditioned is None:
+            raise SettingError(f"concept layer '{concept_layer}' is not on the path from the image to the logits")
+        concept = gs.Variable("lrp/concept", dtype=np.int64, shape=[batch, "conditions"])
+        found = conditional.emit(e, graph, rules, concept, conditioned, concept_layer, concept_axis, images,
+                              lambda name, op: RuleContext(bias=bias, x_nonneg=op.x.name in graph.nonneg,
+                                                           bounds=box.at(op.x) if box else None,
+                                                           merge=graph.merge_at(name)))
     parts = contributions.pop(images.name, None)
     if not parts:
         raise ModelError("no relevance reaches the image input")
@@ -241,10 +266,18 @@ def _build(
         height, width = (images.shape[a] for a in _spatial_axes(len(images.shape), pixel_axis))
         outputs.append(_output(g, HEATMAP, heatmaps.emit(e, heatmap, input_relevance, pixel_axis, layered, layer_axis,
                                                          height, width), [batch, height, width]))
+    inputs = [images, target]
+    if found is not None:
+        _claim_name(g, concept, CONCEPT)
+        inputs.append(concept)
+        outputs += [_output(g, CONCEPT_RELEVANCE, found.relevance, [batch, "conditions"] + list(images.shape[1:])),
+                    _output(g, CONCEPT_CHANNELS, found.channels, [batch, "conditions"], np.int64),
+                    _output(g, CHANNEL_RELEVANCE, found.channel_sums, [batch, found.count]),
+                    _output(g, CHANNEL_ACTIVATION, found.activation, [batch, found.count])]
     traced = [name for name in graph.ops if name in layer_sums]  # forward order
     if trace:
         outputs.append(_output(g, LAYER_SUMS, e.op("Concat", *(layer_sums[n] for n in traced), axis=1), [batch, len(traced), 3]))
-    g.inputs = [images, target]
+    g.inputs = inputs
     g.outputs = outputs
     g.cleanup().toposort()
     model = gs.export_onnx(g, do_type_check=False)

@@ -5,7 +5,8 @@ folder to put it in), by default ./<image>_lrp.png; for several, `output` is a f
 default ./lrp_out/, mirroring the images' subfolders (photos/cats/a.png -> lrp_out/cats/a_lrp.png),
 and names that two images would share are numbered (a_lrp_1.png). `npy` is a file for one
 heatmap and a folder for several; given without `output`, only the NPY files are written.
-top_k: <image>_top<r>_lrp.png per rank.
+top_k: <image>_top<r>_lrp.png per rank. concepts=K: beside each heatmap its K most relevant
+channels' conditional maps (lrp.conditional), <heatmap>_concept<j>.png for the j-th.
 
 How they are written: each image's files go to temporary names and are renamed into place
 together (io.files.Outputs), so a run that stops half-way leaves complete files only, and a
@@ -49,6 +50,7 @@ class FileSink:
     cmap: str | None = None
     resume: bool = True
     staged: bool = False
+    concepts: int = 0  # the K most relevant concepts' maps beside each heatmap (an Explainer with a concept layer)
     # set by plan(): the run's ranks, and where files go
     ranks: int = 1
     top_k: int | None = None
@@ -93,9 +95,18 @@ class FileSink:
             pairs.append((png, self.npy_dir / f"{name}.npy" if self.npy_dir is not None else self.npy))
         return pairs
 
+    def concept_destinations(self, item: Item) -> list[list[tuple[Path | None, Path | None]]]:
+        """Per rank of `item`, the (PNG, NPY) of each of its K concept maps, beside the heatmap's."""
+        return [[tuple(None if p is None else p.with_name(f"{p.stem}_concept{j}{p.suffix}") for p in pair)
+                 for j in range(1, self.concepts + 1)] for pair in self.destinations(item)]
+
+    def _all(self, item: Item) -> list[Path]:
+        pairs = self.destinations(item) + [pair for rank in self.concept_destinations(item) for pair in rank]
+        return [p for pair in pairs for p in pair if p is not None]
+
     def check(self, items: Sequence[Item]) -> None:
         """Every destination can be written: a one-line error before any work."""
-        check_writable(p for item in items for pair in self.destinations(item) for p in pair if p is not None)
+        check_writable(p for item in items for p in self._all(item))
 
     @property
     def resumes(self) -> bool:
@@ -104,8 +115,7 @@ class FileSink:
 
     def done(self, item: Item) -> bool:
         """The item's files all exist (a finished image of an earlier run)."""
-        return all(
-            p.exists() for pair in self.destinations(item) for p in pair if p is not None)
+        return all(p.exists() for p in self._all(item))
 
     @contextmanager
     def writing(self) -> Iterator[_Writer]:
@@ -126,19 +136,25 @@ class _Writer:
         """One task per image (the backends run them in threads): write its files, return the
         files written per rank. result: the batch's Explanation, `ranks` rows per image."""
         heat, ranks = result.heatmap(), self.sink.ranks
-        return [partial(self._write, item, pixels[i], heat[i * ranks:(i + 1) * ranks]) for i, item in enumerate(items)]
+        concepts = result.concepts.heatmap() if self.sink.concepts else np.zeros((len(heat), 0) + heat.shape[1:])
+        return [partial(self._write, item, pixels[i], heat[i * ranks:(i + 1) * ranks],
+                        concepts[i * ranks:(i + 1) * ranks]) for i, item in enumerate(items)]
 
-    def _write(self, item: Item, pixels: np.ndarray, heats: np.ndarray) -> list[tuple[str, ...]]:
+    def _write(self, item: Item, pixels: np.ndarray, heats: np.ndarray, concepts: np.ndarray) -> list[tuple[str, ...]]:
         sink = self.sink
-        pairs = sink.destinations(item)
+        pairs, concept_pairs = sink.destinations(item), sink.concept_destinations(item)
 
         def write_all(outputs: Outputs) -> None:
-            for (png, npy), heat in zip(pairs, heats):
+            for (png, npy), heat, extra, maps in zip(pairs, heats, concept_pairs, concepts):
                 write_heatmap(outputs, pixels, heat, png, npy, sink.style, sink.levels, sink.sign, sink.cmap)
+                for (concept_png, concept_npy), concept in zip(extra, maps):
+                    write_heatmap(outputs, pixels, concept, concept_png, concept_npy, sink.style, sink.levels,
+                                  sink.sign, sink.cmap)
 
         if self.outputs is not None:
             write_all(self.outputs)
         else:
             with Outputs() as outputs:  # the image's files together, or none of them
                 write_all(outputs)
-        return [tuple(str(p) for p in pair if p is not None) for pair in pairs]
+        return [tuple(str(p) for p in pair + tuple(q for extra_pair in extra for q in extra_pair) if p is not None)
+                for pair, extra in zip(pairs, concept_pairs)]

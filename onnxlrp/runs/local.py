@@ -47,7 +47,8 @@ def run(explainer, source: Source, sink, todo: Sequence[int], *, target, top_k: 
             chunk, pixels = batch(start), upcoming.result()
             if k + 1 < len(starts):
                 upcoming = pool.submit(decode, batch(starts[k + 1]))
-            result, rows = step.explain(explainer, pixels, target, top_k, batch_size, sink.pair_lone)
+            result, rows = step.explain(explainer, pixels, target, top_k, batch_size, sink.pair_lone,
+                                        sink.concepts)
             part = step.numbers(chunk, result, rows, ranks)
             writes = [pool.submit(task) for task in writer.tasks(chunk, pixels, result)]
             del result, pixels  # the writes hold what they need; the relevance goes

@@ -38,7 +38,8 @@ class _FilesJob:
 
         def run(chunk: list[Item]) -> step.Part:
             pixels = self.decoder([item.key for item in chunk], explainer.images)
-            result, rows = step.explain(explainer, pixels, self.target, self.top_k, self.batch_size, self.sink.pair_lone)
+            result, rows = step.explain(explainer, pixels, self.target, self.top_k, self.batch_size,
+                                        self.sink.pair_lone, self.sink.concepts)
             part = step.numbers(chunk, result, rows, ranks)
             with self.sink.writing() as writer:
                 files = [names for task in writer.tasks(chunk, pixels, result) for names in task()]

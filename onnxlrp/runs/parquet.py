@@ -144,6 +144,8 @@ class ParquetSink:
     #: rows hold absolute paths (a run from another folder finds them again)
     absolute = True
     pair_lone = True
+    #: rows hold no concept maps (FileSink(concepts=K) writes them)
+    concepts = 0
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "output", Path(self.output))

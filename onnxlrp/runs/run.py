@@ -87,6 +87,8 @@ def explain_folder(
     explainer.targets(target, 1)  # a class out of range: an error before any work
     if top_k is not None and not 1 <= top_k <= explainer.num_classes:
         raise SettingError(f"top_k {top_k}: the model has {explainer.num_classes} classes")
+    if sink.concepts:
+        explainer.conditions(sink.concepts, 1)  # no concept layer, or more concepts than channels: before any work
     if isinstance(sink, ParquetSink):
         sink = sink.opened(_meta(explainer, target, runtime.device))
     items = source.items

@@ -26,15 +26,18 @@ class Explained:
     taken: tuple[float, ...] | None
     exploded: bool
     written: tuple[str, ...]
+    concepts: tuple[tuple[int, float], ...] = ()  # with concept maps: (channel, its share) for each
 
 
-def explain(explainer, pixels: np.ndarray, target, top_k: int | None, batch_size: int, pair_lone: bool):
+def explain(explainer, pixels: np.ndarray, target, top_k: int | None, batch_size: int, pair_lone: bool,
+            concepts: int = 0):
     """The batch's Explanation, and how many of its rows are the batch's own. pair_lone: a lone
     image is run as a pair (onnxruntime's CPU kernels take another path for a batch of one, a
-    few ulp apart): then the numbers do not depend on where a run was cut into batches."""
+    few ulp apart): then the numbers do not depend on where a run was cut into batches.
+    concepts: each row's K most relevant channels' conditional maps too (0: none)."""
     n = len(pixels) * (top_k or 1)
     x = explainer.images.normalize(np.concatenate([pixels, pixels]) if pair_lone and len(pixels) == 1 else pixels)
-    return explainer.explain(x, target, batch_size, top_k, warn=False), n
+    return explainer.explain(x, target, batch_size, top_k, warn=False, concepts=concepts or None), n
 
 
 @dataclass
@@ -59,9 +62,13 @@ def numbers(items: list[Item], result, rows: int, ranks: int) -> Part:
         explosion = Explosion(len(indices), rows, explosion.worst if indices else 0.0,
                               explosion.where if indices else None, indices)
     exploded = set(indices)
+    concepts = [()] * rows
+    if result.concepts is not None:
+        channels, shares = result.concepts.channels, result.concepts.chosen_shares
+        concepts = [tuple((int(c), float(s)) for c, s in zip(channels[r], shares[r])) for r in range(rows)]
     records = [Explained(items[r // ranks].key, r % ranks, int(result.targets[r]), float(result.initial[r]),
                          float(sums[r]), float(at_input[r]), None if taken is None else tuple(taken[r].tolist()),
-                         r in exploded, ())
+                         r in exploded, (), concepts[r])
                for r in range(rows)]
     return Part(records, explosion, at_input if taken is not None else None, taken)
 

@@ -188,8 +188,25 @@ def map_batches(job: Job, batches: Sequence[Any], cluster: Cluster, device: str 
                 progress: Callable[[int], None] | None = None, size: Callable[[Any], int] = len) -> list[Any]:
     """Each batch through `job` on Ray actors; the results in the order of `batches`.
     progress(n) is called as batches finish, n = size(batch)."""
+    done: dict[int, Any] = {}
+
+    def keep(index: int, result: Any) -> None:
+        done[index] = result
+        if progress is not None:
+            progress(size(batches[index]))
+
+    stream_batches(job, batches, cluster, device, keep)
+    return [done[k] for k in range(len(batches))]
+
+
+def stream_batches(job: Job, batches: Sequence[Any], cluster: Cluster, device: str,
+                   on_result: Callable[[int, Any], None]) -> None:
+    """Each batch through `job` on Ray actors; on_result(index, result) as each one finishes,
+    in the order they finish (nothing is kept here: a fold over the results needs no memory
+    per batch)."""
     if not batches:
-        return []
+        return
+    seen: set[int] = set()
     with connected(cluster) as ray:
         items = [{"index": k, "batch": pickle.dumps(b)} for k, b in enumerate(batches)]
         # One batch per block and per call: every actor gets work, and a batch is never cut.
@@ -199,16 +216,13 @@ def map_batches(job: Job, batches: Sequence[Any], cluster: Cluster, device: str 
             compute=ray.data.ActorPoolStrategy(size=min(cluster.concurrency, len(items))),
             fn_constructor_kwargs={"job": job, "device": device}, **actor_resources(ray, cluster, device),
         )
-        done: dict[int, Any] = {}
         for row in results.iter_rows():  # streamed: Ray's back-pressure bounds what is in flight
             index = int(row["index"])
-            done[index] = pickle.loads(row["result"])
-            if progress is not None:
-                progress(size(batches[index]))
-    missing = [k for k in range(len(batches)) if k not in done]
+            seen.add(index)
+            on_result(index, pickle.loads(row["result"]))
+    missing = len(batches) - len(seen)
     if missing:
-        raise ClusterError(f"Ray returned no result for {len(missing)} batch(es)")
-    return [done[k] for k in range(len(batches))]
+        raise ClusterError(f"Ray returned no result for {missing} batch(es)")
 
 
 def batches_of(items: Sequence[Any], batch_size: int) -> list[Sequence[Any]]:

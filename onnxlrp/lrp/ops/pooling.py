@@ -170,16 +170,20 @@ class MaxPool(Op):
     def transpose(self, e, g, weight=None):
         node = self.node
         if len(node.outputs) < 2:  # ask the forward MaxPool for its argmax indices
-            node.outputs.append(gs.Variable(f"{node.name}/indices", dtype=np.int64))
+            node.outputs.append(gs.Variable(f"{node.name}/indices", dtype=np.int64, shape=list(self.out_shape)))
         indices = node.outputs[1]
-        flat = e.ints([-1])
+        size = int(np.prod(self.in_shape[1:]))
         # Sizes from the static input shape and g's batch axis: the input need not stay in memory.
         batch = e.op("Slice", e.op("Shape", g), e.ints([0]), e.ints([1]))
-        zeros = e.op("ConstantOfShape", e.mul(batch, e.ints([int(np.prod(self.in_shape[1:]))])))
-        # Scattered in float32 whatever the graph's precision (no CPU float16 kernel for it);
-        # in a float32 graph onnxruntime drops the two casts.
-        updates = e.op("Cast", e.op("Reshape", g, flat), to=onnx.TensorProto.FLOAT)
-        scattered = e.op("ScatterElements", zeros, e.op("Reshape", indices, flat), updates, axis=0, reduction="add")
+        zeros = e.op("ConstantOfShape", e.op("Concat", batch, e.ints([size]), axis=0))
+        # Scattered per image, the indices taken within it (ONNX's count the images before it
+        # too): so the same indices serve rows repeated along the batch axis (lrp.conditional).
+        # In float32 whatever the graph's precision (no CPU float16 kernel for it); in a
+        # float32 graph onnxruntime drops the two casts.
+        rows = e.ints([0, -1])
+        updates = e.op("Cast", e.op("Reshape", g, rows), to=onnx.TensorProto.FLOAT)
+        within = e.op("Mod", e.op("Reshape", indices, rows), e.ints([size]))
+        scattered = e.op("ScatterElements", zeros, within, updates, axis=1, reduction="add")
         return e.op("CastLike", e.op("Reshape", scattered, e.ints([-1] + self.in_shape[1:])), g)
 
     def average_view(self, size: int = 2) -> AveragePool:
