@@ -99,7 +99,7 @@ app = typer.Typer(
     rich_markup_mode=None,
     help="Layer-wise Relevance Propagation with Relevance Splitting for ResNet-family ONNX classifiers.",
 )
-console = Console()
+console = Console(markup=False)  # file and class names are text: "[star]" is no style
 
 
 def _version(value: bool) -> None:
@@ -443,6 +443,7 @@ def audit(
     faithfulness: Annotated[bool, typer.Option("--faithfulness", help="Also Insertion/Deletion per image (tie-robust protocol; slower).")] = False,
     sanity_images: Annotated[int, typer.Option("--sanity-images", min=0, help="Images for the randomisation and random-logit tests (0: skip them).")] = 16,
     limit: Annotated[Optional[int], typer.Option("--limit", min=1, help="Audit the first N images only.")] = None,
+    concepts: Annotated[bool, typer.Option("--concepts/--no-concepts", help="Per class, the channels of --layer (not 'input') its predictions rest on, with reference images; the channels of a Clever Hans region; concept drift with --against.")] = True,
     *,
     settings: Settings,
 ) -> None:
@@ -459,7 +460,8 @@ def audit(
             task = progress.add_task(f"auditing {total} images", total=total + 1)
             result = run_audit(model, data, options=options, runtime=runtime, labels=labels, masks=masks,
                                against=against, fail_on=rules, faithfulness=faithfulness, sanity_images=sanity_images,
-                               limit=limit, progress=lambda n: progress.advance(task, n))
+                               limit=limit, progress=lambda n: progress.advance(task, n),
+                               concepts=settings["layer"] if concepts else None)
         paths = write_report(result, output)
         console.print(f"verdict: {result.verdict.upper()} ({len(result.findings)} finding(s), "
                       f"{sum(f.severity == 'fail' for f in result.findings)} failing), on {result.based_on}",

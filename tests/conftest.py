@@ -79,5 +79,29 @@ def demo_image() -> Path:
     return ROOT / "examples" / "demo.png"
 
 
+def traced_peak(run):
+    """(run(), tracemalloc's peak while it ran): numpy's buffers and every Python object
+    (onnxruntime's own arena is per batch and not traced)."""
+    import tracemalloc
+
+    tracemalloc.start()
+    try:
+        result = run()
+        return result, tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+
+
+@pytest.fixture(scope="module")
+def browser():
+    """A real headless Chromium for the HTML reports (skipped without one, unless
+    ONNXLRP_REQUIRE_BROWSER=1)."""
+    from browser import Browser, require_browser
+
+    require_browser()
+    with Browser() as chromium:
+        yield chromium
+
+
 def relative_error(ours: np.ndarray, reference: np.ndarray) -> float:
     return float(np.linalg.norm(ours - reference) / np.linalg.norm(reference))

@@ -1,14 +1,12 @@
 """The concept atlas (onnxlrp.concepts): relevance maximisation over a folder, its report, the
 command, streaming, and Ray."""
 import json
-import shutil
-import tracemalloc
 
 import numpy as np
 import pytest
 from typer.testing import CliRunner
 
-from conftest import ROOT
+from conftest import ROOT, traced_peak
 from onnxlrp import Explainer
 from onnxlrp.cli import app
 from onnxlrp.concepts import atlas, where_it_looks, write
@@ -121,15 +119,6 @@ def test_the_report_and_json(atlases, tmp_path):
     assert "Class star" in page and "http" not in page.replace("http-equiv", "")
 
 
-@pytest.fixture(scope="module")
-def browser():
-    from browser import Browser, require_browser
-
-    require_browser()
-    with Browser() as chromium:
-        yield chromium
-
-
 def test_the_atlas_renders_in_a_real_browser(atlases, tmp_path, browser):
     """Headless Chromium: no errors, every picture loads, nothing fetched; a class name from the
     data is text, not markup."""
@@ -167,12 +156,8 @@ def _image(key: str) -> np.ndarray:
 
 
 def _peak(count: int) -> int:
-    tracemalloc.start()
-    try:
-        found = atlas(MODELS / "clean.onnx", Pixels.of(count, _image), per_class=2, references=2, batch_size=32)
-        peak = tracemalloc.get_traced_memory()[1]
-    finally:
-        tracemalloc.stop()
+    found, peak = traced_peak(lambda: atlas(MODELS / "clean.onnx", Pixels.of(count, _image), per_class=2, references=2,
+                                            batch_size=32))
     assert found.images == count
     return peak
 

@@ -140,15 +140,6 @@ def test_names_from_the_data_are_escaped(tmp_path):
     assert json.loads((out / "report.json").read_text())["classes"][1] == "<script>"
 
 
-@pytest.fixture(scope="module")
-def browser():
-    from browser import Browser, require_browser
-
-    require_browser()
-    with Browser() as chromium:
-        yield chromium
-
-
 def test_report_renders_in_a_real_browser(demo_audit, browser, tmp_path):
     """Headless Chromium: no console or page errors, the verdict shown, every image loaded,
     nothing requested from outside the file."""
@@ -393,3 +384,60 @@ def test_a_new_check_is_one_class_and_every_part_of_the_audit_reads_it(tmp_path)
     assert "test_relevance_total" not in REGISTRY
     with pytest.raises(jsonschema.ValidationError, match="test_relevance_total"):  # the schema follows the registry
         jsonschema.validate(data, schema())
+
+
+def _covers_tag(box) -> bool:
+    tags = json.loads((AUDIT_DATA / "tags.json").read_text())
+    x0, y0, x1, y1 = tags["box_xyxy"]
+    top, left, bottom, right = box
+    return top <= y0 and left <= x0 and bottom >= y1 and right >= x1
+
+
+def test_the_clever_hans_finding_names_the_channels_that_carry_the_tag(tmp_path):
+    """The planted shortcut: the audit's Clever Hans finding for the star class names channels
+    of the last block whose conditional relevance lies mostly in the tag's region, and each of
+    them has reference images from the audited folder that show the tag (tagged, and the
+    channel's map there sits on it); the clean twin names none. report.json says the same."""
+    tags = json.loads((AUDIT_DATA / "tags.json").read_text())
+    tagged = set(tags["tagged"])  # as the audit names its images: relative to the folder
+    result = audit(AUDIT_MODELS / "shortcut.onnx", AUDIT_DATA, sanity_images=0)
+    [hans] = [f for f in result.findings if f.check == "clever-hans"]
+    carried = result.concepts.hans[tags["shortcut_class"]]
+    assert carried and f"channels {', '.join(str(c) for c, _ in carried)} of {result.concepts.layer} carry it" in hans.message
+    for channel, share in carried:
+        assert share >= 0.5
+        refs = result.concepts.references[channel]
+        assert any(r.image in tagged and _covers_tag(r.box) for r in refs), (channel, [(r.image, r.box) for r in refs])
+    data = payload(result)
+    jsonschema.validate(data, schema())
+    named = data["concepts"]["clever_hans"][tags["shortcut_class"]]
+    assert [c["channel"] for c in named] == [c for c, _ in carried] and named[0]["references"]
+    clean = audit(AUDIT_MODELS / "clean.onnx", AUDIT_DATA, sanity_images=0)
+    assert clean.concepts.hans == {} and not any(f.check == "clever-hans" for f in clean.findings)
+    star = [c for c in clean.concepts.per_class if c.name == tags["shortcut_class"]][0]
+    assert not any(_covers_tag(r.box) for c, _ in star.channels for r in clean.concepts.references[c])
+
+
+def test_concepts_per_class_and_concept_drift_against_the_int8_copy(tmp_path):
+    """Per class its top concepts with reference images from the folder; --against the int8 copy
+    of the same weights: channels matched by activation, the same concepts in every class
+    (drift-concepts 1.0); the report shows them, and --no-concepts leaves them out."""
+    result = audit(AUDIT_MODELS / "clean.onnx", AUDIT_DATA, against=AUDIT_MODELS / "clean_int8.onnx", sanity_images=0,
+                   limit=24)
+    found = result.concepts
+    assert found.layer.endswith("relu_1/Relu_output_0") and found.channels == 32
+    assert [c.name for c in found.per_class] == sorted({c.name for c in found.per_class}, key=result.classes.index)
+    for entry in found.per_class:
+        assert len(entry.channels) == 5 and all(found.references[c] for c, _ in entry.channels)
+        assert [s for _, s in entry.channels] == sorted((s for _, s in entry.channels), reverse=True)
+    assert result.checks["drift-concepts"] == 1.0 and set(found.agreement.values()) == {1.0}
+    jsonschema.validate(payload(result), schema())
+    out = tmp_path / "report"
+    from onnxlrp.audit.report import write
+    page = write(result, out)["report.html"].read_text()
+    assert "Concepts per class" in page and "shared with --against" in page
+    bare = runner.invoke(app, ["audit", str(AUDIT_MODELS / "clean.onnx"), str(AUDIT_DATA), "-o", str(tmp_path / "bare"),
+                               "--sanity-images", "0", "--limit", "6", "--no-concepts"])
+    assert bare.exit_code == 0, bare.output
+    report = json.loads((tmp_path / "bare" / "report.json").read_text())
+    assert report["concepts"] is None and "Concepts per class" not in (tmp_path / "bare" / "report.html").read_text()

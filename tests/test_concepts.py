@@ -8,7 +8,7 @@ import pytest
 
 import float32_bounds
 from conftest import ROOT, relative_error
-from onnxlrp import Explainer
+from onnxlrp import PRESETS, Explainer
 from onnxlrp.errors import SettingError
 
 DEMO = ROOT / "models" / "demo" / "tiny_resnet.onnx"
@@ -28,7 +28,16 @@ def _all_channels(path, x, targets, layer="last", **options):
     return result
 
 
-@pytest.mark.parametrize("preset", ["epsilon-plus-flat", "epsilon-gamma-box", "epsilon", "gradient"])
+#: the presets the fast tier runs; the reference tier runs every one
+FAST = ("epsilon-plus-flat",)
+
+
+#: guided backprop clips the backward signal at every ReLU (max(g, 0)): not linear in the
+#: relevance, so its conditional maps do not add up to its heatmap, in any implementation
+LINEAR = [p for p in PRESETS if p != "guided-backprop"]
+
+
+@pytest.mark.parametrize("preset", [p if p in FAST else pytest.param(p, marks=pytest.mark.slow) for p in LINEAR])
 def test_the_maps_of_all_channels_add_up_to_the_heatmap(preset, x, tmp_path):
     """At the last block's output all relevance passes through the layer, so the conditional
     maps of its 64 channels sum to the unconditional input relevance. Bound: each map and the
@@ -97,6 +106,7 @@ def test_conditions_beyond_the_batch_size_run_in_several_passes(x, tmp_path):
     assert relative_error(parts.relevance, whole.relevance) <= 2 * bound
 
 
+@pytest.mark.slow  # six perturbed copies of two models: the reference tier
 def test_an_int8_model_and_float16(x, tmp_path):
     """The QDQ int8 model as deployed, and the demo model in float16: all channels still add
     up to the heatmap. float16 keeps 11 bits: the bound is float16_rtol of the float32 one."""
@@ -161,3 +171,24 @@ def test_explain_concepts_writes_each_maps_beside_the_heatmap(tmp_path, demo_ima
     np.testing.assert_array_equal(np.load(out / "demo_lrp.npy"), expected.heatmap()[0])
     bad = CliRunner().invoke(app, ["explain", str(DEMO), str(demo_image), "--concepts", "65", "-o", str(tmp_path / "x.png")])
     assert bad.exit_code == 1 and "--concepts 65: layer" in bad.output and not (tmp_path / "x.png").exists()
+
+
+@pytest.mark.slow
+def test_explain_concepts_on_ray_writes_the_same_files(tmp_path):
+    """explain --concepts on Ray actors (FileSink with concept maps, written by the actors): the
+    same files, byte for byte, and the same lines as in one process (the same batches)."""
+    pytest.importorskip("ray")
+    from typer.testing import CliRunner
+
+    from onnxlrp.cli import app
+
+    folder = ROOT / "examples" / "shapes" / "star"
+    args = ["explain", str(DEMO), str(folder), "--concepts", "2", "--batch-size", "5", "--npy"]
+    alone = CliRunner().invoke(app, args + [str(tmp_path / "one")])
+    spread = CliRunner().invoke(app, args + [str(tmp_path / "ray"), "--ray", "--concurrency", "2"])
+    assert alone.exit_code == 0 and spread.exit_code == 0, (alone.output, spread.output)
+    names = sorted(p.name for p in (tmp_path / "one").iterdir())
+    assert names == sorted(p.name for p in (tmp_path / "ray").iterdir()) and any("_concept2" in n for n in names)
+    for name in names:
+        assert (tmp_path / "one" / name).read_bytes() == (tmp_path / "ray" / name).read_bytes(), name
+    assert sorted(spread.stdout.splitlines()) == sorted(alone.stdout.replace("/one/", "/ray/").splitlines())

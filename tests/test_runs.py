@@ -1,11 +1,9 @@
 """onnxlrp.runs in one process: streaming memory, resume after an interruption, sources.
 (The Ray backend's resume is tested in test_distributed; the CLI's files in test_cli.)"""
-import tracemalloc
-
 import numpy as np
 import pytest
 
-from conftest import ROOT
+from conftest import ROOT, traced_peak
 from onnxlrp import Explainer
 from onnxlrp.errors import ImageError
 from onnxlrp.runs import FileSink, Pixels, explain_folder
@@ -87,14 +85,8 @@ def test_a_source_that_makes_the_wrong_shape_is_one_error(explainer, tmp_path):
 
 
 def _peak(explainer, count: int, folder) -> int:
-    """tracemalloc's peak over a run: numpy's buffers and every Python object (onnxruntime's own
-    arena is per batch and not traced)."""
-    tracemalloc.start()
-    try:
-        summary = explain_folder(explainer, Pixels.of(count, _image), FileSink(npy=folder), batch_size=32)
-        peak = tracemalloc.get_traced_memory()[1]
-    finally:
-        tracemalloc.stop()
+    summary, peak = traced_peak(lambda: explain_folder(explainer, Pixels.of(count, _image), FileSink(npy=folder),
+                                                       batch_size=32))
     assert summary.images == count
     return peak
 

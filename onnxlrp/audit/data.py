@@ -17,6 +17,7 @@ from typing import Callable, Mapping, Sequence
 
 import numpy as np
 
+from ..concepts.scan import channel_totals
 from ..evaluation.evaluate import load_mask
 from ..explainer import Explainer, Portable
 from ..lrp import reach
@@ -24,6 +25,7 @@ from ..options import Options, Runtime
 from ..runtime.cluster import batches_of, connected, map_batches
 from . import drift as drift_check
 from . import sanity
+from .concepts import ConceptFacts
 from .examples import Example, Examples
 from .identity import activated, confidences, output_step, own_logits, own_session, reference_session
 from .statistics import MASK_STATISTICS, STATISTICS, blocks, downsized, image_statistics
@@ -64,6 +66,9 @@ class PerImage:
     faithfulness: Mapping[str, np.ndarray] | None = None  # Insertion/Deletion scores by name
     other_predictions: np.ndarray | None = None  # int64: the --against model's top-1
     drift: Mapping[str, np.ndarray] | None = None  # drift.compared by name
+    # [N, 2, C] float32 at the concept layer: each channel's relevance total and largest activation
+    channels: np.ndarray | None = None
+    other_channels: np.ndarray | None = None  # the --against model's
 
     def __len__(self) -> int:
         return len(self.targets)
@@ -91,8 +96,8 @@ class PerImage:
 
         fields_ = {k: (cat([getattr(p, k) for p in parts]) if isinstance(v, np.ndarray) else v)
                    for k, v in vars(parts[0]).items()}
-        fields_["other_predictions"] = (None if parts[0].other_predictions is None
-                                        else cat([p.other_predictions for p in parts]))
+        for name in ("other_predictions", "channels", "other_channels"):
+            fields_[name] = None if getattr(parts[0], name) is None else cat([getattr(p, name) for p in parts])
         return PerImage(**{**fields_, "statistics": columns("statistics"), "faithfulness": columns("faithfulness"),
                            "drift": columns("drift")})
 
@@ -132,6 +137,7 @@ class AuditData:
     examples: Examples = field(default_factory=Examples)
     against: str | None = None
     no_rule: str | None = None  # the NoRuleError's message: the one thing the rules check reads
+    concepts: ConceptFacts | None = None  # what the model uses (audit.concepts), where a concept layer was found
 
     @property
     def names(self) -> tuple[str, ...]:
@@ -153,7 +159,7 @@ class AuditData:
                 "masks": self.images is not None and bool(self.images.has_mask.any()),
                 "against": self.images is not None and self.images.drift is not None,
                 "faithfulness": self.images is not None and self.images.faithfulness is not None,
-                "sanity images": self.sanity is not None}
+                "sanity images": self.sanity is not None, "concepts": self.concepts is not None}
         return frozenset(k for k, v in have.items() if v)
 
     @cached_property
@@ -198,6 +204,12 @@ class AuditData:
         return rows
 
 
+def channel_numbers(probe: tuple[np.ndarray, np.ndarray], axis: int) -> np.ndarray:
+    """[N, 2, C] float32 from a probed concept layer: each channel's relevance total and largest
+    activation (concepts.scan.channel_totals)."""
+    return np.stack(channel_totals(probe, axis), axis=1).astype(np.float32)
+
+
 Item = tuple[int, Path, "Path | None"]  # (index among the audited images, image file, mask file)
 
 
@@ -214,6 +226,7 @@ class Job:
     faithfulness: bool = False
     against: Portable | None = None
     keep: int = 0  # images with an index below this come back with their example (maps and pixels)
+    axes: tuple[int, int] = (1, 1)  # the channel axis of each model's probed concept layer
 
     def open(self, device: str = "cpu", threads: int | None = None, explainer: Explainer | None = None,
              other: Explainer | None = None) -> Callable[[Sequence[Item]], dict]:
@@ -269,6 +282,8 @@ class Job:
                 grids=np.stack([downsized(h, CELLS) for h in heatmaps]),
                 outside=np.stack([np.ones((CELLS, CELLS), bool) if m is None else blocks(m, CELLS, np.mean) < 0.5
                                   for m in masks]))
+            if result.probe is not None:  # the concept layer, probed
+                columns["channels"] = channel_numbers(result.probe, self.axes[0])
             if forward is not None:  # Insertion and Deletion, tie-robust protocol ("exact")
                 scores = [metrics.insertion_deletion(forward.probabilities, x[i], heatmaps[i], int(targets[i]), black,
                                                      "exact", image.layout).scores for i in range(n)]
@@ -280,6 +295,8 @@ class Job:
                 compared = [drift_check.compared(a, b) for a, b in zip(heatmaps, theirs)]
                 columns["drift"] = {k: np.array([c[k] for c in compared], np.float64) for k in drift_check.MEASURES}
                 columns["other_predictions"] = np.asarray(explained.logits).argmax(axis=1)
+                if explained.probe is not None:
+                    columns["other_channels"] = channel_numbers(explained.probe, self.axes[1])
             examples = {index: Example(pixels[j].copy(), heatmaps[j].copy(), None if theirs is None else theirs[j].copy())
                         for j, index in enumerate(indices) if index < self.keep}
             ours = activated(result.logits, activation)
@@ -292,11 +309,11 @@ class Job:
 
 def collect(model: Path, sample: Sample, explainer: Explainer, other: Explainer | None, runtime: Runtime, *,
             facts: dict, against: str | None = None, faithfulness: bool = False, sanity_images: int = 0, keep: int = 0,
-            progress: Callable[[float], None] | None = None) -> AuditData:
+            progress: Callable[[float], None] | None = None, axes: tuple[int, int] = (1, 1)) -> AuditData:
     """Explain every image once (in this process, or batch by batch on Ray actors: the batches
     are the same either way, and so are the numbers), then the sanity maps of the first images."""
     job = Job(explainer.portable(), str(model), runtime.batch_size, faithfulness,
-              other.portable() if other is not None else None, keep)
+              other.portable() if other is not None else None, keep, axes)
     items = [(i, file, mask) for i, (file, mask) in enumerate(zip(sample.files, sample.masks))]
     batches = batches_of(items, runtime.batch_size)
     if runtime.cluster is None:

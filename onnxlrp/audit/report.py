@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import csv
 import json
-from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -26,7 +25,12 @@ SCHEMA_VERSION = "1.0"
 SCHEMA = Path(__file__).with_name("report.schema.json")  # the fixed part of schema()
 FILES = ("report.html", "report.json", "images.csv")
 THUMBNAIL = 128
-_png, _thumb = data_uri, partial(thumbnail, size=THUMBNAIL)
+CONCEPT_THUMBNAIL = 64
+_png = data_uri
+
+
+def _thumb(picture: Image.Image, size: int = THUMBNAIL) -> Image.Image:
+    return thumbnail(picture, size)
 
 
 def _image(audit: Audit, i: int) -> str:
@@ -87,6 +91,7 @@ def payload(audit: Audit) -> dict:
         "random_logit": audit.random_logit,
         "drift": None if audit.drift is None else {
             "other": audit.drift.other, "agreement": audit.drift.agreement, "rank_correlation": audit.drift.correlation},
+        "concepts": None if audit.concepts is None else audit.concepts.to_dict(),
         "per_image": audit.rows,
         "seconds": audit.seconds,
     }
@@ -118,12 +123,22 @@ def html(audit: Audit) -> str:
                             "correlation": audit.drift.per_image[i]["rank_correlation"],
                             "prediction": audit.rows[i]["prediction"],
                             "other": audit.drift.per_image[i]["other_prediction"]} for i in changed]}
+    concepts = None
+    if audit.concepts is not None:
+        found = audit.concepts
+        concepts = {"layer": found.layer, "channels": found.channels, "agreement": found.agreement,
+                    "hans": {name: [c for c, _ in carried] for name, carried in found.hans.items()},
+                    "classes": [{"name": entry.name, "images": entry.images, "concepts": [
+                        {"channel": c, "share": share, "pictures": [
+                            {"name": r.image, "picture": _png(_thumb(render(r.pixels, r.heat), CONCEPT_THUMBNAIL))}
+                            for r in found.references.get(c, ())]} for c, share in entry.channels]}
+                        for entry in found.per_class]}
     # the table shows the first ROWS_SHOWN rows, with a heatmap each (all rows are in images.csv)
     rows = [{**row, "picture": _heat(audit, i)} if have_images else row for i, row in enumerate(audit.rows[:shown.ROWS_SHOWN])]
     return env.get_template("report.html.j2").render(
         audit=audit, verdict=audit.verdict, findings=findings, facts=audit.identity, classes=classes,
         randomisation=audit.randomisation.steps if audit.randomisation else [], random_logit=audit.random_logit,
-        drift=drift, rows=rows, checks=CHECKS, seconds=audit.seconds, based_on=audit.based_on,
+        drift=drift, concepts=concepts, rows=rows, checks=CHECKS, seconds=audit.seconds, based_on=audit.based_on,
         not_run=audit.not_run, deployed=audit.deployed, took=reach.TOOK, rows_shown=shown.ROWS_SHOWN)
 
 

@@ -3,21 +3,23 @@ every check of the registry (checks/) on it, and judge what they measured (findi
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Callable
 
 import numpy as np
 
-from ..errors import DataError, ModelError, NoRuleError
+from ..errors import DataError, ModelError, NoRuleError, SettingError
 from ..evaluation.evaluate import Dataset, load_dataset
 from ..explainer import Explainer
 from ..ir.digest import model_digest
+from ..lrp.heatmaps import INPUT, LAST
 from ..options import Options, Runtime, resolve
 from . import drift as drift_check
 from . import examples as shown
 from . import sanity
 from .checks import NEEDS, REGISTRY, NotRun
+from .concepts import ConceptFacts, facts as concept_facts
 from .data import CELLS, AuditData, Sample, collect
 from .examples import Example, Examples
 from .findings import FailOn, Finding, finding
@@ -42,6 +44,7 @@ class Audit:
     labels: str | None = None  # where the labels came from ("class folders", a labels file), None: unlabeled
     not_run: dict = field(default_factory=dict)  # check -> why it did not run ("no labels")
     details: dict = field(default_factory=dict)  # check -> what it keeps for the report (Outcome.detail)
+    concepts: ConceptFacts | None = None  # what the model uses (audit.concepts); None: no concept layer
 
     @property
     def verdict(self) -> str:
@@ -92,7 +95,8 @@ class Audit:
 def audit(model: str | Path, data: str | Path, *, options: Options | None = None, runtime: Runtime | None = None,
           labels: str | Path | None = None, masks: str | Path | None = None, against: str | Path | None = None,
           fail_on: FailOn | None = None, faithfulness: bool = False, sanity_images: int = 16,
-          limit: int | None = None, progress: Callable[[float], None] | None = None, **settings: Any) -> Audit:
+          limit: int | None = None, progress: Callable[[float], None] | None = None, concepts: str | None = "last",
+          **settings: Any) -> Audit:
     """Audit `model` on the images of `data`: ImageFolder layout, flat with a labels file, or a
     flat unlabeled sample (every image under it), audited on the classes the model predicts;
     the checks that need labels (accuracy) then say they did not run (Audit.not_run).
@@ -101,14 +105,21 @@ def audit(model: str | Path, data: str | Path, *, options: Options | None = None
     --against model's, the randomised copies'). runtime.cluster: explain (and score, and
     compare) the images on Ray actors; the checks then run here on what they return, with the
     same results as in one process. progress(n) is called as images are done (n images' worth
-    of work; the calls add up to the number of images), the checks counting as one more image."""
+    of work; the calls add up to the number of images), the checks counting as one more image.
+    concepts: the layer whose channels are concepts (audit.concepts: per class the concepts its
+    predictions rest on, the channels of a Clever Hans region, concept drift with `against`);
+    None or "input": none. The default, "last", is left out where a model has no last conv
+    block."""
     start = time.perf_counter()
     options, runtime = resolve(options, runtime, settings)
     model, data = Path(model), Path(data)
     fail_on = fail_on or FailOn.parse(None)
     sample = _sample(data, labels, masks, limit)
+    conditional = None
     try:
-        explainer = Explainer(model, options, runtime)
+        conditional = _conditional(model, options, runtime, concepts)
+        probed = replace(options, probe=conditional.summary.concept_layer) if conditional is not None else options
+        explainer = Explainer(model, probed, runtime)
     except NoRuleError as exc:  # the rules check's finding, not a stop
         facts = {"model": str(model), "sha256": model_digest(model), "preset": options.preset.name}
         collected = AuditData(str(model), facts, sample, options, no_rule=str(exc))
@@ -117,17 +128,29 @@ def audit(model: str | Path, data: str | Path, *, options: Options | None = None
             raise DataError(f"{data}: {len(sample.classes)} classes, but the model has {explainer.num_classes}")
         other = None
         if against is not None:
-            other = Explainer(against, options, runtime)
+            # the same layer: "last" is the other model's own; a name, the tensor of that name there
+            layer = concepts if concepts == LAST else probed.probe
+            try:
+                other = Explainer(against, replace(options, probe=layer), runtime)
+            except SettingError:  # no such layer there: no concepts to compare
+                other = Explainer(against, options, runtime)
             if other.input_shape[1:] != explainer.input_shape[1:]:
                 raise ModelError(f"{against}: input {list(other.input_shape[1:])} differs from the audited model's "
                                    f"{list(explainer.input_shape[1:])}")
         collected = collect(model, sample, explainer, other, runtime, facts=identity(model, explainer),
                             against=str(against) if against is not None else None, faithfulness=faithfulness,
-                            sanity_images=sanity_images, keep=shown.kept_first(sanity_images), progress=progress)
+                            sanity_images=sanity_images, keep=shown.kept_first(sanity_images), progress=progress,
+                            axes=(conditional.summary.concept_axis,) * 2 if conditional is not None else (1, 1))
+        if conditional is not None and collected.images is not None:
+            found = concept_facts(list(collected.classes), list(zip(sample.files, sample.names)),
+                                  collected.images.targets, collected.images.channels, collected.strategies, conditional,
+                                  collected.images.other_channels)
+            collected = replace(collected, concepts=found)
     findings, checks, not_run, details = judge(collected, fail_on)
     result = Audit(collected.facts, collected.classes if collected.images is not None else list(sample.classes),
                    list(sample.names), collected.rows(), findings, checks=checks, labels=sample.source,
                    not_run=not_run, details=details)
+    result.concepts = collected.concepts
     if collected.images is not None:
         result.strategies, result.drift = collected.strategies, collected.drift
         result.examples = _completed(collected, result, explainer, other, runtime)
@@ -135,6 +158,20 @@ def audit(model: str | Path, data: str | Path, *, options: Options | None = None
             progress(1)
     result.seconds = time.perf_counter() - start
     return result
+
+
+def _conditional(model: Path, options: Options, runtime: Runtime, layer: str | None) -> Explainer | None:
+    """The audited model with the concept layer, run here (a few conditional passes); None for
+    no concepts, for the input (a layer map's --layer input: colour channels are no concepts),
+    or the default layer where the model has no last conv block."""
+    if layer is None or layer == INPUT:
+        return None
+    try:
+        return Explainer(model, replace(options, concept_layer=layer), replace(runtime, cluster=None))
+    except SettingError:
+        if layer == LAST:
+            return None
+        raise
 
 
 def judge(data: AuditData, fail_on: FailOn) -> tuple[list[Finding], dict, dict, dict]:

@@ -10,7 +10,8 @@
 >>> found = atlas("model.onnx", ["photos/"], layer="last")
 >>> write(found, "atlas/")
 """
-from .atlas import Atlas, ClassConcepts, Concept, Reference, atlas, where_it_looks
+from .atlas import Atlas, ClassConcepts, Concept, Reference, atlas, explain_references, where_it_looks
 from .report import FILES, write
 
-__all__ = ["Atlas", "ClassConcepts", "Concept", "FILES", "Reference", "atlas", "where_it_looks", "write"]
+__all__ = ["Atlas", "ClassConcepts", "Concept", "FILES", "Reference", "atlas", "explain_references", "where_it_looks",
+           "write"]

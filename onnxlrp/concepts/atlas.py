@@ -134,18 +134,23 @@ def atlas(model: str | Path, images: Any, *, layer: str = "last", per_class: int
     shown = sorted({c for entry in classes for c, _ in entry.channels})
     wanted = {c: (scanned.by_relevance.best(c), scanned.by_activation.best(c)) for c in shown}
     total[0] += len({i for lists in wanted.values() for picked in lists for i, _ in picked})
-    refs = _references(conditional, source, scanned.targets, wanted,
-                       lambda done: progress(len(items) + done, total[0]) if progress else None)
+    def read(i: int) -> tuple[str, np.ndarray]:
+        return items[i].key, source.decoder([items[i].key], conditional.images)
+
+    refs = explain_references(conditional, read, scanned.targets, wanted,
+                              lambda done: progress(len(items) + done, total[0]) if progress else None)
     concepts = {c: Concept(c, tuple(refs[c, i, "r"] for i, _ in wanted[c][0]),
                            tuple(refs[c, i, "a"] for i, _ in wanted[c][1])) for c in shown}
     return Atlas(str(model), model_digest(Path(model)), options.preset.name, summary.concept_layer,
                  summary.concept_channels, len(items), classes, concepts, shares, time.perf_counter() - start)
 
 
-def _references(explainer: Explainer, source: Source, targets: np.ndarray,
-                wanted: dict[int, tuple[list, list]], advance: Callable[[int], None]) -> dict:
-    """Each reference image explained once under the conditions of all its channels; the
-    references by (channel, image index, "r" or "a")."""
+def explain_references(explainer: Explainer, read: Callable[[int], tuple[str, np.ndarray]], targets: np.ndarray,
+               wanted: dict[int, tuple[list, list]], advance: Callable[[int], None] | None = None) -> dict:
+    """Each reference image explained once under the conditions of all its channels (for the
+    class it was explained as, targets[i]) and cropped to where each looks. wanted: channel ->
+    (by relevance, by activation), lists of (image index, value); read(i) -> (key, uint8
+    pixels [1, H, W, C]). The references by (channel, image index, "r" or "a")."""
     needs: dict[int, list[int]] = {}
     values: dict[tuple[int, int, str], float] = {}
     for c, (by_relevance, by_activation) in wanted.items():
@@ -157,20 +162,18 @@ def _references(explainer: Explainer, source: Source, targets: np.ndarray,
                 values[c, i, kind] = value
     found = {}
     for done, (i, channels) in enumerate(sorted(needs.items()), start=1):
-        item = source.items[i]
-        pixels = source.decoder([item.key], explainer.images)
-        x = explainer.images.normalize(pixels)
-        result = explainer.explain(x, int(targets[i]), concepts=[channels], warn=False)
-        maps = result.concepts.heatmap()[0]
-        for c, heat in zip(channels, maps):
+        key, pixels = read(i)
+        result = explainer.explain(explainer.images.normalize(pixels), int(targets[i]), concepts=[channels], warn=False)
+        for c, heat in zip(channels, result.concepts.heatmap()[0]):
             box = where_it_looks(heat)
             top, left, bottom, right = box
             for kind in ("r", "a"):
                 if (c, i, kind) in values:
-                    found[c, i, kind] = Reference(item.key, values[c, i, kind], int(targets[i]), box,
+                    found[c, i, kind] = Reference(key, values[c, i, kind], int(targets[i]), box,
                                                   pixels[0, top:bottom, left:right],
                                                   heat[top:bottom, left:right].astype(np.float32))
-        advance(done)
+        if advance is not None:
+            advance(done)
     return found
 
 

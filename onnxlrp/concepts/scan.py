@@ -54,13 +54,18 @@ class Scanned:
         np.add.at(self.counts, targets, 1)
 
 
+def channel_totals(probe: tuple[np.ndarray, np.ndarray], axis: int) -> tuple[np.ndarray, np.ndarray]:
+    """A probed layer's (activation, relevance), channel axis `axis` -> per channel [N, C] its
+    relevance total (float64) and its largest activation (what relevance maximisation ranks by)."""
+    activation, relevance = probe
+    spatial = tuple(a for a in range(1, relevance.ndim) if a != axis)
+    return relevance.sum(axis=spatial, dtype=np.float64), activation.max(axis=spatial) if spatial else activation
+
+
 def channel_numbers(explainer: Explainer, pixels: np.ndarray, axis: int):
     """One batch: (targets, per channel relevance totals [B, C], largest activations [B, C])."""
     result = explainer.explain(explainer.images.normalize(pixels), warn=False)
-    activation, relevance = result.probe
-    spatial = tuple(a for a in range(1, relevance.ndim) if a != axis)
-    return (result.targets, relevance.sum(axis=spatial, dtype=np.float64),
-            activation.max(axis=spatial) if spatial else activation)
+    return (result.targets, *channel_totals(result.probe, axis))
 
 
 @dataclass(frozen=True)

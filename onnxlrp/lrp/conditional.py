@@ -34,7 +34,7 @@ from .rules import Rule, RuleContext
 PER_ROW = frozenset({
     "Abs", "Add", "And", "AveragePool", "Cast", "CastLike", "Clip", "Conv", "Div", "Equal", "Erf", "Exp",
     "Greater", "GreaterOrEqual", "HardSigmoid", "Identity", "IsInf", "IsNaN", "LeakyRelu", "Less", "LessOrEqual",
-    "Log", "Max", "MaxPool", "Min", "Mul", "Neg", "Not", "Or", "Pow", "Reciprocal", "Relu", "Sigmoid", "Sign",
+    "Log", "Max", "MaxPool", "Min", "Mod", "Mul", "Neg", "Not", "Or", "Pow", "Reciprocal", "Relu", "Sigmoid", "Sign",
     "Softplus", "Sqrt", "Sub", "Tanh", "Where",
 })
 #: elementwise ops with numpy broadcasting: a condition's rows [K, N, ...] meet the forward

@@ -24,6 +24,7 @@ NEEDS: dict[str, str | None] = {
     "against": None,  # a second model (--against)
     "faithfulness": None,  # Insertion/Deletion curves (--faithfulness)
     "sanity images": None,  # images explained again by the sanity checks (--sanity-images)
+    "concepts": "no concepts (--no-concepts, or no last conv block)",  # a concept layer (audit.concepts)
 }
 DIRECTIONS = ("above", "below")
 

@@ -1,7 +1,9 @@
 """Against a second model file (--against): do the two predict and explain the images alike?"""
 from __future__ import annotations
 
-from .base import Check, Observation, Outcome, register
+import numpy as np
+
+from .base import Check, NotRun, Observation, Outcome, register
 
 
 @register
@@ -30,3 +32,22 @@ class DriftExplanation(Check):
         return Outcome(drift.correlation, (Observation(drift.correlation, f"the two models' heatmaps have a mean rank "
                                                                           f"correlation of {drift.correlation:.2f}",
                                                        images=changed),))
+
+
+@register
+class ConceptDrift(Check):
+    # Five concepts per class: one of them changing is 0.8; below 0.6 two or more did.
+    name, order, threshold, direction = "drift-concepts", 140, 0.6, "below"
+    summary = ("per class, the share of its top concepts that the --against model's predictions rest on too "
+               "(channels matched by their activations)")
+    informational = True
+    needs = ("explained", "against", "concepts")
+
+    def run(self, data):
+        agreement = data.concepts.agreement
+        if agreement is None:
+            return NotRun(f"no layer {data.concepts.layer} in the --against model")
+        value = float(np.mean(list(agreement.values()))) if agreement else float("nan")
+        return Outcome(value, tuple(
+            Observation(share, f"class '{name}': {share:.0%} of its top concepts are the --against model's too",
+                        name) for name, share in agreement.items()), records={"drift-concepts-per-class": agreement})

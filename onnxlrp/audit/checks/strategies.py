@@ -16,8 +16,20 @@ class CleverHans(Check):
         found = data.strategies
         return Outcome({s.name: s.hans_score for s in found}, tuple(
             Observation(s.hans_score, f"class '{s.name}': {s.hans_score:.0%} of the relevance sits in one small "
-                                      f"region ({s.region_area:.1%} of the image) across its images", s.name,
+                                      f"region ({s.region_area:.1%} of the image) across its images"
+                                      f"{_carried(data, s.name)}", s.name,
                         tuple(data.names[i] for i in s.hans_images)) for s in found))
+
+
+def _carried(data, name: str) -> str:
+    """'; channels 31, 17 of <layer> carry it (66%, 65% of their relevance there)', where the
+    concepts found them (audit.concepts)."""
+    carried = data.concepts.hans.get(name, ()) if data.concepts is not None else ()
+    if not carried:
+        return ""
+    channels = ", ".join(str(c) for c, _ in carried)
+    shares = ", ".join(f"{s:.0%}" for _, s in carried)
+    return f"; channels {channels} of {data.concepts.layer} carry it ({shares} of their relevance there)"
 
 
 @register
