@@ -79,17 +79,13 @@ def demo_image() -> Path:
     return ROOT / "examples" / "demo.png"
 
 
-def traced_peak(run):
-    """(run(), tracemalloc's peak while it ran): numpy's buffers and every Python object
-    (onnxruntime's own arena is per batch and not traced)."""
-    import tracemalloc
+def traced_peak(*args: str) -> int:
+    """tests/memory_probe.py's peak for these arguments, measured in a process of its own."""
+    import subprocess
 
-    tracemalloc.start()
-    try:
-        result = run()
-        return result, tracemalloc.get_traced_memory()[1]
-    finally:
-        tracemalloc.stop()
+    probe = Path(__file__).with_name("memory_probe.py")
+    done = subprocess.run([sys.executable, str(probe), *map(str, args)], capture_output=True, text=True, check=True)
+    return int(done.stdout.split()[-1])
 
 
 @pytest.fixture(scope="module")

@@ -12,7 +12,6 @@ from onnxlrp.cli import app
 from onnxlrp.concepts import atlas, where_it_looks, write
 from onnxlrp.concepts.scan import Top
 from onnxlrp.errors import SettingError
-from onnxlrp.runs import Pixels
 
 AUDIT_DATA = ROOT / "examples" / "audit"
 MODELS = ROOT / "models" / "audit"
@@ -46,6 +45,7 @@ def test_the_shortcut_class_rests_on_channels_that_look_at_the_tag(atlases):
             assert boxes and all(_covers_tag(b) == expected for b in boxes), (expected, channel, boxes)
 
 
+@pytest.mark.slow
 def test_references_are_the_best_images_by_relevance_and_activation(atlases):
     """Against a brute force over the folder: every image's channel totals from the compiled
     graph's own outputs, sorted. float32 totals of the same relevance from two graphs may
@@ -104,6 +104,7 @@ def test_where_it_looks():
     assert where_it_looks(heat) == (3, 3, 60, 50)
 
 
+@pytest.mark.slow
 def test_the_report_and_json(atlases, tmp_path):
     found = atlases["shortcut"]
     paths = write(found, tmp_path / "atlas")
@@ -119,6 +120,7 @@ def test_the_report_and_json(atlases, tmp_path):
     assert "Class star" in page and "http" not in page.replace("http-equiv", "")
 
 
+@pytest.mark.slow
 def test_the_atlas_renders_in_a_real_browser(atlases, tmp_path, browser):
     """Headless Chromium: no errors, every picture loads, nothing fetched; a class name from the
     data is text, not markup."""
@@ -130,6 +132,7 @@ def test_the_atlas_renders_in_a_real_browser(atlases, tmp_path, browser):
     assert "Class <img src=x onerror=alert(1)>" in page.text and page.images and not page.broken_images
 
 
+@pytest.mark.slow
 def test_the_command(tmp_path):
     out = tmp_path / "atlas"
     result = runner.invoke(app, ["concepts", str(MODELS / "shortcut.onnx"), str(AUDIT_DATA), "-o", str(out),
@@ -151,23 +154,12 @@ def test_the_command(tmp_path):
         atlas(MODELS / "shortcut.onnx", AUDIT_DATA, class_names=["a"])
 
 
-def _image(key: str) -> np.ndarray:
-    return np.random.default_rng(int(key[3:])).integers(0, 256, (64, 64, 3), dtype=np.uint8)
-
-
-def _peak(count: int) -> int:
-    found, peak = traced_peak(lambda: atlas(MODELS / "clean.onnx", Pixels.of(count, _image), per_class=2, references=2,
-                                            batch_size=32))
-    assert found.images == count
-    return peak
-
-
 @pytest.mark.slow
 def test_a_folder_of_any_size_streams_through_the_scan():
     """What the scan keeps grows with channels x references, not with the images (8 bytes of
     target per image): 5,000 images need less than twice the memory of one batch."""
-    one = _peak(32)
-    many = _peak(5000)
+    one = traced_peak("atlas", 32)
+    many = traced_peak("atlas", 5000)
     assert many < 2 * one, (many, one)
 
 

@@ -418,6 +418,7 @@ def test_the_clever_hans_finding_names_the_channels_that_carry_the_tag(tmp_path)
     assert not any(_covers_tag(r.box) for c, _ in star.channels for r in clean.concepts.references[c])
 
 
+@pytest.mark.slow
 def test_concepts_per_class_and_concept_drift_against_the_int8_copy(tmp_path):
     """Per class its top concepts with reference images from the folder; --against the int8 copy
     of the same weights: channels matched by activation, the same concepts in every class

@@ -12,16 +12,15 @@ import copy
 import numpy as np
 import pytest
 import torch
+from crp import attribution as crp  # zennit-crp: the README's test command installs it
+from crp.concepts import ChannelConcept
 from torchvision.models.vgg import VGG, cfgs, make_layers
+from zennit.composites import EpsilonPlusFlat
+from zennit.torchvision import ResNetCanonizer
 
 import float32_bounds
 from conftest import relative_error
 from onnxlrp import Explainer
-
-crp = pytest.importorskip("crp.attribution", reason="zennit-crp is the reference: pip install --no-deps zennit-crp")
-from crp.concepts import ChannelConcept  # noqa: E402
-from zennit.composites import EpsilonPlusFlat  # noqa: E402
-from zennit.torchvision import ResNetCanonizer  # noqa: E402
 
 pytestmark = pytest.mark.slow  # the reference tier
 

@@ -84,20 +84,13 @@ def test_a_source_that_makes_the_wrong_shape_is_one_error(explainer, tmp_path):
         explain_folder(explainer, Pixels.of(2, lambda key: np.zeros((32, 32, 3), np.uint8)), FileSink(npy=tmp_path))
 
 
-def _peak(explainer, count: int, folder) -> int:
-    summary, peak = traced_peak(lambda: explain_folder(explainer, Pixels.of(count, _image), FileSink(npy=folder),
-                                                       batch_size=32))
-    assert summary.images == count
-    return peak
-
-
 @pytest.mark.slow
-def test_ten_thousand_images_in_one_process_need_the_memory_of_two_batches(explainer, tmp_path):
+def test_ten_thousand_images_in_one_process_need_the_memory_of_two_batches(tmp_path):
     """The pipeline holds batch k (explained), k+1 (decoding) and k-1's writes; what stays per
     image is two shares and the item's name. So the peak of a 10,000-image run stays within
     twice the peak of a one-batch run, measured the same way here (no machine's constant in the
     bound). Holding each image's 16 KiB map would need 160 MiB, ten times the bound."""
-    one_batch = _peak(explainer, 32, tmp_path / "one")
-    many = _peak(explainer, 10_000, tmp_path / "many")
+    one_batch = traced_peak("runs", 32, tmp_path / "one")
+    many = traced_peak("runs", 10_000, tmp_path / "many")
     assert many < 2 * one_batch, f"peak {many / 2**20:.1f} MiB for 10,000 images, {one_batch / 2**20:.1f} for one batch"
     assert len(list((tmp_path / "many").iterdir())) == 10_000

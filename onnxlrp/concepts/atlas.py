@@ -148,7 +148,7 @@ def atlas(model: str | Path, images: Any, *, layer: str = "last", per_class: int
 def explain_references(explainer: Explainer, read: Callable[[int], tuple[str, np.ndarray]], targets: np.ndarray,
                wanted: dict[int, tuple[list, list]], advance: Callable[[int], None] | None = None) -> dict:
     """Each reference image explained once under the conditions of all its channels (for the
-    class it was explained as, targets[i]) and cropped to where each looks. wanted: channel ->
+    class it was explained as, targets[i]; in batches) and cropped to where each looks. wanted: channel ->
     (by relevance, by activation), lists of (image index, value); read(i) -> (key, uint8
     pixels [1, H, W, C]). The references by (channel, image index, "r" or "a")."""
     needs: dict[int, list[int]] = {}
@@ -161,19 +161,27 @@ def explain_references(explainer: Explainer, read: Callable[[int], tuple[str, np
                     needs[i].append(c)
                 values[c, i, kind] = value
     found = {}
-    for done, (i, channels) in enumerate(sorted(needs.items()), start=1):
-        key, pixels = read(i)
-        result = explainer.explain(explainer.images.normalize(pixels), int(targets[i]), concepts=[channels], warn=False)
-        for c, heat in zip(channels, result.concepts.heatmap()[0]):
-            box = where_it_looks(heat)
-            top, left, bottom, right = box
-            for kind in ("r", "a"):
-                if (c, i, kind) in values:
-                    found[c, i, kind] = Reference(key, values[c, i, kind], int(targets[i]), box,
-                                                  pixels[0, top:bottom, left:right],
-                                                  heat[top:bottom, left:right].astype(np.float32))
+    order = sorted(needs)
+    width = max((len(c) for c in needs.values()), default=0)  # conditions per image, the short lists padded
+    step = max(1, explainer.runtime.batch_size // max(width, 1))
+    for start in range(0, len(order), step):
+        chosen = order[start:start + step]
+        keys, pixels = zip(*(read(i) for i in chosen))
+        pixels = np.concatenate(pixels)
+        channels = np.array([needs[i] + needs[i][:1] * (width - len(needs[i])) for i in chosen], dtype=np.int64)
+        result = explainer.explain(explainer.images.normalize(pixels), targets[chosen], concepts=channels, warn=False)
+        maps = result.concepts.heatmap()
+        for row, (i, key) in enumerate(zip(chosen, keys)):
+            for c, heat in zip(needs[i], maps[row]):
+                box = where_it_looks(heat)
+                top, left, bottom, right = box
+                for kind in ("r", "a"):
+                    if (c, i, kind) in values:
+                        found[c, i, kind] = Reference(key, values[c, i, kind], int(targets[i]), box,
+                                                      pixels[row, top:bottom, left:right],
+                                                      heat[top:bottom, left:right].astype(np.float32))
         if advance is not None:
-            advance(done)
+            advance(start + len(chosen))
     return found
 
 

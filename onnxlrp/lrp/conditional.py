@@ -137,8 +137,6 @@ def emit(e: Emitter, graph: ModelGraph, rules: dict[str, Rule], concept: gs.Tens
         rank, count = len(shape), shape[axis]
         spatial = [a for a in range(1, rank) if a != axis]
         sums = e.reduce_sum(R, spatial) if spatial else R  # [N, C]
-        if axis != 1 and not spatial:
-            raise ModelError(f"concept layer '{layer}': channel axis {axis} of a rank-2 tensor")
         conditions = e.op("Transpose", concept, perm=[1, 0])  # [K, N]: condition k's rows come together
         _, order = e.op("TopK", sums, e.ints([count]), axis=1, outputs=2)  # [N, C], most relevant first
         place = e.op("Clip", e.op("Sub", e.op("Neg", conditions), np.int64(1)), np.int64(0), np.int64(count - 1))
