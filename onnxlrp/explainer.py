@@ -148,6 +148,8 @@ class Explainer:
         has k rows per image (image 0's best, second best, ..., then image 1's).
         concepts (an Explainer with a concept_layer): K, each image's K most relevant channels;
         or channels of the layer, the same for every image ([c1, c2, ...]) or per image ([N, K]);
+        or sets of channels, a condition each ([(c1, c2), c3]: c1 and c2 together, then c3;
+        per image [N, K, S]);
         Explanation.concepts then holds each one's conditional relevance, from the same forward
         pass (rows of batch_size // K images per run; K > batch_size: several runs).
         Relevance that exploded (NaN/Inf, set to 0, or totals far beyond the initial relevance)
@@ -190,25 +192,34 @@ class Explainer:
         )
 
     def conditions(self, concepts, n: int) -> np.ndarray | None:
-        """concepts as explain() takes them -> int64 [n, K] (-r: the r-th most relevant channel);
-        None without a concept layer (then concepts must be None too)."""
+        """concepts as explain() takes them -> int64 [n, K, S], each condition a set of S channels
+        (-r: the r-th most relevant channel; a shorter set padded with its first channel, which
+        counts once); None without a concept layer (then concepts must be None too)."""
         layer, count = self.summary.concept_layer, self.summary.concept_channels
         if layer is None:
             if concepts is not None:
                 raise SettingError("concepts need an Explainer with a concept layer (concept_layer=, e.g. \"last\")")
             return None
         if concepts is None:  # the cheapest condition, not returned
-            return np.full((n, 1), -1, dtype=np.int64)
+            return np.full((n, 1, 1), -1, dtype=np.int64)
         if isinstance(concepts, (int, np.integer)):
             if not 1 <= concepts <= count:
                 raise SettingError(f"concepts {concepts}: the concept layer '{layer}' has {count} channels")
-            return np.tile(-np.arange(1, concepts + 1, dtype=np.int64), (n, 1))
+            return np.tile(-np.arange(1, concepts + 1, dtype=np.int64).reshape(1, -1, 1), (n, 1, 1))
+        if isinstance(concepts, (list, tuple)) and any(isinstance(c, (list, tuple, set, frozenset)) for c in concepts):
+            sets = [sorted(c) if isinstance(c, (set, frozenset)) else list(np.atleast_1d(c)) for c in concepts]
+            if any(len(c) == 0 for c in sets):
+                raise SettingError("concepts: an empty set of channels")
+            width = max(len(c) for c in sets)
+            concepts = np.array([c + c[:1] * (width - len(c)) for c in sets])[None].repeat(n, axis=0)
         chosen = np.asarray(concepts, dtype=np.int64)
-        if chosen.ndim == 1:
-            chosen = np.tile(chosen, (n, 1))
-        if chosen.ndim != 2 or len(chosen) != n or chosen.shape[1] == 0:
-            raise SettingError(f"concepts: {list(np.shape(concepts))} channels for {n} images; give K, a list of "
-                               "channels, or one list per image")
+        if chosen.ndim == 1:  # channels, the same for every image
+            chosen = np.tile(chosen.reshape(1, -1), (n, 1))
+        if chosen.ndim == 2:  # one channel per condition
+            chosen = chosen[..., None]
+        if chosen.ndim != 3 or len(chosen) != n or 0 in chosen.shape[1:]:
+            raise SettingError(f"concepts: {list(np.shape(concepts))} channels for {n} images; give K, channels or "
+                               "sets of channels, or one list per image")
         bad = chosen[(chosen < 0) | (chosen >= count)]
         if bad.size:
             raise SettingError(f"channel {int(bad[0])} out of range: the concept layer '{layer}' has {count} "

@@ -13,15 +13,21 @@ from .lrp.explosion import Explosion
 
 @dataclass
 class Concepts:
-    """Conditional relevance at a concept layer (lrp.conditional): K conditions per image, each one
-    channel of the layer; the relevance pass from that channel alone down to the input."""
+    """Conditional relevance at a concept layer (lrp.conditional): K conditions per image, each a
+    channel of the layer or a set of them; the relevance pass from those channels alone down to
+    the input."""
 
     layer: str  # the tensor whose channels are the concepts
-    channels: np.ndarray  # [N, K] int64: the channel of each condition
+    sets: np.ndarray  # [N, K, S] int64: the channels of each condition (a set padded with its first)
     relevance: np.ndarray  # [N, K, ...] the input relevance of each condition (the input's layout per row)
     channel_relevance: np.ndarray  # [N, C] the relevance total of every channel at the layer
     channel_activation: np.ndarray | None = None  # [N, C] each channel's largest activation there
     layout: str = "NCHW"
+
+    @property
+    def channels(self) -> np.ndarray:
+        """[N, K] the channel of each condition (of a set, its first)."""
+        return self.sets[..., 0]
 
     @property
     def shares(self) -> np.ndarray:
@@ -32,8 +38,11 @@ class Concepts:
 
     @property
     def chosen_shares(self) -> np.ndarray:
-        """[N, K] the share of each condition's channel."""
-        return np.take_along_axis(self.shares, self.channels, axis=1)
+        """[N, K] the share of each condition's channels (a channel named twice counts once)."""
+        n, k, _ = self.sets.shape
+        member = np.zeros((n, k, self.shares.shape[1]), bool)
+        np.put_along_axis(member, self.sets, True, axis=2)
+        return (member * self.shares[:, None, :]).sum(axis=2)
 
     def heatmap(self) -> np.ndarray:
         """[N, K, H, W] each condition's input relevance summed over colour channels."""

@@ -192,3 +192,27 @@ def test_explain_concepts_on_ray_writes_the_same_files(tmp_path):
     for name in names:
         assert (tmp_path / "one" / name).read_bytes() == (tmp_path / "ray" / name).read_bytes(), name
     assert sorted(spread.stdout.splitlines()) == sorted(alone.stdout.replace("/one/", "/ray/").splitlines())
+
+
+def test_a_condition_may_be_a_set_of_channels(x, tmp_path):
+    """A condition that is a set of channels masks the layer to all of them: under rules linear
+    in the relevance, its map is the sum of its channels' maps (bound: each map within its
+    float32 spread, onnx_bounds, and the sum of three errors at most sqrt(3) times their joint
+    L2). A channel named twice counts once: (a, a) is a alone, to the bit (the same rows)."""
+    explainer = Explainer(DEMO, cache=False, concept_layer="last")
+    top = explainer.explain(x, concepts=2).concepts.channels
+    a, b = int(top[0, 0]), int(top[0, 1])
+    result = explainer.explain(x, concepts=[(a, b), a, b]).concepts
+    assert result.sets.shape == (3, 3, 2) and result.channels.tolist() == [[a, a, b]] * 3
+    np.testing.assert_allclose(result.chosen_shares[:, 0], result.chosen_shares[:, 1] + result.chosen_shares[:, 2])
+    together, apart = result.relevance[:, 0], result.relevance[:, 1] + result.relevance[:, 2]
+    bound, = float32_bounds.onnx_bounds(
+        lambda path: (Explainer(path, cache=False, concept_layer="last").explain(
+            x, concepts=[(a, b), a, b], warn=False).concepts.relevance,), DEMO, tmp_path)
+    allowed = math.sqrt(3) * bound * np.linalg.norm(result.relevance)
+    assert np.linalg.norm(together - apart) <= allowed
+    twice = explainer.explain(x, concepts=[(a, a), (b, b)]).concepts
+    once = explainer.explain(x, concepts=[a, b]).concepts
+    np.testing.assert_array_equal(twice.relevance, once.relevance)
+    with pytest.raises(SettingError, match="an empty set"):
+        explainer.explain(x, concepts=[(a,), ()])

@@ -22,6 +22,7 @@ from typing import Callable
 
 import networkx as nx
 import numpy as np
+import onnx
 import onnx_graphsurgeon as gs
 
 from ..errors import ModelError
@@ -118,7 +119,7 @@ def _merged(e: Emitter, outs: list[gs.Variable]) -> list[gs.Variable]:
 @dataclass
 class Conditional:
     relevance: gs.Tensor  # [N, K, ...] the input relevance of each condition
-    channels: gs.Tensor  # [N, K] int64: the channel of each condition
+    channels: gs.Tensor  # [N, K, S] int64: the channels of each condition
     channel_sums: gs.Tensor  # [N, C]: the relevance total of each channel at the layer
     activation: gs.Tensor  # [N, C]: each channel's largest activation (relevance maximisation's "activation")
     count: int  # C
@@ -127,7 +128,8 @@ class Conditional:
 def emit(e: Emitter, graph: ModelGraph, rules: dict[str, Rule], concept: gs.Tensor, R: gs.Tensor, layer: str,
          axis: int, images: gs.Tensor, context: Callable[[str, object], RuleContext]) -> Conditional:
     """The conditional passes from tensor `layer` (its relevance R, channel axis `axis`) for the
-    conditions `concept` [N, K] (a channel, or -r: the image's r-th most relevant channel)."""
+    conditions `concept` [N, K, S]: each a set of S channels (a channel, or -r: the image's r-th
+    most relevant channel; one named twice counts once)."""
     producer = next(name for name, op in graph.ops.items() if op.output.name == layer)
     forward_shape = graph.ops[producer].output.shape
     shape = list(forward_shape) if forward_shape is not None else None
@@ -137,13 +139,24 @@ def emit(e: Emitter, graph: ModelGraph, rules: dict[str, Rule], concept: gs.Tens
         rank, count = len(shape), shape[axis]
         spatial = [a for a in range(1, rank) if a != axis]
         sums = e.reduce_sum(R, spatial) if spatial else R  # [N, C]
-        conditions = e.op("Transpose", concept, perm=[1, 0])  # [K, N]: condition k's rows come together
+        # [K, N, S]: condition k's rows come together; S channels per condition (its set)
+        conditions = e.op("Transpose", concept, perm=[1, 0, 2])
         _, order = e.op("TopK", sums, e.ints([count]), axis=1, outputs=2)  # [N, C], most relevant first
         place = e.op("Clip", e.op("Sub", e.op("Neg", conditions), np.int64(1)), np.int64(0), np.int64(count - 1))
-        ranked = e.op("GatherElements", e.op("Transpose", order, perm=[1, 0]), place, axis=0)
-        chosen = e.op("Where", e.op("Less", conditions, np.int64(0)), ranked, conditions)  # [K, N]
-        channels = np.arange(count, dtype=np.int64).reshape(1, 1, -1)
-        mask = e.op("CastLike", e.op("Equal", e.op("Unsqueeze", chosen, e.ints([2])), e.const(channels)), R)
+        # order[n, place[k, n, s]], as GatherElements over order's transpose [C, N] takes it: [K * S, N]
+        k, n, sets = (e.op("Gather", e.op("Shape", conditions), e.ints([a])) for a in range(3))
+        across = e.op("Transpose", place, perm=[0, 2, 1])  # [K, S, N]
+        flat = e.op("Reshape", across, e.op("Concat", e.ints([-1]), n, axis=0))
+        gathered = e.op("GatherElements", e.op("Transpose", order, perm=[1, 0]), flat, axis=0)
+        ranked = e.op("Transpose", e.op("Reshape", gathered, e.op("Concat", k, sets, n, axis=0)),
+                      perm=[0, 2, 1])  # [K, N, S]
+        chosen = e.op("Where", e.op("Less", conditions, np.int64(0)), ranked, conditions)  # [K, N, S]
+        channels = np.arange(count, dtype=np.int64).reshape(1, 1, 1, -1)
+        hits = e.op("Cast", e.op("Equal", e.op("Unsqueeze", chosen, e.ints([3])), e.const(channels)),
+                    to=onnx.TensorProto.INT64)
+        # [K, N, C]: 1 on the set's channels (one named twice once); counted in int64, whatever
+        # the graph's precision
+        mask = e.op("CastLike", e.op("Min", e.reduce_sum(hits, [2]), np.int64(1)), R)
         others = [a + 1 for a in spatial]  # the mask's axes of length 1 in [K, N, ...]
         if others:
             mask = e.op("Unsqueeze", mask, e.ints(others))
@@ -178,10 +191,11 @@ def emit(e: Emitter, graph: ModelGraph, rules: dict[str, Rule], concept: gs.Tens
         raise ModelError(f"no relevance reaches the image input from the concept layer '{layer}'")
     with e.scope("concepts"):
         relevance = e.sum(parts)  # [K * N, ...]
-        split = e.op("Concat", e.op("Shape", conditions), e.ints(list(images.shape[1:])), axis=0)
+        kn = e.op("Slice", e.op("Shape", conditions), e.ints([0]), e.ints([2]))  # [K, N]
+        split = e.op("Concat", kn, e.ints(list(images.shape[1:])), axis=0)
         perm = [1, 0] + list(range(2, len(images.shape) + 1))
         relevance = e.op("Transpose", e.op("Reshape", relevance, split), perm=perm)  # [N, K, ...]
-        return Conditional(relevance, e.op("Transpose", chosen, perm=[1, 0]), sums,
+        return Conditional(relevance, e.op("Transpose", chosen, perm=[1, 0, 2]), sums,
                            channel_maxima(e, graph.ops[producer].output, axis), count)
 
 

@@ -18,11 +18,12 @@ all consumers of a tensor are summed. The result is a plain ONNX model:
                                           biases and stabilisers, saturated activations, other)
              heatmap            [N, H, W] with a layer or gated heatmap (lrp.heatmaps): the map
              concept_relevance  [N, K, ...] with concept_layer: the relevance at the input of each
-                                          of K conditions (input `concept` [N, K]: a channel of the
-                                          layer, or -r: the image's r-th most relevant one), the
-                                          pass from that layer with every other channel's relevance
-                                          set to 0 (lrp.conditional), after the same forward pass
-             concept_channels   [N, K]    the channel of each condition
+                                          of K conditions (input `concept` [N, K, S]: a set of S
+                                          channels of the layer, each a channel or -r: the image's
+                                          r-th most relevant one), the pass from that layer with every
+                                          other channel's relevance set to 0 (lrp.conditional), after
+                                          the same forward pass
+             concept_channels   [N, K, S] the channels of each condition
              channel_relevance  [N, C]    the relevance total of each channel of concept_layer
              channel_activation [N, C]    each channel's largest activation there
              layer_relevance    [N, L, 3] with trace=True: per op, the relevance total at its output,
@@ -226,7 +227,7 @@ def _build(
     if concept_layer is not None:  # before the interface names are claimed: it reads the model's
         if conditioned is None:
             raise SettingError(f"concept layer '{concept_layer}' is not on the path from the image to the logits")
-        concept = gs.Variable("lrp/concept", dtype=np.int64, shape=[batch, "conditions"])
+        concept = gs.Variable("lrp/concept", dtype=np.int64, shape=[batch, "conditions", "channels"])
         found = conditional.emit(e, graph, rules, concept, conditioned, concept_layer, concept_axis, images,
                               lambda name, op: RuleContext(bias=bias, x_nonneg=op.x.name in graph.nonneg,
                                                            bounds=box.at(op.x) if box else None,
@@ -271,7 +272,7 @@ def _build(
         _claim_name(g, concept, CONCEPT)
         inputs.append(concept)
         outputs += [_output(g, CONCEPT_RELEVANCE, found.relevance, [batch, "conditions"] + list(images.shape[1:])),
-                    _output(g, CONCEPT_CHANNELS, found.channels, [batch, "conditions"], np.int64),
+                    _output(g, CONCEPT_CHANNELS, found.channels, [batch, "conditions", "channels"], np.int64),
                     _output(g, CHANNEL_RELEVANCE, found.channel_sums, [batch, found.count]),
                     _output(g, CHANNEL_ACTIVATION, found.activation, [batch, found.count])]
     traced = [name for name in graph.ops if name in layer_sums]  # forward order
