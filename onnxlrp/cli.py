@@ -225,9 +225,8 @@ def _explain_folder(explainer: Explainer, source, sink, runtime: Runtime, target
 
     def said(record) -> None:
         taken = np.asarray([record.taken]) if record.taken is not None else None
-        concepts = "".join(f"; concepts at {explainer.summary.concept_layer}: " +
-                           ", ".join(f"channel {c} {share:.1%}" for c, share in record.concepts)
-                           for _ in record.concepts[:1])
+        concepts = (f"; concepts at {explainer.summary.concept_layer}: "
+                    + ", ".join(f"channel {c} {share:.1%}" for c, share in record.concepts)) if record.concepts else ""
         lines.append(f"{record.key}: class {record.target}, initial relevance {record.initial:.4g}, input relevance "
                      f"{record.input_sum:.4g}{_reached(np.asarray([record.reach]), taken, 0)}{concepts} -> "
                      f"{', '.join(record.written)}")
