@@ -11,6 +11,13 @@ from .lrp import reach
 from .lrp.explosion import Explosion
 
 
+def channel_shares(relevance: np.ndarray) -> np.ndarray:
+    """[N, C] each channel's relevance total over the sum of |totals| of all channels (zennit-crp's
+    ChannelConcept.attribute with abs_norm): how concepts are ranked everywhere in onnxlrp."""
+    relevance = np.asarray(relevance, np.float64)
+    return relevance / np.maximum(np.abs(relevance).sum(axis=1, keepdims=True), 1e-30)
+
+
 @dataclass
 class Concepts:
     """Conditional relevance at a concept layer (lrp.conditional): K conditions per image, each a
@@ -31,10 +38,8 @@ class Concepts:
 
     @property
     def shares(self) -> np.ndarray:
-        """[N, C] each channel's relevance over the sum of |relevance| of all channels
-        (zennit-crp's ChannelConcept.attribute with abs_norm): the concepts' ranking."""
-        total = np.abs(self.channel_relevance.astype(np.float64)).sum(axis=1, keepdims=True)
-        return self.channel_relevance / np.maximum(total, 1e-30)
+        """[N, C] each channel's share of the layer's relevance (channel_shares): the ranking."""
+        return channel_shares(self.channel_relevance)
 
     @property
     def chosen_shares(self) -> np.ndarray:

@@ -13,7 +13,9 @@ from dataclasses import dataclass
 import numpy as np
 
 from ..concepts.atlas import ClassConcepts, Reference, explain_references
+from ..concepts.scan import Top
 from ..explainer import Explainer
+from ..explanation import channel_shares
 from .statistics import downsized
 from .strategies import SMALL_REGION, ClassStrategies
 
@@ -45,11 +47,6 @@ class ConceptFacts:
                 "agreement": self.agreement}
 
 
-def shares(relevance: np.ndarray) -> np.ndarray:
-    """[N, C] each channel's share of the layer's relevance (CRP's attribute, abs_norm)."""
-    return relevance / np.maximum(np.abs(relevance).sum(axis=1, keepdims=True), 1e-30)
-
-
 def class_means(values: np.ndarray, targets: np.ndarray, classes: int) -> tuple[np.ndarray, np.ndarray]:
     """[classes, C] the mean of `values` over each class's images, and [classes] their counts."""
     sums = np.zeros((classes, values.shape[1]))
@@ -65,7 +62,7 @@ def facts(names: list[str], files, targets: np.ndarray, channels: np.ndarray, st
     (data.PerImage.channels); explainer: the audited model with the concept layer; other: the
     --against model's channels, or None."""
     relevance, activation = channels[:, 0].astype(np.float64), channels[:, 1].astype(np.float64)
-    means, counts = class_means(shares(relevance), targets, len(names))
+    means, counts = class_means(channel_shares(relevance), targets, len(names))
     per_class = tuple(
         ClassConcepts(k, names[k], int(counts[k]), tuple((int(c), float(means[k, c]))
                                                           for c in np.argsort(-means[k], kind="stable")[:SHOWN]))
@@ -73,9 +70,9 @@ def facts(names: list[str], files, targets: np.ndarray, channels: np.ndarray, st
     hans = {s.name: carried for s in strategies if s.region_area <= SMALL_REGION
             for carried in [_carrying(s, names.index(s.name), means[names.index(s.name)], files, explainer)] if carried}
     shown = sorted({c for entry in per_class for c, _ in entry.channels} | {c for found in hans.values() for c, _ in found})
-    order = np.lexsort((np.arange(len(relevance))[:, None].repeat(relevance.shape[1], 1).T, -relevance.T), axis=1)
-    wanted = {c: ([(int(i), float(relevance[i, c])) for i in order[c, :REFERENCES] if relevance[i, c] > 0], [])
-              for c in shown}
+    best = Top(relevance.shape[1], REFERENCES)  # the atlas's references, here over the audited images
+    best.add(relevance, np.arange(len(relevance)))
+    wanted = {c: (best.best(c), []) for c in shown}
 
     def read(i: int):
         return str(files[i][1]), explainer.read_images([files[i][0]])
@@ -119,7 +116,7 @@ def _agreement(per_class, activation: np.ndarray, other: np.ndarray, targets: np
     correlation = standard(activation).T @ standard(theirs)  # [C_ours, C_theirs]
     ours_index, their_index = linear_sum_assignment(-correlation)
     matched = dict(zip(ours_index.tolist(), their_index.tolist()))
-    other_means, _ = class_means(shares(other[:, 0].astype(np.float64)), targets, classes)
+    other_means, _ = class_means(channel_shares(other[:, 0]), targets, classes)
     result = {}
     for entry in per_class:
         top = [c for c, _ in entry.channels]

@@ -10,6 +10,7 @@ from typing import Callable
 import numpy as np
 
 from ..explainer import Explainer, Portable
+from ..explanation import channel_shares
 from ..options import Runtime
 from ..runs.sources import Decoder, Source
 from ..runtime.cluster import connected, stream_batches
@@ -49,8 +50,7 @@ class Scanned:
         self.targets[indices] = targets
         self.by_relevance.add(relevance, indices)
         self.by_activation.add(activation, indices)
-        shares = relevance / np.maximum(np.abs(relevance).sum(axis=1, keepdims=True), 1e-30)  # CRP's attribute
-        np.add.at(self.share_sums, targets, shares)
+        np.add.at(self.share_sums, targets, channel_shares(relevance))
         np.add.at(self.counts, targets, 1)
 
 
