@@ -182,13 +182,18 @@ class Explainer:
         maps = out.get(rg.HEATMAP)
         if maps is not None and not np.isfinite(maps).all():  # where the relevance exploded: set to 0 too
             maps = np.where(np.isfinite(maps), maps, np.float32(0))
+        found = None
+        if concepts is not None:
+            found = self._concepts(out)
+            # a conditional map that is not finite is an explosion of its image, reported as one
+            broken = ~np.isfinite(out[rg.CONCEPT_RELEVANCE].reshape(len(x), -1)).all(axis=1)
+            explosion = explode.including(explosion, broken, f"in a conditional map below {self.summary.concept_layer}")
         if explosion.images and warn:
             warnings.warn(explode.message(explosion, preset.name, self.options.bias), OnnxLrpWarning, stacklevel=2)
         return Explanation(
             relevance, out[rg.LOGITS], out[rg.TARGETS], out[rg.INITIAL], merges,
             self.merges, self.summary.image.layout, out.get(rg.LAYER_SUMS), list(self.trace_nodes), probe,
-            explosion, maps, out.get(rg.ABSORBED) if conserving else None,
-            self._concepts(out, warn) if concepts is not None else None,
+            explosion, maps, out.get(rg.ABSORBED) if conserving else None, found,
         )
 
     def conditions(self, concepts, n: int) -> np.ndarray | None:
@@ -239,14 +244,11 @@ class Explainer:
             out[name] = np.concatenate([run[name] for run in runs], axis=1)
         return out
 
-    def _concepts(self, out: dict[str, np.ndarray], warn: bool) -> Concepts:
+    def _concepts(self, out: dict[str, np.ndarray]) -> Concepts:
+        """The conditional maps, NaN/Inf set to 0 (explain() reports them with the explosions)."""
         relevance = out[rg.CONCEPT_RELEVANCE]
-        finite = np.isfinite(relevance)
-        if not finite.all():  # a map never holds NaN/Inf: set to 0, and said
-            relevance = np.where(finite, relevance, np.float32(0))
-            if warn:
-                warnings.warn(f"conditional relevance: {int((~finite).sum())} NaN/Inf value(s) set to 0",
-                              OnnxLrpWarning, stacklevel=3)
+        if not np.isfinite(relevance).all():
+            relevance = np.where(np.isfinite(relevance), relevance, np.float32(0))
         return Concepts(self.summary.concept_layer, out[rg.CONCEPT_CHANNELS], relevance, out[rg.CHANNEL_RELEVANCE],
                         out[rg.CHANNEL_ACTIVATION], self.summary.image.layout)
 

@@ -216,3 +216,27 @@ def test_a_condition_may_be_a_set_of_channels(x, tmp_path):
     np.testing.assert_array_equal(twice.relevance, once.relevance)
     with pytest.raises(SettingError, match="an empty set"):
         explainer.explain(x, concepts=[(a,), ()])
+
+
+def test_a_conditional_map_that_explodes_is_reported_as_an_explosion(x):
+    """NaN/Inf in a conditional map are set to 0 and counted with the run's explosions (the line
+    every command prints), not passed on and not a warning of their own that runs never see."""
+    from onnxlrp.lrp import relevance_graph as rg
+    from onnxlrp.lrp.explosion import message
+
+    explainer = Explainer(DEMO, concept_layer="last")
+    real = explainer.runner.run
+
+    def broken(feeds, batch_size):
+        out = real(feeds, batch_size)
+        out[rg.CONCEPT_RELEVANCE][1, 0, 0, 0, 0] = np.nan
+        return out
+
+    explainer.runner.run = broken
+    result = explainer.explain(x, concepts=2, warn=False)
+    assert np.isfinite(result.concepts.relevance).all() and result.concepts.relevance[1, 0, 0, 0, 0] == 0
+    assert result.explosion.indices == (1,) and result.explosion.images == 1 and result.explosion.of == 3
+    assert "in a conditional map below /stages/stages.5/relu_1/Relu_output_0" in message(
+        result.explosion, "epsilon-plus-flat", True)
+    with pytest.warns(Warning, match="relevance exploded on 1 of 3 image"):
+        explainer.explain(x, concepts=2)

@@ -35,6 +35,16 @@ class Explosion:
                          self.where or other.where, self.indices + tuple(self.of + i for i in other.indices))
 
 
+def including(explosion: Explosion, more: np.ndarray, where: str) -> Explosion:
+    """`explosion` with the images `more` (bool [N]) marked too: NaN/Inf found elsewhere in the
+    same run (a conditional map), set to 0 there; `where` says where, unless the run's own
+    relevance exploded first."""
+    if not more.any():
+        return explosion
+    indices = sorted(set(explosion.indices) | {int(i) for i in np.flatnonzero(more)})
+    return Explosion(len(indices), explosion.of, float("inf"), explosion.where or where, tuple(indices))
+
+
 def sizes(relevance: np.ndarray, initial: np.ndarray) -> np.ndarray:
     """Per image: max(|sum R|, max |R|) / |initial relevance|, inf where R is not finite."""
     flat = relevance.reshape(len(relevance), -1).astype(np.float64)
