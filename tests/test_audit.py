@@ -442,3 +442,29 @@ def test_concepts_per_class_and_concept_drift_against_the_int8_copy(tmp_path):
     assert bare.exit_code == 0, bare.output
     report = json.loads((tmp_path / "bare" / "report.json").read_text())
     assert report["concepts"] is None and "Concepts per class" not in (tmp_path / "bare" / "report.html").read_text()
+
+
+def test_a_model_without_a_last_conv_block_is_audited_without_concepts_and_says_so(tmp_path):
+    """The default concept layer, the last conv block, needs a global pool: without one the audit
+    goes on without concepts and says why (not_run, and the command's line); a layer named that
+    does not exist is an error."""
+    import tiny_graphs as tg
+    from PIL import Image
+
+    b = tg.Builder()
+    conv = b.op("Relu", [b.conv("x", 3, 2, stride=4)])  # 2 x 4 x 4
+    flat = b.op("Flatten", [conv], axis=1)
+    logits = b.op("Gemm", [flat, b.const(tg.weights(3, 32)), b.const(tg.weights(3, scale=0.1))], transB=1)
+    model = tg.save(b.model(logits), tmp_path / "flat.onnx")
+    sample = tmp_path / "sample"
+    sample.mkdir()
+    for k in range(3):
+        Image.fromarray(np.random.RandomState(k).randint(0, 255, (16, 16, 3), np.uint8)).save(sample / f"{k}.png")
+    result = audit(model, sample, sanity_images=0)
+    assert result.concepts is None
+    assert result.not_run["concepts"].startswith("no concept layer (no global average pool")
+    jsonschema.validate(payload(result), schema())
+    out = runner.invoke(app, ["audit", str(model), str(sample), "-o", str(tmp_path / "a"), "--sanity-images", "0"])
+    assert "not run: concepts: no concept layer" in out.stdout, out.output
+    with pytest.raises(OnnxLrpError, match="no node or tensor 'nowhere'"):
+        audit(model, sample, sanity_images=0, concepts="nowhere")

@@ -9,7 +9,7 @@ from typing import Any, Callable
 
 import numpy as np
 
-from ..errors import DataError, ModelError, NoRuleError, SettingError
+from ..errors import DataError, ModelError, NoRuleError, SettingError, first_line
 from ..evaluation.evaluate import Dataset, load_dataset
 from ..explainer import Explainer
 from ..ir.digest import model_digest
@@ -115,9 +115,9 @@ def audit(model: str | Path, data: str | Path, *, options: Options | None = None
     model, data = Path(model), Path(data)
     fail_on = fail_on or FailOn.parse(None)
     sample = _sample(data, labels, masks, limit)
-    conditional = None
+    conditional = no_concepts = None
     try:
-        conditional = _conditional(model, options, runtime, concepts)
+        conditional, no_concepts = _conditional(model, options, runtime, concepts)
         probed = replace(options, probe=conditional.summary.concept_layer) if conditional is not None else options
         explainer = Explainer(model, probed, runtime)
     except NoRuleError as exc:  # the rules check's finding, not a stop
@@ -147,6 +147,8 @@ def audit(model: str | Path, data: str | Path, *, options: Options | None = None
                                   collected.images.other_channels)
             collected = replace(collected, concepts=found)
     findings, checks, not_run, details = judge(collected, fail_on)
+    if no_concepts is not None and collected.images is not None:
+        not_run["concepts"] = no_concepts
     result = Audit(collected.facts, collected.classes if collected.images is not None else list(sample.classes),
                    list(sample.names), collected.rows(), findings, checks=checks, labels=sample.source,
                    not_run=not_run, details=details)
@@ -160,17 +162,18 @@ def audit(model: str | Path, data: str | Path, *, options: Options | None = None
     return result
 
 
-def _conditional(model: Path, options: Options, runtime: Runtime, layer: str | None) -> Explainer | None:
-    """The audited model with the concept layer, run here (a few conditional passes); None for
-    no concepts, for the input (a layer map's --layer input: colour channels are no concepts),
-    or the default layer where the model has no last conv block."""
+def _conditional(model: Path, options: Options, runtime: Runtime, layer: str | None) -> tuple[Explainer | None, str | None]:
+    """The audited model with the concept layer, run here (a few conditional passes), and why
+    there are no concepts where there are none: not asked for, the input (a layer map's --layer
+    input: colour channels are no concepts), or the default layer where the model has no last
+    conv block (said in Audit.not_run; a layer named and not found is an error)."""
     if layer is None or layer == INPUT:
-        return None
+        return None, None
     try:
-        return Explainer(model, replace(options, concept_layer=layer), replace(runtime, cluster=None))
-    except SettingError:
+        return Explainer(model, replace(options, concept_layer=layer), replace(runtime, cluster=None)), None
+    except SettingError as exc:
         if layer == LAST:
-            return None
+            return None, f"no concept layer ({first_line(exc).split(': ', 1)[-1]})"
         raise
 
 
